@@ -1,0 +1,92 @@
+"""Times, in one run on the same devices: the distillation step (teacher forward + student
+forward/backward + KD loss + update), the plain student step (CE only), and the teacher forward.
+
+Prints ratio = kd_step / (student_step + teacher_forward); target <= 1.05 (the KD step should
+cost no more than its parts: the teacher runs once, outside the gradient, fused into the step).
+
+    python benchmarks/kd_step.py [--batch 256] [--iters 30] [--teacher 32,64 --student 8,16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+from kd_jax import config as C
+from kd_jax import sharding, train
+
+
+def timed(fn, *args, iters: int) -> float:
+    jax.block_until_ready(fn(*args))  # compile + warm-up
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--teacher", default="32,64")
+    p.add_argument("--student", default="8,16")
+    args = p.parse_args()
+    widths = lambda s: tuple(int(w) for w in s.split(","))  # noqa: E731
+
+    c = C.base_config()
+    c.data.name = "synthetic"
+    c.data.kwargs = {"num_train": 2 * args.batch, "num_eval": args.batch, "shape": (28, 28, 1)}
+    c.data.batch_size = c.data.eval_batch_size = args.batch
+    c.student = C.model("cnn", widths=widths(args.student), hidden=0)
+    c.teacher = C.model("cnn", widths=widths(args.teacher), hidden=128)
+    c.teacher.init = "random"
+    kd = {"kd": C.term("hinton_kd", 0.9, teacher="logits"), "ce": C.term("ce", 0.1)}
+    mesh = sharding.make_mesh(c.mesh)
+    with tempfile.TemporaryDirectory() as tmp:
+        c.objective = kd
+        kd_stage = train.build_stage(C.stage_config(c, None), mesh, tmp)
+        c.objective = {"ce": C.term("ce")}
+        c.teacher.model = None
+        ce_stage = train.build_stage(C.stage_config(c, None), mesh, tmp)
+
+    x = train._sample_input(kd_stage.data)
+    t_params = jax.jit(jax.vmap(lambda k: kd_stage.teacher.init(k, np.zeros(x.shape, x.dtype))))(
+        jax.random.split(jax.random.key(0), 1)
+    )["params"]
+    batch = sharding.make_global(mesh, kd_stage.data.example_batch(), args.batch)
+    kd_step = train.make_train_step(kd_stage, 0, cached=False)
+    ce_step = train.make_train_step(ce_stage, None, cached=False)
+    fwd = jax.jit(jax.vmap(lambda p, x: train.teacher_forward(kd_stage, p, x), in_axes=(0, None)))
+
+    # Donated states are consumed: each timing loop threads its own state.
+    def run_step(step_fn, stage, tp):
+        state = [stage.init_fn(0)]
+
+        def go():
+            state[0], m = step_fn(state[0], tp, batch)
+            return m["loss"]
+
+        return go
+
+    t_kd = timed(run_step(kd_step, kd_stage, t_params), iters=args.iters)
+    t_ce = timed(run_step(ce_step, ce_stage, None), iters=args.iters)
+    t_fwd = timed(fwd, t_params, batch["image"], iters=args.iters)
+    print(
+        f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  batch {args.batch}  "
+        f"teacher cnn{widths(args.teacher)}  student cnn{widths(args.student)}"
+    )
+    print(f"kd step         {t_kd * 1e3:8.2f} ms")
+    print(f"student step    {t_ce * 1e3:8.2f} ms")
+    print(f"teacher forward {t_fwd * 1e3:8.2f} ms")
+    print(f"ratio kd / (student + teacher) = {t_kd / (t_ce + t_fwd):.3f}  (target <= 1.05)")
+
+
+if __name__ == "__main__":
+    main()

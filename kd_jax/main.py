@@ -1,0 +1,60 @@
+"""Command line: `python -m kd_jax.main --config=configs/x.py:tiny --workdir=/tmp/w
+[--config.optimizer.learning_rate=1e-3 ...] [--distributed]`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--config", required=True, help="path/to/config.py[:arg]")
+    p.add_argument("--workdir", required=True)
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="call jax.distributed.initialize() (auto-detects TPU pods / SLURM)",
+    )
+    p.add_argument("--coordinator_address", default=None)
+    p.add_argument("--num_processes", type=int, default=None)
+    p.add_argument("--process_id", type=int, default=None)
+    p.add_argument("--cpu_devices", type=int, default=0, help="fake CPU devices (testing)")
+    args, rest = p.parse_known_args(argv)
+    overrides = []
+    for item in rest:
+        if not item.startswith("--config."):
+            p.error(
+                f"unrecognised argument '{item}'; config overrides look like "
+                "--config.optimizer.learning_rate=1e-3"
+            )
+        overrides.append(item[2:])
+    return args, overrides
+
+
+def main(argv=None) -> int:
+    args, overrides = parse(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    # orbax logs every file rename through absl at INFO; keep the console for our own lines.
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    import jax
+
+    if args.cpu_devices:
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    if args.distributed:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+
+    from kd_jax import config as config_lib
+    from kd_jax import report, train
+
+    config = config_lib.load(args.config, overrides)
+    results = train.run(config, args.workdir)
+    if jax.process_index() == 0 and not any(r.get("preempted") for r in results.values()):
+        print(report.write(args.workdir, results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""optax optimizers and schedules from config."""
+
+from __future__ import annotations
+
+import optax
+
+
+def make_schedule(cfg) -> optax.Schedule:
+    lr, s, steps = float(cfg.optimizer.learning_rate), cfg.schedule, int(cfg.steps)
+    warm = int(s.warmup_steps)
+    if s.name == "constant":
+        if warm:
+            return optax.join_schedules(
+                [optax.linear_schedule(0.0, lr, warm), optax.constant_schedule(lr)], [warm]
+            )
+        return optax.constant_schedule(lr)
+    if s.name == "warmup_cosine":
+        return optax.warmup_cosine_decay_schedule(
+            0.0, lr, max(warm, 1), max(steps, warm + 1), end_value=lr * float(s.end_factor)
+        )
+    if s.name == "warmup_linear":
+        return optax.join_schedules(
+            [
+                optax.linear_schedule(0.0, lr, max(warm, 1)),
+                optax.linear_schedule(lr, lr * float(s.end_factor), max(steps - warm, 1)),
+            ],
+            [warm],
+        )
+    if s.name == "step":
+        return optax.piecewise_constant_schedule(lr, {int(b): float(s.decay) for b in s.boundaries})
+    raise ValueError(
+        f"Unknown schedule '{s.name}'; use constant, warmup_cosine, warmup_linear or step."
+    )
+
+
+def make_optimizer(cfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    o, schedule = cfg.optimizer, make_schedule(cfg)
+    if o.name == "adamw":
+        tx = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
+    elif o.name == "adam":
+        tx = optax.adam(schedule, b1=o.b1, b2=o.b2, eps=o.eps)
+    elif o.name == "sgd":
+        tx = optax.chain(
+            optax.add_decayed_weights(o.weight_decay),
+            optax.sgd(schedule, momentum=o.momentum or None, nesterov=False),
+        )
+    elif o.name == "lamb":
+        tx = optax.lamb(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
+    else:
+        raise ValueError(f"Unknown optimizer '{o.name}'; use adamw, adam, sgd or lamb.")
+    if o.grad_clip_norm:
+        tx = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), tx)
+    return tx, schedule

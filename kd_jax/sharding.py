@@ -1,0 +1,118 @@
+"""Mesh construction and rule-based parameter sharding (FSDP by config, not by code)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+AXES = ("data", "fsdp", "model")
+# Batches are split over every axis that is not model-parallel.
+BATCH_AXES = ("data", "fsdp")
+
+
+def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp, model) mesh; one size may be -1 (all remaining devices)."""
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = [int(mesh_cfg[a]) for a in AXES]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"At most one mesh axis may be -1, got {dict(zip(AXES, sizes))}.")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(
+                f"{len(devices)} devices do not divide into mesh {dict(zip(AXES, sizes))}."
+            )
+        sizes[sizes.index(-1)] = len(devices) // known
+    if int(np.prod(sizes)) != len(devices):
+        raise ValueError(
+            f"Mesh {dict(zip(AXES, sizes))} needs {int(np.prod(sizes))} devices but "
+            f"{len(devices)} are available; set config.mesh sizes (one may be -1)."
+        )
+    return jax.make_mesh(tuple(sizes), AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def path_str(path) -> str:
+    """`jax.tree_util` key path -> 'student/Conv_0/kernel'."""
+    parts = []
+    for k in path:
+        key = getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))
+        parts.append(str(key))
+    return "/".join(parts)
+
+
+def _fsdp_spec(shape: Sequence[int], fsdp: int, leading: int) -> P:
+    # Shard the largest dimension that divides evenly; leading (seed) axes stay unsharded.
+    spec = [None] * len(shape)
+    dims = sorted(range(leading, len(shape)), key=lambda d: -shape[d])
+    for d in dims:
+        if fsdp > 1 and shape[d] % fsdp == 0 and shape[d] >= fsdp:
+            spec[d] = "fsdp"
+            break
+    return P(*spec)
+
+
+def tree_shardings(
+    tree, mesh: Mesh, rules: Sequence[Sequence[str]], *, prefix: str = "", leading: int = 0
+):
+    """NamedShardings for a pytree of (abstract) arrays from (regex, action) rules.
+
+    Rules are searched (`re.search`) in leaf paths such as "params/student/dense0/kernel" or
+    "opt_state/0/mu/student/dense0/kernel", so "student/.*kernel" also shards optimizer moments.
+
+    `leading` axes (the stacked-seed axis) are never sharded. Unmatched leaves replicate.
+    """
+    fsdp = mesh.shape["fsdp"]
+    compiled = [(re.compile(r), a) for r, a in rules]
+    for _, action in compiled:
+        if action not in ("fsdp", "replicate"):
+            raise ValueError(f"Unknown sharding action '{action}'; use 'fsdp' or 'replicate'.")
+
+    def one(path, leaf):
+        name = prefix + path_str(path)
+        for regex, action in compiled:
+            if regex.search(name):
+                if action == "fsdp" and getattr(leaf, "ndim", 0) > leading:
+                    return NamedSharding(mesh, _fsdp_spec(leaf.shape, fsdp, leading))
+                break
+        return NamedSharding(mesh, P())
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def host_batch_slice(mesh: Mesh, global_batch: int) -> slice:
+    """The rows of a global batch that this process feeds (contiguous for standard meshes)."""
+    sharding = batch_sharding(mesh)
+    index_map = sharding.addressable_devices_indices_map((global_batch,))
+    starts = [idx[0].start or 0 for idx in index_map.values()]
+    stops = [idx[0].stop if idx[0].stop is not None else global_batch for idx in index_map.values()]
+    start, stop = min(starts), max(stops)
+    if stop - start != global_batch // jax.process_count():
+        raise ValueError(
+            "This process's devices do not hold a contiguous block of the batch; "
+            "build the mesh from jax.devices() in process order."
+        )
+    return slice(start, stop)
+
+
+def make_global(mesh: Mesh, local_batch, global_batch: int):
+    """Host-local numpy arrays -> global jax arrays sharded over the batch axes."""
+
+    def one(x):
+        x = np.asarray(x)
+        sharding = batch_sharding(mesh, x.ndim)
+        return jax.make_array_from_process_local_data(sharding, x, (global_batch, *x.shape[1:]))
+
+    return jax.tree.map(one, local_batch)

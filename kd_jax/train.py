@@ -1,0 +1,538 @@
+"""The standard distillation loop: Mesh -> Input -> Models -> Shard -> Step -> Checkpoint ->
+Evals -> Loop, run once per stage of a config.
+
+Every state leaf carries a leading seed axis of size `config.num_seeds`: independent replicas
+(init, dropout, teacher) train in one jitted, vmapped step on the same batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from kd_jax import checkpoint as ckpt_lib
+from kd_jax import config as config_lib
+from kd_jax import data as data_lib
+from kd_jax import models, optim, sharding
+from kd_jax.metric_writer import MetricWriter
+from kd_jax.objective import Objective
+
+log = logging.getLogger("kd_jax")
+_STOP = threading.Event()
+
+
+class NonFiniteLossError(FloatingPointError):
+    pass
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # [S] int32
+    params: Any  # {"student": ..., "aux": training-only modules (adapters)}
+    opt_state: Any
+    rng: jax.Array  # [S, 2] uint32
+
+
+@dataclasses.dataclass
+class Stage:
+    """Everything built for one stage, before any training."""
+
+    cfg: Any
+    name: str
+    mesh: jax.sharding.Mesh
+    data: data_lib.Data
+    student: Any
+    teacher: Any
+    objective: Objective
+    tx: Any
+    schedule: Any
+    abstract_state: Any
+    state_shardings: Any
+    init_fn: Any
+
+
+def _sample_input(data: data_lib.Data):
+    x = data.example_batch()["image"]
+    return jax.ShapeDtypeStruct((data.global_batch, *x.shape[1:]), jnp.float32)
+
+
+def _check_batch(mesh, size: int, key: str) -> None:
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if size % shards or size % jax.process_count():
+        raise ValueError(
+            f"{key}={size} must be divisible by the {shards} batch shards of mesh "
+            f"{dict(mesh.shape)} and by {jax.process_count()} process(es); "
+            f"use a multiple of {shards * jax.process_count()}."
+        )
+
+
+def build_stage(cfg, mesh, workdir: str) -> Stage:
+    _check_batch(mesh, cfg.data.batch_size, "data.batch_size")
+    _check_batch(mesh, cfg.data.eval_batch_size, "data.eval_batch_size")
+    # ---------------------------------------------------------------- Input
+    data = data_lib.build(
+        cfg.data,
+        seed=cfg.data.seed,
+        host_slice=sharding.host_batch_slice(mesh, cfg.data.batch_size),
+        eval_host_slice=sharding.host_batch_slice(mesh, cfg.data.eval_batch_size),
+    )
+    # ---------------------------------------------------------------- Models
+    student = models.build(cfg.student, dtype=cfg.compute_dtype)
+    teacher = models.build(cfg.teacher, dtype=cfg.compute_dtype) if cfg.teacher.model else None
+    objective = Objective(cfg.objective)
+    if objective.needs_teacher and teacher is None:
+        raise ValueError(
+            f"Stage '{cfg.stage_name}': objective reads teacher features "
+            f"{objective.teacher_paths} but config.teacher.model is not set."
+        )
+    tx, schedule = optim.make_optimizer(cfg)
+    x = _sample_input(data)
+    s_feats = jax.eval_shape(
+        lambda v, x: student.apply(v, x)[1], jax.eval_shape(student.init, jax.random.key(0), x), x
+    )
+    t_feats = {}
+    if teacher is not None:
+        t_vars = jax.eval_shape(teacher.init, jax.random.key(0), x)
+        t_feats = jax.eval_shape(lambda v, x: teacher.apply(v, x)[1], t_vars, x)
+
+    def init_one(rng):
+        r_student, r_aux, r_state = jax.random.split(rng, 3)
+        s_params = student.init(r_student, jnp.zeros(x.shape, x.dtype))["params"]
+        params = {"student": s_params, "aux": objective.init_aux(r_aux, s_feats, t_feats)}
+        return TrainState(jnp.int32(0), params, tx.init(params), r_state)
+
+    def init_fn(seed):
+        keys = jnp.stack([jax.random.PRNGKey(seed + i) for i in range(cfg.num_seeds)])
+        return jax.vmap(init_one)(keys)
+
+    # ---------------------------------------------------------------- Shard
+    abstract_state = jax.eval_shape(init_fn, cfg.seed)
+    state_sh = sharding.tree_shardings(abstract_state, mesh, cfg.sharding_rules, leading=1)
+    return Stage(
+        cfg,
+        cfg.stage_name,
+        mesh,
+        data,
+        student,
+        teacher,
+        objective,
+        tx,
+        schedule,
+        abstract_state,
+        state_sh,
+        jax.jit(init_fn, static_argnums=0, out_shardings=state_sh),
+    )
+
+
+# -------------------------------------------------------------------- Teacher
+def _fingerprint(params) -> str:
+    leaves = [np.asarray(jax.device_get(v), np.float64).sum() for v in jax.tree.leaves(params)]
+    return hashlib.sha1(np.asarray(leaves).tobytes()).hexdigest()[:16]
+
+
+def load_teacher(stage: Stage, root: str, stages_cfg) -> tuple[Any, int | None, dict]:
+    """-> (teacher params, seed axis (0 or None), identity metadata)."""
+    cfg, mesh = stage.cfg, stage.mesh
+    init = cfg.teacher.init
+    ident = {"model": cfg.teacher.model, "kwargs": cfg.teacher.kwargs.to_dict(), "init": init}
+    if init.startswith("stage:"):
+        src = init.split(":", 1)[1]
+        if src not in stages_cfg:
+            raise KeyError(f"teacher.init='{init}' names no stage; stages: {sorted(stages_cfg)}.")
+        src_cfg = config_lib.stage_config(stages_cfg["__root__"], src)
+        if (
+            src_cfg.student.model != cfg.teacher.model
+            or src_cfg.student.kwargs.to_dict() != cfg.teacher.kwargs.to_dict()
+        ):
+            raise ValueError(
+                f"teacher model {cfg.teacher.model}{cfg.teacher.kwargs.to_dict()} differs from "
+                f"stage '{src}' student {src_cfg.student.model}{src_cfg.student.kwargs.to_dict()}."
+            )
+        if src_cfg.num_seeds != cfg.num_seeds:
+            raise ValueError(
+                f"Stage '{src}' trained {src_cfg.num_seeds} seeds but this stage has "
+                f"num_seeds={cfg.num_seeds}; they must match."
+            )
+        params, ident["source_step"] = restore_student(src_cfg, mesh, os.path.join(root, src))
+        axis = 0
+    elif init:
+        x = _sample_input(stage.data)
+        abstract = jax.eval_shape(stage.teacher.init, jax.random.key(0), x)["params"]
+        params, axis = ckpt_lib.load_params(init, abstract), None
+    else:
+        raise ValueError(
+            "config.teacher.model is set but teacher.init is empty; use "
+            "'stage:<name>' or a path to an orbax params checkpoint."
+        )
+    placement = cfg.teacher.placement
+    if placement in ("replicated", "cache"):
+        shard = jax.tree.map(lambda _: sharding.replicated(mesh), params)
+    elif placement == "sharded":
+        shard = sharding.tree_shardings(
+            params, mesh, ((".*", "fsdp"),), leading=1 if axis == 0 else 0
+        )
+    else:
+        raise ValueError(
+            f"Unknown teacher.placement '{placement}'; use replicated, sharded or cache."
+        )
+    # One jitted re-layout for the whole tree (device_put would compile a slice per shard).
+    params = jax.jit(lambda p: p, out_shardings=shard)(params)
+    ident["fingerprint"] = _fingerprint(params)
+    ident["placement"] = placement
+    return params, axis, ident
+
+
+def restore_student(cfg, mesh, stage_dir: str, step: int | None = None):
+    """-> (student params stacked over seeds, step) from a stage's checkpoint directory."""
+    stage = build_stage(cfg, mesh, stage_dir)
+    ckptr = ckpt_lib.Checkpointer(os.path.join(stage_dir, "checkpoints"), async_save=False)
+    try:
+        state, _, _ = ckptr.restore(
+            ckpt_lib.abstract(stage.abstract_state, stage.state_shardings), step
+        )
+        return state.params["student"], int(jax.device_get(state.step)[0])
+    finally:
+        ckptr.close()
+
+
+def teacher_forward(stage: Stage, t_params, x):
+    """Teacher features in eval mode, outside any gradient."""
+    _, feats = stage.teacher.apply({"params": t_params}, x, train=False)
+    return jax.lax.stop_gradient({p: feats[p] for p in stage.objective.teacher_paths})
+
+
+def build_teacher_cache(stage: Stage, t_params, t_axis, path: str) -> dict[str, np.ndarray]:
+    """Offline cache: teacher features for every training record, [N, S, ...] per path."""
+    if os.path.exists(path):
+        with np.load(path) as f:
+            return {k: f[k] for k in f.files}
+    n, b = stage.data.num_train, stage.data.global_batch
+    if t_axis is None:  # one teacher for every seed: compute once, repeat along the seed axis.
+        s = stage.cfg.num_seeds
+        fwd = jax.jit(
+            lambda p, x: jax.tree.map(
+                lambda v: jnp.broadcast_to(v, (s, *v.shape)), teacher_forward(stage, p, x)
+            )
+        )
+    else:
+        fwd = jax.jit(
+            over_seeds(
+                lambda p, x: teacher_forward(stage, p, x), (0, None), stage.cfg.seeds_in_step
+            )
+        )
+    train_src = stage.data.train_source
+    out: dict[str, list] = {}
+    for start in range(0, n, b):
+        idx = np.minimum(np.arange(start, start + b), n - 1)
+        feats = jax.device_get(fwd(t_params, train_src.gather(idx)["image"]))
+        for k, v in feats.items():
+            out.setdefault(k, []).append(np.moveaxis(v, 0, 1)[: min(b, n - start)])
+    cache = {k: np.concatenate(v) for k, v in out.items()}
+    if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        np.savez(path + ".tmp.npz", **cache)
+        os.replace(path + ".tmp.npz", path)
+    return cache
+
+
+# -------------------------------------------------------------------- Step
+def over_seeds(fn, in_axes, mode: str):
+    """Maps `fn` over the seed axis: "vmap", or "unroll" (one traced copy per seed in the same
+    jitted step; on XLA:CPU this is ~3x faster for convolutions, which vmap turns into grouped
+    convolutions, and ~10x faster than lax.map). `in_axes` has one entry per argument: an int,
+    None, or a dict of those for a dict argument."""
+    if mode == "vmap":
+        return jax.vmap(fn, in_axes=in_axes)
+    if mode != "unroll":
+        raise ValueError(f"Unknown seeds_in_step '{mode}'; use 'vmap' or 'unroll'.")
+
+    def take(arg, axis, i):
+        if isinstance(axis, dict):
+            return {k: take(arg[k], axis.get(k), i) for k in arg}
+        if axis is None:
+            return arg
+        return jax.tree.map(lambda v: jnp.take(v, i, axis=axis), arg)
+
+    def wrapped(*args):
+        seeds = {
+            jax.tree.leaves(a)[0].shape[ax]
+            for a, ax in zip(args, in_axes)
+            if isinstance(ax, int) and jax.tree.leaves(a)
+        }
+        outs = [fn(*(take(a, ax, i) for a, ax in zip(args, in_axes))) for i in range(seeds.pop())]
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+
+    return wrapped
+
+
+def make_train_step(stage: Stage, t_axis, cached: bool):
+    cfg, student, objective, tx = stage.cfg, stage.student, stage.objective, stage.tx
+    skip = bool(cfg.skip_nonfinite)
+
+    def one_seed(state: TrainState, t_params, batch):
+        rng, dropout_rng = jax.random.split(state.rng)
+        x = batch["image"]
+        if cached:
+            t_feats = batch["teacher"]
+        elif stage.teacher is not None and objective.needs_teacher:
+            t_feats = teacher_forward(stage, t_params, x)
+        else:
+            t_feats = {}
+
+        def loss_fn(params):
+            _, s_feats = student.apply(
+                {"params": params["student"]}, x, train=True, rngs={"dropout": dropout_rng}
+            )
+            return objective(
+                params["aux"],
+                student_feats=s_feats,
+                teacher_feats=t_feats,
+                batch=batch,
+                step=state.step,
+            )
+
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        if skip:
+            params, opt_state = jax.tree.map(
+                lambda new, old: jnp.where(finite, new, old),
+                (params, opt_state),
+                (state.params, state.opt_state),
+            )
+        metrics.update(grad_norm=grad_norm, finite=finite, lr=stage.schedule(state.step))
+        return TrainState(state.step + 1, params, opt_state, rng), metrics
+
+    def step(state, t_params, batch):
+        batch_axes = {k: (1 if k == "teacher" else None) for k in batch}
+        return over_seeds(one_seed, (0, t_axis, batch_axes), cfg.seeds_in_step)(
+            state, t_params, batch
+        )
+
+    return jax.jit(
+        step,
+        donate_argnums=(0,),
+        out_shardings=(stage.state_shardings, sharding.replicated(stage.mesh)),
+    )
+
+
+def make_eval_step(stage: Stage, t_axis):
+    student, teacher = stage.student, stage.teacher
+
+    def one_seed(params, t_params, batch):
+        logits, _ = student.apply({"params": params}, batch["image"], train=False)
+        logits = logits.astype(jnp.float32)
+        m = batch["mask"]
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+        pred = logits.argmax(-1)
+        out = {
+            "correct": ((pred == batch["label"]) * m).sum(),
+            "loss": (ce * m).sum(),
+            "count": m.sum(),
+        }
+        if teacher is not None and t_params is not None:
+            t_logits, _ = teacher.apply({"params": t_params}, batch["image"], train=False)
+            out["agree"] = ((pred == t_logits.argmax(-1)) * m).sum()
+        return out
+
+    # Sums over the global (all-host) batch; the result is replicated on every host.
+    return jax.jit(
+        over_seeds(one_seed, (0, t_axis, None), stage.cfg.seeds_in_step),
+        out_shardings=sharding.replicated(stage.mesh),
+    )
+
+
+def evaluate(stage: Stage, eval_step, params, t_params) -> dict:
+    sums: dict[str, np.ndarray] = {}
+    for local in stage.data.eval_batches():
+        batch = sharding.make_global(stage.mesh, local, stage.data.eval_batch)
+        for k, v in jax.device_get(eval_step(params, t_params, batch)).items():
+            sums[k] = sums.get(k, 0.0) + np.asarray(v, np.float64)
+    count = sums.pop("count")
+    out = {"eval/accuracy": sums.pop("correct") / count, "eval/loss": sums.pop("loss") / count}
+    if "agree" in sums:
+        out["eval/teacher_agreement"] = sums.pop("agree") / count
+    return out
+
+
+# -------------------------------------------------------------------- Loop
+def _install_sigterm():
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: _STOP.set())
+
+
+def train_stage(cfg, mesh, workdir: str, root: str, stages_cfg) -> dict:
+    stage = build_stage(cfg, mesh, workdir)
+    name, data = stage.name, stage.data
+    result_path = os.path.join(workdir, "result.json")
+    ckptr = ckpt_lib.Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        keep=cfg.keep_checkpoints,
+        async_save=cfg.async_checkpointing,
+    )
+    t_params, t_axis, t_ident = (None, None, {})
+    if stage.teacher is not None:
+        t_params, t_axis, t_ident = load_teacher(stage, root, stages_cfg)
+    meta = {
+        "stage": name,
+        "teacher": t_ident,
+        "num_seeds": cfg.num_seeds,
+        "config": json.loads(cfg.to_json_best_effort()),
+    }
+
+    # ---------------------------------------------------------------- Checkpoint (resume)
+    abstract = ckpt_lib.abstract(stage.abstract_state, stage.state_shardings)
+    if ckptr.latest_step() is not None:
+        state, data_state, _ = ckptr.restore(abstract)
+        start = int(jax.device_get(state.step)[0])
+        log.info("stage %s: resumed from step %d", name, start)
+    else:
+        state, data_state, start = stage.init_fn(cfg.seed), None, 0
+    if start >= cfg.steps and os.path.exists(result_path):
+        ckptr.close()
+        with open(result_path) as f:
+            return json.load(f)
+
+    cache = None
+    if cfg.teacher.placement == "cache" and stage.teacher is not None:
+        cache = build_teacher_cache(
+            stage,
+            t_params,
+            t_axis,
+            os.path.join(workdir, f"teacher_cache_{t_ident['fingerprint']}.npz"),
+        )
+    train_step = make_train_step(stage, t_axis, cached=cache is not None)
+    eval_step = make_eval_step(stage, t_axis)
+    writer = MetricWriter(os.path.dirname(workdir) if name != "main" else workdir, name)
+    it = data.train_iter(data_state)
+
+    def run_eval(step):
+        res = evaluate(stage, eval_step, state.params["student"], t_params)
+        row = writer.write(step, res)
+        return res, row
+
+    bar = None
+    if cfg.progress_bar and jax.process_index() == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            total=cfg.steps * data.global_batch,
+            initial=start * data.global_batch,
+            unit="ex",
+            unit_scale=True,
+            desc=f"{name}",
+            mininterval=2.0,
+            leave=False,
+        )
+    _install_sigterm()
+    last_saved = ckptr.latest_step()
+    pending = None  # (step, metrics) of the previous step, checked one step behind.
+    t0, steps_done, preempted = time.time(), 0, False
+
+    def check(prev):
+        step_i, m = prev
+        if not cfg.skip_nonfinite and not np.all(jax.device_get(m["finite"])):
+            ckptr.wait()
+            raise NonFiniteLossError(
+                f"Stage '{name}': non-finite loss or gradient at step {step_i} "
+                f"(loss per seed {np.asarray(jax.device_get(m['loss'])).tolist()}). Last good "
+                f"checkpoint: step {ckptr.latest_step()} in {ckptr.directory}. Lower the "
+                "learning rate, enable optimizer.grad_clip_norm, or set skip_nonfinite=True."
+            )
+
+    for step in range(start, cfg.steps):
+        local = next(it)
+        if cache is not None:
+            local["teacher"] = {k: v[local["index"]] for k, v in cache.items()}
+        batch = sharding.make_global(mesh, local, data.global_batch)
+        state, metrics = train_step(state, t_params, batch)
+        if pending is not None:
+            check(pending)
+        pending = (step, metrics)
+        steps_done += 1
+        if bar is not None:
+            bar.update(data.global_batch)
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            m = jax.device_get(metrics)
+            m["examples_per_sec"] = steps_done * data.global_batch / (time.time() - t0)
+            writer.write(step + 1, m)
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+            run_eval(step + 1)
+        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+            ckptr.save(step + 1, state, data_state=it.get_state(), meta=meta)
+            last_saved = step + 1
+        if _STOP.is_set():
+            preempted = True
+            break
+    if pending is not None:
+        check(pending)
+    final_step = int(jax.device_get(state.step)[0])
+    if last_saved != final_step:
+        ckptr.save(final_step, state, data_state=it.get_state(), meta=meta, force=True)
+    ckptr.wait()
+    if bar is not None:
+        bar.close()
+    if preempted:
+        ckptr.close()
+        writer.close()
+        return {"preempted": True, "step": final_step}
+    res, _ = run_eval(final_step)
+    result = {
+        "stage": name,
+        "step": final_step,
+        "num_seeds": cfg.num_seeds,
+        **{k: np.asarray(v).tolist() for k, v in res.items()},
+        "teacher": t_ident,
+        "train_seconds": time.time() - t0,
+        "train_step_compiles": train_step._cache_size(),
+        "student_params": int(
+            sum(
+                np.prod(x.shape[1:])
+                for x in jax.tree.leaves(stage.abstract_state.params["student"])
+            )
+        ),
+    }
+    if jax.process_index() == 0:
+        with open(result_path + ".tmp", "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(result_path + ".tmp", result_path)
+    ckptr.close()
+    writer.close()
+    return result
+
+
+def run(config, workdir: str, devices=None) -> dict:
+    """Runs every stage of `config` in order; returns {stage: result}."""
+    _STOP.clear()
+    mesh = sharding.make_mesh(config.mesh, devices)
+    log.info("mesh %s on %d process(es)", dict(mesh.shape), jax.process_count())
+    names = config_lib.stage_names(config)
+    stages_cfg = dict(config.stages) | {"__root__": config}
+    results = {}
+    for name in names:
+        cfg = config_lib.stage_config(config, name)
+        stage_dir = os.path.join(workdir, name) if name else workdir
+        results[cfg.stage_name] = train_stage(cfg, mesh, stage_dir, workdir, stages_cfg)
+        if results[cfg.stage_name].get("preempted"):
+            log.warning(
+                "preempted in stage %s at step %d; checkpoint saved, rerun to resume",
+                cfg.stage_name,
+                results[cfg.stage_name]["step"],
+            )
+            break
+    return results

@@ -1,0 +1,20 @@
+"""Test set-up: 8 fake CPU devices (before JAX initialises its backend) and small helpers."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "")
+import jax  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 8)
+import logging  # noqa: E402
+
+logging.getLogger("absl").setLevel(logging.WARNING)
+
+# Tests build many small, identical programs in fresh jit objects; a persistent compilation
+# cache shared by the test processes turns most of those compiles into cache hits.
+jax.config.update(
+    "jax_compilation_cache_dir",
+    os.path.join(os.environ.get("TMPDIR", "/tmp"), "kd_jax_test_jax_cache"),
+)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -1,0 +1,75 @@
+"""Small configs for engine tests: synthetic 8x8 images, MLP teacher and student."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+
+from kd_jax import config as C
+from kd_jax import train
+
+
+def kd_config(*, steps: int = 4, teacher_steps: int = 4, num_seeds: int = 1, **top) -> C.ConfigDict:
+    """teacher (CE) -> kd (Hinton KD + CE, MLP student), on synthetic data."""
+    c = C.base_config()
+    c.num_seeds = num_seeds
+    c.data.name = "synthetic"
+    c.data.kwargs = {"num_train": 256, "num_eval": 64}
+    c.data.batch_size = 32
+    c.data.eval_batch_size = 32
+    c.log_every = 1
+    c.progress_bar = False
+    c.async_checkpointing = False
+    c.optimizer.learning_rate = 1e-2
+    c.sharding_rules = (("student/.*kernel", "fsdp"), (".*", "replicate"))
+    teacher = C.model("mlp", widths=(32,))
+    c.stages.teacher = {
+        "student": teacher,
+        "objective": {"ce": C.term("ce")},
+        "steps": teacher_steps,
+    }
+    kd_teacher = C.model("mlp", widths=(32,))
+    kd_teacher.init = "stage:teacher"
+    c.stages.kd = {
+        "student": C.model("mlp", widths=(16,)),
+        "teacher": kd_teacher,
+        "steps": steps,
+        "objective": {
+            "kd": C.term("hinton_kd", 0.7, teacher="logits", temperature=2.0),
+            "ce": C.term("ce", 0.3),
+        },
+    }
+    c.stage_order = ("teacher", "kd")
+    for key, value in top.items():
+        C.apply_override(c, key, repr(value))
+    return C.validate(c)
+
+
+def run(config, workdir, devices=None):
+    return train.run(config, str(workdir), devices=devices)
+
+
+def student_params(config, workdir, stage: str, devices=None):
+    from kd_jax import sharding
+
+    mesh = sharding.make_mesh(config.mesh, devices)
+    cfg = C.stage_config(config, stage)
+    params, _ = train.restore_student(cfg, mesh, os.path.join(str(workdir), stage))
+    return jax.tree.map(np.asarray, jax.device_get(params))
+
+
+def metrics(workdir, stage: str, key: str = "loss") -> list[float]:
+    with open(os.path.join(str(workdir), "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return [r[key] for r in rows if r["stage"] == stage and key in r]
+
+
+def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=atol), a, b)
+
+
+def assert_trees_equal(a, b):
+    jax.tree.map(np.testing.assert_array_equal, a, b)

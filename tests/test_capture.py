@@ -1,0 +1,60 @@
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kd_jax import capture
+
+
+class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.relu(nn.Dense(6)(x))
+
+
+class Net(nn.Module):
+    """A model written with no knowledge of kd_jax: it returns logits only."""
+
+    @nn.compact
+    def __call__(self, x):
+        for i in range(3):
+            x = Block(name=f"block_{i}")(x)
+        return nn.Dense(4, name="head")(x)
+
+
+def test_capture_by_path_inside_jit():
+    net, x = Net(), jnp.ones((2, 5))
+    variables = net.init(jax.random.key(0), x)
+    fn = jax.jit(lambda v, x: capture.capture(net, v, x, patterns=[r"block_[02]"]))
+    out, feats = fn(variables, x)
+    assert sorted(feats) == ["block_0", "block_2"]
+    # The captured block_0 output equals running block_0 by hand.
+    h0 = Block().apply({"params": variables["params"]["block_0"]}, x)
+    np.testing.assert_allclose(feats["block_0"], h0, rtol=1e-6)
+    np.testing.assert_allclose(out, net.apply(variables, x), rtol=1e-6)
+    assert feats["block_2"].shape == (2, 6)
+
+
+def test_capture_nested_paths_and_discovery():
+    net, x = Net(), jnp.ones((1, 5))
+    variables = net.init(jax.random.key(0), x)
+    paths = capture.module_paths(net, variables, x)
+    assert "block_1/Dense_0" in paths and "head" in paths
+    _, feats = capture.capture(net, variables, x, patterns=[r"block_\d/Dense_0"])
+    assert sorted(feats) == ["block_0/Dense_0", "block_1/Dense_0", "block_2/Dense_0"]
+
+
+def test_unmatched_pattern_names_paths():
+    net, x = Net(), jnp.ones((1, 5))
+    variables = net.init(jax.random.key(0), x)
+    with pytest.raises(KeyError, match="block_0/Dense_0"):
+        capture.capture(net, variables, x, patterns=["blk_9"])
+
+
+def test_captured_adapter_gives_logits_and_features():
+    net, x = Net(), jnp.ones((3, 5))
+    wrapped = capture.Captured(net, [r"block_1"])
+    variables = wrapped.init(jax.random.key(1), x)
+    logits, feats = wrapped.apply(variables, x)
+    assert logits.shape == (3, 4) and set(feats) == {"block_1", "logits"}

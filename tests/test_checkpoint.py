@@ -1,0 +1,84 @@
+"""Checkpoint safety: SIGTERM saves and exits cleanly; a crash mid-save keeps the previous step."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kd_jax import checkpoint as ckpt_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+
+
+def write_config(path, body: str) -> str:
+    path.write_text(textwrap.dedent(body))
+    return str(path)
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+    cfg = write_config(
+        tmp_path / "cfg.py",
+        """
+        from tests import helpers
+        def get_config(arg=None):
+            c = helpers.kd_config(teacher_steps=100000)
+            c.stage_order = ("teacher",)
+            return c
+    """,
+    )
+    workdir = tmp_path / "w"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kd_jax.main", f"--config={cfg}", f"--workdir={workdir}"],
+        env=ENV,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and metrics.stat().st_size) and time.time() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.stdout.read().decode()[-2000:]
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == 0, out[-2000:]
+    assert "preempted" in out
+    ckptr = ckpt_lib.Checkpointer(str(workdir / "teacher" / "checkpoints"), async_save=False)
+    step = ckptr.latest_step()
+    assert step is not None and 1 <= step < 100000
+    ckptr.close()
+
+
+def test_crash_during_save_leaves_previous_checkpoint(tmp_path):
+    directory = tmp_path / "ckpt"
+    script = textwrap.dedent(f"""
+        import os
+        import jax.numpy as jnp
+        from kd_jax import checkpoint as ckpt_lib
+        c = ckpt_lib.Checkpointer({str(directory)!r}, async_save=True)
+        c.save(1, {{"w": jnp.full((4,), 1.0)}}, data_state={{"next_index": 1}}, meta={{}})
+        c.wait()
+        c.save(2, {{"w": jnp.full((64, 1024, 1024), 2.0)}}, data_state={{"next_index": 2}},
+               meta={{}})
+        os._exit(1)  # the process dies while the async save of step 2 is in flight.
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], env=ENV, cwd=ROOT, capture_output=True)
+    assert proc.returncode == 1, proc.stderr.decode()[-2000:]
+    c = ckpt_lib.Checkpointer(str(directory), async_save=False)
+    assert c.latest_step() == 1
+    target = {"w": jax.ShapeDtypeStruct((4,), jnp.float32)}
+    state, data_state, _ = c.restore(target)
+    np.testing.assert_array_equal(state["w"], np.ones(4))
+    assert data_state == {"next_index": 1}
+    # Training can carry on and save over the debris of the interrupted step.
+    c.save(2, {"w": jnp.zeros(4)}, data_state={"next_index": 2}, meta={}, force=True)
+    c.wait()
+    assert c.latest_step() == 2
+    c.close()

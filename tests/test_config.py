@@ -1,0 +1,66 @@
+"""Config loading, locking, overrides, and a one-step run of every config file's `tiny` variant."""
+
+import glob
+import os
+
+import pytest
+
+from kd_jax import config as C
+from kd_jax import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.py"), recursive=True))
+
+
+def test_override_unknown_key_suggests_closest():
+    with pytest.raises(KeyError, match=r"'optimizer.learning_rat'.*Did you mean 'learning_rate'"):
+        C.load(CONFIGS[0] + ":tiny", ["optimizer.learning_rat=1e-3"])
+    with pytest.raises(KeyError, match=r"Did you mean 'num_seeds'"):
+        C.load(CONFIGS[0] + ":tiny", ["num_seed=2"])
+
+
+def test_config_file_typo_is_an_error():
+    c = C.base_config()
+    with pytest.raises(AttributeError, match="cannot be added since the config is locked"):
+        c.optimizer.learnig_rate = 1.0  # the base schema is locked at construction time.
+    c = C.base_config()
+    with c.unlocked():
+        c.stages.kd = {"stepz": 3}
+    with pytest.raises(KeyError, match=r"stages.kd.stepz'. Did you mean 'steps'"):
+        C.validate(c)
+    c = C.base_config()
+    c.objective = {"kd": C.term("hinton_kd")}
+    with c.objective.kd.unlocked():
+        c.objective.kd.wieght = 2.0
+    with pytest.raises(KeyError, match=r"objective.kd.wieght'. Did you mean 'weight'"):
+        C.validate(c)
+
+
+def test_overrides_are_typed_and_locked():
+    c = C.load(
+        CONFIGS[0] + ":tiny",
+        ["optimizer.learning_rate=1", "stages.kd.steps=7", "data.kwargs.limit=300"],
+    )
+    assert c.optimizer.learning_rate == 1.0 and isinstance(c.optimizer.learning_rate, float)
+    assert c.stages.kd.steps == 7 and c.data.kwargs.limit == 300
+    with pytest.raises(AttributeError):
+        c.new_field = 1
+
+
+def test_stage_config_merges_over_defaults():
+    c = C.load(CONFIGS[0] + ":tiny")
+    kd = C.stage_config(c, "kd")
+    assert kd.stage_name == "kd" and kd.teacher.init == "stage:teacher"
+    assert set(kd.objective) == {"kd", "ce"}
+    assert kd.optimizer.learning_rate == c.optimizer.learning_rate
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.relpath(p, ROOT))
+def test_every_config_tiny_runs_one_step(path, tmp_path):
+    c = C.load(path + ":tiny")
+    with c.unlocked():
+        for name in c.stages:
+            c.stages[name].steps = 1
+        c.steps = 1
+    results = train.run(c, str(tmp_path))
+    assert all(r["step"] == 1 for r in results.values())

@@ -1,0 +1,393 @@
+"""Contract tests shared by every registered objective, plus independent NumPy references.
+
+The references below are written from the papers' formulas in float64 NumPy, not from the
+library code, so a bug has to be made twice to slip through.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from kd_jax import losses
+
+# name -> shapes and hyper-parameters for the shared contract tests. `lead` is the number of
+# leading dims the per-element loss keeps. Every registered objective must have a case here.
+CASES = {
+    "ce": dict(student=(4, 5), teacher=None, labels=True, lead=1, kwargs={"label_smoothing": 0.1}),
+    "hinton_kd": dict(
+        student=(3, 2, 5), teacher=(3, 2, 5), labels=False, lead=2, kwargs={"temperature": 2.0}
+    ),
+    "dkd": dict(
+        student=(4, 5),
+        teacher=(4, 5),
+        labels=True,
+        lead=1,
+        kwargs={"temperature": 2.0, "alpha": 1.0, "beta": 2.0},
+    ),
+    "mse": dict(student=(3, 2, 4), teacher=(3, 2, 4), labels=False, lead=2, kwargs={}),
+    "fitnets": dict(student=(2, 3, 3, 4), teacher=(2, 3, 3, 4), labels=False, lead=3, kwargs={}),
+    # Channels differ on purpose: attention maps are channel-agnostic.
+    "attention_transfer": dict(
+        student=(3, 3, 3, 4), teacher=(3, 3, 3, 6), labels=False, lead=1, kwargs={"p": 2}
+    ),
+    "cwd": dict(
+        student=(3, 3, 3, 4),
+        teacher=(3, 3, 3, 4),
+        labels=False,
+        lead=1,
+        kwargs={"temperature": 2.0},
+    ),
+}
+ALL = sorted(CASES)
+PAIRWISE = sorted(n for n, c in CASES.items() if c["teacher"])
+LOGIT_LOSSES = ("ce", "hinton_kd", "dkd")
+
+
+def make_inputs(name, seed=0, dtype=np.float32):
+    c = CASES[name]
+    rng = np.random.default_rng(seed)
+    args = {"student": rng.normal(size=c["student"]).astype(dtype)}
+    if c["teacher"]:
+        args["teacher"] = rng.normal(size=c["teacher"]).astype(dtype)
+    if c["labels"]:
+        args["labels"] = rng.integers(0, c["student"][-1], size=c["student"][:-1]).astype(np.int32)
+    return args
+
+
+@functools.cache
+def _jitted(name, static):
+    fn, kw = losses.get(name), dict(static)
+    # All three reductions from one compile: compiling dominates this file's runtime on CPU.
+    return jax.jit(lambda a: {r: fn(**a, reduction=r, **kw) for r in ("none", "sum", "mean")})
+
+
+def call(name, args, *, mask=None, reduction="mean", **kw):
+    """Objective `name` under jit (op-by-op eager dispatch is ~10x slower to compile on CPU);
+    hyper-parameters are static, arrays (and the mask) traced."""
+    arrays = dict(args) if mask is None else {**args, "mask": mask}
+    static = tuple(sorted({**CASES[name]["kwargs"], **kw}.items()))
+    return _jitted(name, static)(arrays)[reduction]
+
+
+def lead_shape(name):
+    return CASES[name]["student"][: CASES[name]["lead"]]
+
+
+def expand(mask, ndim):
+    return mask.reshape(mask.shape + (1,) * (ndim - mask.ndim))
+
+
+# ---------------------------------------------------------------- registry and signatures
+
+
+def test_every_registered_objective_has_a_case():
+    assert set(losses.names()) == set(CASES)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_signature_contract(name):
+    fn = losses.get(name)
+    params = inspect.signature(fn).parameters.values()
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params), "keyword-only args"
+    acc = losses.accepts(fn)
+    assert {"student", "mask", "reduction"} <= acc
+    assert ("teacher" in acc) == bool(CASES[name]["teacher"])
+    assert ("labels" in acc) == CASES[name]["labels"]
+
+
+def test_unknown_name_suggests_closest():
+    with pytest.raises(KeyError) as e:
+        losses.get("hinton")
+    assert "hinton_kd" in str(e.value) and "Did you mean" in str(e.value)
+    with pytest.raises(KeyError, match="cwd"):
+        losses.get("cdw")
+
+
+def test_duplicate_registration_raises():
+    with pytest.raises(ValueError, match="already registered"):
+        losses.register("ce")(lambda *, student: student)
+
+
+# ---------------------------------------------------------------- shared contract
+
+
+@pytest.mark.parametrize("name", PAIRWISE)
+def test_zero_on_identical_inputs(name):
+    args = make_inputs(name)
+    args["teacher"] = args["student"]
+    assert abs(float(call(name, args))) < 1e-6
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_reductions_and_nonnegative(name):
+    args = make_inputs(name)
+    none = np.asarray(call(name, args, reduction="none"))
+    assert none.shape == lead_shape(name)
+    assert (none >= 0).all()
+    np.testing.assert_allclose(call(name, args, reduction="sum"), none.sum(), rtol=1e-5)
+    np.testing.assert_allclose(call(name, args, reduction="mean"), none.mean(), rtol=1e-5)
+    with pytest.raises(ValueError, match="reduction"):
+        jax.eval_shape(lambda a: losses.get(name)(**a, reduction="avg"), args)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_mask_over_leading_dims_ignores_garbage(name):
+    args = make_inputs(name)
+    rng = np.random.default_rng(1)
+    mask = rng.random(lead_shape(name)) < 0.5
+    mask.flat[0], mask.flat[1] = True, False
+    clean = np.asarray(call(name, args, reduction="none"))
+
+    dirty = dict(args)
+    for k in ("student", "teacher"):
+        if k in args:
+            garbage = 1e3 * rng.normal(size=args[k].shape).astype(np.float32)
+            dirty[k] = np.where(expand(mask, args[k].ndim), args[k], garbage)
+    if "labels" in args:
+        dirty["labels"] = np.where(
+            mask,
+            args["labels"],
+            rng.permutation(args["labels"].ravel()).reshape(args["labels"].shape),
+        )
+    np.testing.assert_allclose(call(name, dirty, mask=mask), clean[mask].mean(), rtol=1e-5)
+    np.testing.assert_allclose(
+        call(name, dirty, mask=mask, reduction="sum"), clean[mask].sum(), rtol=1e-5
+    )
+    none = np.asarray(call(name, dirty, mask=mask, reduction="none"))
+    np.testing.assert_allclose(none, np.where(mask, clean, 0.0), rtol=1e-5)
+    assert float(call(name, args, mask=np.zeros_like(mask))) == 0.0  # not NaN
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_per_example_mask_equals_subset(name):
+    # A [B] mask is aligned with the leading dim even when the loss is [B, T] or [B, H, W]:
+    # that is what the composer passes from batch["mask"].
+    args = make_inputs(name)
+    keep = np.array([True, False] + [True] * (CASES[name]["student"][0] - 2))
+    subset = {k: v[keep] for k, v in args.items()}
+    np.testing.assert_allclose(call(name, args, mask=keep), call(name, subset), rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_grads_finite(name):
+    args = make_inputs(name)
+    fn = losses.get(name)
+    rest = {k: jnp.asarray(v) for k, v in args.items() if k != "student"}
+    grad = lambda s: jax.jit(jax.grad(lambda x: fn(student=x, **rest, **CASES[name]["kwargs"])))(s)
+    assert np.isfinite(np.asarray(grad(jnp.asarray(args["student"])))).all()
+    if name in LOGIT_LOSSES:
+        rng = np.random.default_rng(2)
+        extreme = lambda shape: np.where(rng.random(shape) < 0.5, 1e4, -1e4).astype(np.float32)
+        if "teacher" in rest:
+            rest["teacher"] = jnp.asarray(extreme(args["teacher"].shape))
+        g = grad(jnp.asarray(extreme(args["student"].shape)))
+        assert np.isfinite(np.asarray(g)).all()
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_bfloat16_inputs_give_float32(name):
+    args = make_inputs(name)
+    bf16 = {k: (jnp.asarray(v, jnp.bfloat16) if k != "labels" else v) for k, v in args.items()}
+    for reduction in ("mean", "none"):
+        out = call(name, bf16, reduction=reduction)
+        assert out.dtype == jnp.float32
+        assert np.isfinite(np.asarray(out)).all()
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_traceable_with_abstract_inputs(name):
+    # Every other test already runs under jit (see `call`); eval_shape traces without compiling
+    # and checks the static output contract for each reduction, with a traced mask.
+    args = make_inputs(name)
+    specs = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in args.items()}
+    mask = jax.ShapeDtypeStruct(lead_shape(name), jnp.bool_)
+    fn = losses.get(name)
+    for reduction, shape in (("mean", ()), ("sum", ()), ("none", lead_shape(name))):
+        out = jax.eval_shape(
+            lambda a, m, r=reduction: fn(**a, mask=m, reduction=r, **CASES[name]["kwargs"]),
+            specs,
+            mask,
+        )
+        assert out.shape == shape and out.dtype == jnp.float32
+
+
+def test_eager_matches_jit():
+    args = make_inputs("hinton_kd")
+    eager = losses.hinton_kd(**args, temperature=2.0)
+    np.testing.assert_allclose(eager, call("hinton_kd", args), rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", PAIRWISE)
+def test_incompatible_shapes_raise_naming_both(name):
+    args = make_inputs(name)
+    s = args["student"].shape
+    # Channels may differ for attention transfer, so break a spatial dim there instead.
+    bad = (*s[:-2], s[-2] + 1, s[-1]) if name == "attention_transfer" else (*s[:-1], s[-1] + 1)
+    args["teacher"] = np.zeros(bad, np.float32)
+    with pytest.raises(ValueError) as e:
+        call(name, args)
+    assert f"student shape {s}" in str(e.value) and f"teacher shape {bad}" in str(e.value)
+
+
+def test_plain_shape_message():
+    with pytest.raises(ValueError, match=r"student shape \(2, 3\) does not match teacher shape"):
+        losses.mse(student=jnp.zeros((2, 3)), teacher=jnp.zeros((2, 4)))
+
+
+# ---------------------------------------------------------------- NumPy references (float64)
+
+
+def np_log_softmax(x, axis=-1):
+    x = x - x.max(axis, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis, keepdims=True))
+
+
+def np_kl(log_p, log_q, axis=-1):
+    """KL(p || q) with 0 * log 0 = 0 (as torch's kl_div)."""
+    p = np.exp(log_p)
+    return np.where(p > 0, p * (log_p - log_q), 0.0).sum(axis)
+
+
+def np_hinton(s, t, T):
+    return T**2 * np_kl(np_log_softmax(t / T), np_log_softmax(s / T))
+
+
+def np_dkd_parts(s, t, y, T):
+    # mdistiller's formulation: binary probabilities from summed softmax, and the target logit
+    # pushed away by subtracting 1000 for the non-target part.
+    gt = np.eye(s.shape[-1])[y]
+    ps, pt = np.exp(np_log_softmax(s / T)), np.exp(np_log_softmax(t / T))
+    bs = np.stack([(ps * gt).sum(-1), (ps * (1 - gt)).sum(-1)], -1)
+    bt = np.stack([(pt * gt).sum(-1), (pt * (1 - gt)).sum(-1)], -1)
+    tckd = (bt * (np.log(bt) - np.log(bs))).sum(-1) * T**2
+    nckd = np_kl(np_log_softmax(t / T - 1000 * gt), np_log_softmax(s / T - 1000 * gt)) * T**2
+    return tckd, nckd
+
+
+def np_cwd(s, t, T):
+    b, c = s.shape[0], s.shape[-1]
+    s, t = s.reshape(b, -1, c) / T, t.reshape(b, -1, c) / T
+    kl = np_kl(np_log_softmax(t, 1), np_log_softmax(s, 1), axis=1)  # [B, C]
+    return T**2 * kl.mean(-1)
+
+
+def np_at(s, t, p):
+    def at(f):
+        a = (np.abs(f) ** p).mean(-1).reshape(f.shape[0], -1)
+        return a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
+
+    return ((at(s) - at(t)) ** 2).mean(-1)
+
+
+def f64(args):
+    return {k: (v.astype(np.float64) if k != "labels" else v) for k, v in args.items()}
+
+
+def test_temperature_objectives_match_numpy():
+    hk, dk, cw = (make_inputs(n, seed=i) for i, n in enumerate(("hinton_kd", "dkd", "cwd"), 3))
+
+    # T is traced so that the three temperatures share one compile.
+    @jax.jit
+    def run(T):
+        return (
+            losses.hinton_kd(**hk, temperature=T, reduction="none"),
+            losses.dkd_parts(**dk, temperature=T, reduction="none"),
+            losses.dkd(**dk, temperature=T, alpha=0.5, beta=3.0),
+            losses.cwd(**cw, temperature=T, reduction="none"),
+        )
+
+    d = f64(dk)
+    for T in (1.0, 2.0, 4.0):
+        hinton, (tckd, nckd), dkd, cwd = run(jnp.float32(T))
+        # float32 cancellation inside the KL is ~1e-7 absolute before the T^2 factor.
+        tol = dict(rtol=1e-5, atol=1e-6 * T**2)
+        ref_h = np_hinton(hk["student"].astype(np.float64), hk["teacher"].astype(np.float64), T)
+        np.testing.assert_allclose(hinton, ref_h, **tol)
+        ref_t, ref_n = np_dkd_parts(d["student"], d["teacher"], d["labels"], T)
+        np.testing.assert_allclose(tckd, ref_t, **tol)
+        np.testing.assert_allclose(nckd, ref_n, **tol)
+        np.testing.assert_allclose(dkd, (0.5 * ref_t + 3.0 * ref_n).mean(), **tol)
+        ref_c = np_cwd(cw["student"].astype(np.float64), cw["teacher"].astype(np.float64), T)
+        np.testing.assert_allclose(cwd, ref_c, **tol)
+
+
+def test_hinton_t_squared_at_high_temperature():
+    # Hinton et al.: as T -> inf, T^2 * KL -> (1/2C) * sum_i (d_i - mean d)^2 with d = z_t - z_s,
+    # i.e. independent of T. Without the T^2 factor the T=100 and T=200 values would differ 4x.
+    a = make_inputs("hinton_kd", seed=6)
+    d = a["teacher"].astype(np.float64) - a["student"]
+    limit = ((d - d.mean(-1, keepdims=True)) ** 2).sum(-1) / (2 * d.shape[-1])
+    run = jax.jit(lambda T: losses.hinton_kd(**a, temperature=T, reduction="none"))
+    for T in (100.0, 200.0):
+        np.testing.assert_allclose(run(jnp.float32(T)), limit, rtol=2e-2)
+
+
+def test_attention_transfer_matches_numpy():
+    a = make_inputs("attention_transfer", seed=7)
+    for p in (1, 2):
+        ref = np_at(a["student"].astype(np.float64), a["teacher"].astype(np.float64), p)
+        np.testing.assert_allclose(
+            call("attention_transfer", a, p=p, reduction="none"), ref, rtol=1e-5, atol=1e-9
+        )
+
+
+def test_ce_matches_numpy_and_optax():
+    a = make_inputs("ce", seed=8)
+    s, y = a["student"], a["labels"]
+    eps = 0.1
+
+    @jax.jit
+    def run():
+        smoothed = optax.smooth_labels(jax.nn.one_hot(y, s.shape[-1]), eps)
+        return (
+            losses.ce(**a, reduction="none"),
+            optax.softmax_cross_entropy_with_integer_labels(s, y),
+            losses.ce(**a, label_smoothing=eps, reduction="none"),
+            optax.softmax_cross_entropy(s, smoothed),
+        )
+
+    got, ref_optax, got_smooth, ref_smooth = run()
+    ref = -np_log_softmax(s.astype(np.float64))[np.arange(len(y)), y]
+    np.testing.assert_allclose(got, ref, rtol=1e-5)
+    np.testing.assert_allclose(got, ref_optax, rtol=1e-6)
+    np.testing.assert_allclose(got_smooth, ref_smooth, rtol=1e-5)
+
+
+def test_dkd_nckd_ignores_the_target_logit():
+    # NCKD is a distribution over non-target classes only, so even an extreme target logit must
+    # not leak into it (mdistiller's "subtract 1000" trick does leak once |z/T| > ~1000).
+    a = make_inputs("dkd", seed=9)
+    parts = jax.jit(functools.partial(losses.dkd_parts, temperature=1.0, reduction="none"))
+    _, nckd = parts(**a)
+    rows = np.arange(len(a["labels"]))
+    for k, v in (("student", 1e4), ("teacher", -1e4)):
+        a[k] = a[k].copy()
+        a[k][rows, a["labels"]] = v
+    tckd2, nckd2 = parts(**a)
+    np.testing.assert_allclose(nckd2, nckd, rtol=1e-4, atol=1e-6)
+    assert np.isfinite(np.asarray(tckd2)).all()
+
+
+# ---------------------------------------------------------------- reduce_loss
+
+
+def test_reduce_loss_mask_alignment_and_errors():
+    per = jnp.arange(6.0).reshape(2, 3)
+    np.testing.assert_allclose(losses.reduce_loss(per, mask=jnp.array([0, 1])), 4.0)
+    np.testing.assert_allclose(
+        losses.reduce_loss(per, mask=jnp.array([[1, 0, 1], [0, 0, 0]]), reduction="sum"), 2.0
+    )
+    # NaN/inf at masked-out positions (e.g. padding) must not leak into the forward value.
+    bad = jnp.array([1.0, jnp.nan, jnp.inf])
+    np.testing.assert_allclose(losses.reduce_loss(bad, mask=jnp.array([1, 0, 0])), 1.0)
+    with pytest.raises(ValueError, match="not broadcastable"):
+        losses.reduce_loss(per, mask=jnp.ones(3))
+    with pytest.raises(ValueError, match="more dims"):
+        losses.reduce_loss(per, mask=jnp.ones((2, 3, 1)))
