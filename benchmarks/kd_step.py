@@ -21,14 +21,18 @@ from kd_jax import config as C
 from kd_jax import sharding, train
 
 
-def timed(fn, *args, iters: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile + warm-up
-    times = []
+def timed(fns: dict, *, iters: int) -> dict:
+    """Median seconds per call; the functions are interleaved round by round so that load from
+    elsewhere on the machine affects all of them alike."""
+    for fn in fns.values():
+        jax.block_until_ready(fn())  # compile + warm-up
+    times = {k: [] for k in fns}
     for _ in range(iters):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main() -> None:
@@ -75,9 +79,13 @@ def main() -> None:
 
         return go
 
-    t_kd = timed(run_step(kd_step, kd_stage, t_params), iters=args.iters)
-    t_ce = timed(run_step(ce_step, ce_stage, None), iters=args.iters)
-    t_fwd = timed(fwd, t_params, batch["image"], iters=args.iters)
+    fns = {
+        "kd": run_step(kd_step, kd_stage, t_params),
+        "ce": run_step(ce_step, ce_stage, None),
+        "fwd": lambda: fwd(t_params, batch["image"]),
+    }
+    t = timed(fns, iters=args.iters)
+    t_kd, t_ce, t_fwd = t["kd"], t["ce"], t["fwd"]
     print(
         f"device: {jax.devices()[0].device_kind} x{jax.device_count()}  batch {args.batch}  "
         f"teacher cnn{widths(args.teacher)}  student cnn{widths(args.student)}"

@@ -55,9 +55,16 @@ def test_stage_config_merges_over_defaults():
     assert kd.optimizer.learning_rate == c.optimizer.learning_rate
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.relpath(p, ROOT))
-def test_every_config_tiny_runs_one_step(path, tmp_path):
-    c = C.load(path + ":tiny")
+# Config files whose `method=` argument switches objectives get one run per method.
+VARIANTS = [p + ":tiny" for p in CONFIGS if not p.endswith("mnist_feature_kd.py")] + [
+    os.path.join(ROOT, "configs/classic/mnist_feature_kd.py") + f":tiny,method={m}"
+    for m in ("kd", "fitnets", "at", "cwd", "dkd")
+]
+
+
+@pytest.mark.parametrize("spec", VARIANTS, ids=lambda p: os.path.relpath(p, ROOT))
+def test_every_config_tiny_runs_one_step(spec, tmp_path):
+    c = C.load(spec)
     with c.unlocked():
         for name in c.stages:
             c.stages[name].steps = 1

@@ -147,3 +147,18 @@ def test_batch_not_divisible_by_mesh_is_clear(tmp_path):
     cfg = helpers.kd_config(**{"data.batch_size": 36})
     with pytest.raises(ValueError, match="data.batch_size=36 must be divisible by the 8"):
         helpers.run(cfg, tmp_path)
+
+
+def test_mixed_precision_keeps_float32_params(tmp_path):
+    cfg = helpers.kd_config(steps=3, teacher_steps=3, **{"compute_dtype": "bfloat16"})
+    res = helpers.run(cfg, tmp_path)
+    params = helpers.student_params(cfg, tmp_path, "kd")
+    assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype("float32")}
+    assert np.isfinite(res["kd"]["eval/loss"]).all()
+    # Activations really are bfloat16.
+    stage = train.build_stage(
+        train.config_lib.stage_config(cfg, "kd"), train.sharding.make_mesh(cfg.mesh), str(tmp_path)
+    )
+    x = np.zeros((2, 8, 8, 1), np.float32)
+    logits, _ = stage.student.apply({"params": jax.tree.map(lambda p: p[0], params)}, x)
+    assert logits.dtype == jax.numpy.bfloat16

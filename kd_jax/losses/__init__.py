@@ -12,8 +12,19 @@ composer which standard arguments a function takes.
 
 from kd_jax.losses.features import attention_transfer, cwd, fitnets, mse
 from kd_jax.losses.logits import ce, dkd, dkd_parts, hinton_kd
+from kd_jax.losses.minilm import (
+    OBJECTIVES as _MINILM,
+)
+from kd_jax.losses.minilm import (
+    minilm_attention,
+    minilm_value_relation,
+    minilmv2_relation,
+)
 from kd_jax.losses.reduce import REDUCTIONS, reduce_loss
 from kd_jax.losses.registry import accepts, get, names, register
+
+for _name, _fn in _MINILM.items():
+    register(_name)(_fn)
 
 __all__ = [
     "REDUCTIONS",
@@ -26,6 +37,9 @@ __all__ = [
     "fitnets",
     "get",
     "hinton_kd",
+    "minilm_attention",
+    "minilm_value_relation",
+    "minilmv2_relation",
     "mse",
     "names",
     "reduce_loss",
