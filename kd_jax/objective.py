@@ -34,7 +34,10 @@ class Adapter(nn.Module):
 
 
 def lookup(features: Mapping[str, Any], path: str, who: str):
-    """Feature by path ('logits', 'conv1', or nested 'block/attn')."""
+    """Feature by path ('logits', 'conv1', or nested 'block/attn'); a flat key holding the whole
+    path (as in teacher feature dicts already selected by path) wins."""
+    if path in features:
+        return features[path]
     node = features
     for part in path.split("/"):
         if not isinstance(node, Mapping) or part not in node:

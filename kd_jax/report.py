@@ -22,9 +22,10 @@ def table(results: dict) -> str:
     ]
     for name, r in results.items():
         acc, agree = (_fmt(r[m]) if m in r else "–" for m in metrics)
+        loss = _fmt(r["eval/loss"], 1.0) if "eval/loss" in r else "–"
         lines.append(
             f"| {name} | {r['student_params']:,} | {r['num_seeds']} | {acc} | {agree} | "
-            f"{_fmt(r['eval/loss'], 1.0)} | {r['train_seconds']:.1f} |"
+            f"{loss} | {r['train_seconds']:.1f} |"
         )
     return "\n".join(lines)
 
@@ -53,7 +54,8 @@ def plot(workdir: str, path: str) -> None:
                 ax.set_title(key + " (mean ± std over seeds)")
                 ax.set_xlabel("step")
     axes[0].set_yscale("log")
-    axes[1].legend()
+    if axes[1].get_legend_handles_labels()[0]:
+        axes[1].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -28,7 +28,7 @@ from kd_jax import config as config_lib
 from kd_jax import data as data_lib
 from kd_jax import models, optim, sharding
 from kd_jax.metric_writer import MetricWriter
-from kd_jax.objective import Objective
+from kd_jax.objective import Objective, lookup
 
 log = logging.getLogger("kd_jax")
 _STOP = threading.Event()
@@ -62,11 +62,29 @@ class Stage:
     abstract_state: Any
     state_shardings: Any
     init_fn: Any
+    student_inputs: tuple[str, ...]  # batch keys each model reads, in call order
+    teacher_inputs: tuple[str, ...]
 
 
-def _sample_input(data: data_lib.Data):
-    x = data.example_batch()["image"]
-    return jax.ShapeDtypeStruct((data.global_batch, *x.shape[1:]), jnp.float32)
+def _sample_inputs(data: data_lib.Data, keys) -> tuple:
+    """Abstract global-batch inputs for the batch `keys` a model reads."""
+    batch = data.example_batch()
+    missing = [k for k in keys if k not in batch]
+    if missing:
+        raise KeyError(
+            f"Model reads batch keys {list(keys)} but dataset '{data.name}' gives "
+            f"{sorted(batch)}; missing {missing}."
+        )
+    return tuple(
+        jax.ShapeDtypeStruct(
+            (data.global_batch, *np.shape(batch[k])[1:]), np.asarray(batch[k]).dtype
+        )
+        for k in keys
+    )
+
+
+def _inputs(batch, keys) -> tuple:
+    return tuple(batch[k] for k in keys)
 
 
 def _check_batch(mesh, size: int, key: str) -> None:
@@ -80,6 +98,10 @@ def _check_batch(mesh, size: int, key: str) -> None:
 
 
 def build_stage(cfg, mesh, workdir: str) -> Stage:
+    if cfg.student.init:
+        raise NotImplementedError(
+            "student.init (warm-starting the student) is not supported yet; leave it empty."
+        )
     _check_batch(mesh, cfg.data.batch_size, "data.batch_size")
     _check_batch(mesh, cfg.data.eval_batch_size, "data.eval_batch_size")
     # ---------------------------------------------------------------- Input
@@ -99,18 +121,21 @@ def build_stage(cfg, mesh, workdir: str) -> Stage:
             f"{objective.teacher_paths} but config.teacher.model is not set."
         )
     tx, schedule = optim.make_optimizer(cfg)
-    x = _sample_input(data)
+    s_keys = models.input_keys(cfg.student)
+    t_keys = models.input_keys(cfg.teacher) if teacher is not None else ()
+    x = _sample_inputs(data, s_keys)
     s_feats = jax.eval_shape(
-        lambda v, x: student.apply(v, x)[1], jax.eval_shape(student.init, jax.random.key(0), x), x
+        lambda v, x: student.apply(v, *x)[1], jax.eval_shape(student.init, jax.random.key(0), *x), x
     )
     t_feats = {}
     if teacher is not None:
-        t_vars = jax.eval_shape(teacher.init, jax.random.key(0), x)
-        t_feats = jax.eval_shape(lambda v, x: teacher.apply(v, x)[1], t_vars, x)
+        t_x = _sample_inputs(data, t_keys)
+        t_vars = jax.eval_shape(teacher.init, jax.random.key(0), *t_x)
+        t_feats = jax.eval_shape(lambda v, x: teacher.apply(v, *x)[1], t_vars, t_x)
 
     def init_one(rng):
         r_student, r_aux, r_state = jax.random.split(rng, 3)
-        s_params = student.init(r_student, jnp.zeros(x.shape, x.dtype))["params"]
+        s_params = student.init(r_student, *(jnp.zeros(v.shape, v.dtype) for v in x))["params"]
         params = {"student": s_params, "aux": objective.init_aux(r_aux, s_feats, t_feats)}
         return TrainState(jnp.int32(0), params, tx.init(params), r_state)
 
@@ -134,6 +159,8 @@ def build_stage(cfg, mesh, workdir: str) -> Stage:
         abstract_state,
         state_sh,
         jax.jit(init_fn, static_argnums=0, out_shardings=state_sh),
+        s_keys,
+        t_keys,
     )
 
 
@@ -168,10 +195,13 @@ def load_teacher(stage: Stage, root: str, stages_cfg) -> tuple[Any, int | None, 
             )
         params, ident["source_step"] = restore_student(src_cfg, mesh, os.path.join(root, src))
         axis = 0
+    elif init.startswith("pretrained:"):
+        from kd_jax.models import pretrained
+
+        params, axis = pretrained.load(init.split(":", 1)[1]), None
+        _check_tree(params, _abstract_params(stage), init)
     elif init:
-        x = _sample_input(stage.data)
-        abstract = jax.eval_shape(stage.teacher.init, jax.random.key(0), x)["params"]
-        params, axis = ckpt_lib.load_params(init, abstract), None
+        params, axis = ckpt_lib.load_params(init, _abstract_params(stage)), None
     else:
         raise ValueError(
             "config.teacher.model is set but teacher.init is empty; use "
@@ -195,6 +225,26 @@ def load_teacher(stage: Stage, root: str, stages_cfg) -> tuple[Any, int | None, 
     return params, axis, ident
 
 
+def _abstract_params(stage: Stage):
+    x = _sample_inputs(stage.data, stage.teacher_inputs)
+    return jax.eval_shape(stage.teacher.init, jax.random.key(0), *x)["params"]
+
+
+def _check_tree(params, abstract, source: str) -> None:
+    """Teacher weights must fit the configured teacher model, leaf for leaf."""
+    want = {sharding.path_str(p): v.shape for p, v in jax.tree_util.tree_leaves_with_path(abstract)}
+    got = {
+        sharding.path_str(p): np.shape(v) for p, v in jax.tree_util.tree_leaves_with_path(params)
+    }
+    if want != got:
+        diff = sorted(set(want.items()) ^ set(got.items()))[:6]
+        raise ValueError(
+            f"Teacher weights from '{source}' do not fit config.teacher "
+            f"(first differences, path and shape: {diff}). Set teacher.kwargs to "
+            "the checkpoint's architecture (e.g. kwargs.preset)."
+        )
+
+
 def restore_student(cfg, mesh, stage_dir: str, step: int | None = None):
     """-> (student params stacked over seeds, step) from a stage's checkpoint directory."""
     stage = build_stage(cfg, mesh, stage_dir)
@@ -208,10 +258,14 @@ def restore_student(cfg, mesh, stage_dir: str, step: int | None = None):
         ckptr.close()
 
 
-def teacher_forward(stage: Stage, t_params, x):
+def teacher_forward(stage: Stage, t_params, batch):
     """Teacher features in eval mode, outside any gradient."""
-    _, feats = stage.teacher.apply({"params": t_params}, x, train=False)
-    return jax.lax.stop_gradient({p: feats[p] for p in stage.objective.teacher_paths})
+    _, feats = stage.teacher.apply(
+        {"params": t_params}, *_inputs(batch, stage.teacher_inputs), train=False
+    )
+    return jax.lax.stop_gradient(
+        {p: lookup(feats, p, "teacher") for p in stage.objective.teacher_paths}
+    )
 
 
 def build_teacher_cache(stage: Stage, t_params, t_axis, path: str) -> dict[str, np.ndarray]:
@@ -237,7 +291,7 @@ def build_teacher_cache(stage: Stage, t_params, t_axis, path: str) -> dict[str, 
     out: dict[str, list] = {}
     for start in range(0, n, b):
         idx = np.minimum(np.arange(start, start + b), n - 1)
-        feats = jax.device_get(fwd(t_params, train_src.gather(idx)["image"]))
+        feats = jax.device_get(fwd(t_params, train_src.gather(idx)))
         for k, v in feats.items():
             out.setdefault(k, []).append(np.moveaxis(v, 0, 1)[: min(b, n - start)])
     cache = {k: np.concatenate(v) for k, v in out.items()}
@@ -284,17 +338,17 @@ def make_train_step(stage: Stage, t_axis, cached: bool):
 
     def one_seed(state: TrainState, t_params, batch):
         rng, dropout_rng = jax.random.split(state.rng)
-        x = batch["image"]
+        x = _inputs(batch, stage.student_inputs)
         if cached:
             t_feats = batch["teacher"]
         elif stage.teacher is not None and objective.needs_teacher:
-            t_feats = teacher_forward(stage, t_params, x)
+            t_feats = teacher_forward(stage, t_params, batch)
         else:
             t_feats = {}
 
         def loss_fn(params):
             _, s_feats = student.apply(
-                {"params": params["student"]}, x, train=True, rngs={"dropout": dropout_rng}
+                {"params": params["student"]}, *x, train=True, rngs={"dropout": dropout_rng}
             )
             return objective(
                 params["aux"],
@@ -335,9 +389,11 @@ def make_eval_step(stage: Stage, t_axis):
     student, teacher = stage.student, stage.teacher
 
     def one_seed(params, t_params, batch):
-        logits, _ = student.apply({"params": params}, batch["image"], train=False)
+        logits, _ = student.apply(
+            {"params": params}, *_inputs(batch, stage.student_inputs), train=False
+        )
         logits = logits.astype(jnp.float32)
-        m = batch["mask"]
+        m = batch["example_mask"]
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
         pred = logits.argmax(-1)
         out = {
@@ -346,7 +402,9 @@ def make_eval_step(stage: Stage, t_axis):
             "count": m.sum(),
         }
         if teacher is not None and t_params is not None:
-            t_logits, _ = teacher.apply({"params": t_params}, batch["image"], train=False)
+            t_logits, _ = teacher.apply(
+                {"params": t_params}, *_inputs(batch, stage.teacher_inputs), train=False
+            )
             out["agree"] = ((pred == t_logits.argmax(-1)) * m).sum()
         return out
 
@@ -422,6 +480,10 @@ def train_stage(cfg, mesh, workdir: str, root: str, stages_cfg) -> dict:
     it = data.train_iter(data_state)
 
     def run_eval(step):
+        if cfg.evaluator == "none":
+            return {}, {}
+        if cfg.evaluator != "classification":
+            raise ValueError(f"Unknown evaluator '{cfg.evaluator}'; use classification or none.")
         res = evaluate(stage, eval_step, state.params["student"], t_params)
         row = writer.write(step, res)
         return res, row

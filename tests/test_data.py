@@ -38,7 +38,7 @@ def test_host_slices_partition_the_global_batch():
 def test_eval_batches_cover_each_example_once_with_padding_masked():
     d = build()
     batches = list(d.eval_batches())
-    assert sum(b["mask"].sum() for b in batches) == 50
+    assert sum(b["example_mask"].sum() for b in batches) == 50
     assert all(len(b["label"]) == 24 for b in batches)
 
 

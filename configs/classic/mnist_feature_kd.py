@@ -15,6 +15,8 @@ Hardware and numbers: experiments/classic/README.md (same teacher/student as mni
 
 from kd_jax import config as C
 
+TEST_VARIANTS = tuple(f"tiny,method={m}" for m in ("kd", "fitnets", "at", "cwd", "dkd"))
+
 TEACHER = {"widths": (16, 32), "hidden": 64}
 STUDENT = {"widths": (4, 8), "hidden": 0}
 

