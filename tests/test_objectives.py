@@ -93,6 +93,9 @@ OWN_CONTRACT = {
     "minilm_attention": "tests/test_minilm_losses.py",
     "minilm_value_relation": "tests/test_minilm_losses.py",
     "minilmv2_relation": "tests/test_minilm_losses.py",
+    "forward_kl": "tests/test_sequence_losses.py",
+    "reverse_kl": "tests/test_sequence_losses.py",
+    "generalized_jsd": "tests/test_sequence_losses.py",
 }
 
 

@@ -22,8 +22,10 @@ from kd_jax.losses.minilm import (
 )
 from kd_jax.losses.reduce import REDUCTIONS, reduce_loss
 from kd_jax.losses.registry import accepts, get, names, register
+from kd_jax.losses.sequence import OBJECTIVES as _SEQUENCE
+from kd_jax.losses.sequence import forward_kl, generalized_jsd, reverse_kl, vocab_check
 
-for _name, _fn in _MINILM.items():
+for _name, _fn in {**_MINILM, **_SEQUENCE}.items():
     register(_name)(_fn)
 
 __all__ = [
@@ -35,6 +37,8 @@ __all__ = [
     "dkd",
     "dkd_parts",
     "fitnets",
+    "forward_kl",
+    "generalized_jsd",
     "get",
     "hinton_kd",
     "minilm_attention",
@@ -44,4 +48,6 @@ __all__ = [
     "names",
     "reduce_loss",
     "register",
+    "reverse_kl",
+    "vocab_check",
 ]

@@ -27,10 +27,19 @@ def _bert(dtype, preset: str = "", **kwargs):
     return bert.BertEncoder(bert.BertConfig(**fields), dtype=dtype)
 
 
+def _llama(dtype, preset: str = "", **kwargs):
+    from kd_jax.models import llama, pretrained
+
+    fields = dict(pretrained.config_fields(preset)) if preset else {}
+    fields.update(kwargs)
+    return llama.Llama(llama.LlamaConfig(**fields), dtype=dtype)
+
+
 _REGISTRY: dict[str, Entry] = {
     "cnn": Entry(cnn.CNN),
     "mlp": Entry(cnn.MLP),
     "bert": Entry(_bert, ("input_ids", "attention_mask", "token_type_ids")),
+    "llama": Entry(_llama, ("input_ids",)),
 }
 
 

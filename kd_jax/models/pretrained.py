@@ -23,8 +23,23 @@ def _minilm_params():
     return bert_loading.load_bert()[1]["params"]
 
 
+def _smollm2_config():
+    from kd_jax.models import gguf_loading
+
+    return gguf_loading.read_config(gguf_loading.find_smollm2_gguf())
+
+
+def _smollm2_params():
+    from kd_jax.models import gguf_loading
+
+    return gguf_loading.load_gguf()[1]["params"]
+
+
 # name -> (architecture config loader, params loader)
-PRETRAINED = {"all-minilm-l6-v2": (_minilm_config, _minilm_params)}
+PRETRAINED = {
+    "all-minilm-l6-v2": (_minilm_config, _minilm_params),
+    "smollm2-135m-instruct": (_smollm2_config, _smollm2_params),
+}
 
 
 def _hf_bert(directory: str):
