@@ -27,8 +27,11 @@ from kd_jax import checkpoint as ckpt_lib
 from kd_jax import config as config_lib
 from kd_jax import data as data_lib
 from kd_jax import models, optim, sharding
+from kd_jax.evaluators.classification import evaluate, make_eval_step
 from kd_jax.metric_writer import MetricWriter
+from kd_jax.models import batch_inputs as _inputs
 from kd_jax.objective import Objective, lookup
+from kd_jax.replicas import over_seeds
 
 log = logging.getLogger("kd_jax")
 _STOP = threading.Event()
@@ -81,10 +84,6 @@ def _sample_inputs(data: data_lib.Data, keys) -> tuple:
         )
         for k in keys
     )
-
-
-def _inputs(batch, keys) -> tuple:
-    return tuple(batch[k] for k in keys)
 
 
 def _check_batch(mesh, size: int, key: str) -> None:
@@ -303,35 +302,6 @@ def build_teacher_cache(stage: Stage, t_params, t_axis, path: str) -> dict[str, 
 
 
 # -------------------------------------------------------------------- Step
-def over_seeds(fn, in_axes, mode: str):
-    """Maps `fn` over the seed axis: "vmap", or "unroll" (one traced copy per seed in the same
-    jitted step; on XLA:CPU this is ~3x faster for convolutions, which vmap turns into grouped
-    convolutions, and ~10x faster than lax.map). `in_axes` has one entry per argument: an int,
-    None, or a dict of those for a dict argument."""
-    if mode == "vmap":
-        return jax.vmap(fn, in_axes=in_axes)
-    if mode != "unroll":
-        raise ValueError(f"Unknown seeds_in_step '{mode}'; use 'vmap' or 'unroll'.")
-
-    def take(arg, axis, i):
-        if isinstance(axis, dict):
-            return {k: take(arg[k], axis.get(k), i) for k in arg}
-        if axis is None:
-            return arg
-        return jax.tree.map(lambda v: jnp.take(v, i, axis=axis), arg)
-
-    def wrapped(*args):
-        seeds = {
-            jax.tree.leaves(a)[0].shape[ax]
-            for a, ax in zip(args, in_axes)
-            if isinstance(ax, int) and jax.tree.leaves(a)
-        }
-        outs = [fn(*(take(a, ax, i) for a, ax in zip(args, in_axes))) for i in range(seeds.pop())]
-        return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
-
-    return wrapped
-
-
 def make_train_step(stage: Stage, t_axis, cached: bool):
     cfg, student, objective, tx = stage.cfg, stage.student, stage.objective, stage.tx
     skip = bool(cfg.skip_nonfinite)
@@ -383,49 +353,6 @@ def make_train_step(stage: Stage, t_axis, cached: bool):
         donate_argnums=(0,),
         out_shardings=(stage.state_shardings, sharding.replicated(stage.mesh)),
     )
-
-
-def make_eval_step(stage: Stage, t_axis):
-    student, teacher = stage.student, stage.teacher
-
-    def one_seed(params, t_params, batch):
-        logits, _ = student.apply(
-            {"params": params}, *_inputs(batch, stage.student_inputs), train=False
-        )
-        logits = logits.astype(jnp.float32)
-        m = batch["example_mask"]
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-        pred = logits.argmax(-1)
-        out = {
-            "correct": ((pred == batch["label"]) * m).sum(),
-            "loss": (ce * m).sum(),
-            "count": m.sum(),
-        }
-        if teacher is not None and t_params is not None:
-            t_logits, _ = teacher.apply(
-                {"params": t_params}, *_inputs(batch, stage.teacher_inputs), train=False
-            )
-            out["agree"] = ((pred == t_logits.argmax(-1)) * m).sum()
-        return out
-
-    # Sums over the global (all-host) batch; the result is replicated on every host.
-    return jax.jit(
-        over_seeds(one_seed, (0, t_axis, None), stage.cfg.seeds_in_step),
-        out_shardings=sharding.replicated(stage.mesh),
-    )
-
-
-def evaluate(stage: Stage, eval_step, params, t_params) -> dict:
-    sums: dict[str, np.ndarray] = {}
-    for local in stage.data.eval_batches():
-        batch = sharding.make_global(stage.mesh, local, stage.data.eval_batch)
-        for k, v in jax.device_get(eval_step(params, t_params, batch)).items():
-            sums[k] = sums.get(k, 0.0) + np.asarray(v, np.float64)
-    count = sums.pop("count")
-    out = {"eval/accuracy": sums.pop("correct") / count, "eval/loss": sums.pop("loss") / count}
-    if "agree" in sums:
-        out["eval/teacher_agreement"] = sums.pop("agree") / count
-    return out
 
 
 # -------------------------------------------------------------------- Loop

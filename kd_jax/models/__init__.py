@@ -64,5 +64,10 @@ def build(model_cfg, *, dtype: str = "float32"):
     return entry(model_cfg.model).ctor(dtype=jnp.dtype(dtype), **dict(model_cfg.kwargs))
 
 
+def batch_inputs(batch, keys) -> tuple:
+    """The positional model inputs, in call order, from a batch dict."""
+    return tuple(batch[k] for k in keys)
+
+
 def input_keys(model_cfg) -> tuple[str, ...]:
     return entry(model_cfg.model).inputs
