@@ -49,7 +49,13 @@ def main(argv=None) -> int:
     from kd_jax import config as config_lib
     from kd_jax import report, train
 
-    config = config_lib.load(args.config, overrides)
+    try:
+        config = config_lib.load(args.config, overrides)
+    except (KeyError, ValueError, AttributeError, FileNotFoundError) as e:
+        # A config mistake is the user's to fix: show the message, not a traceback.
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"config error: {msg}", file=sys.stderr)
+        return 2
     results = train.run(config, args.workdir)
     if jax.process_index() == 0 and not any(r.get("preempted") for r in results.values()):
         print(report.write(args.workdir, results))

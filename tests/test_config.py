@@ -88,3 +88,25 @@ def test_every_config_tiny_runs_one_step(spec, tmp_path):
         c.steps = 1
     results = train.run(c, str(tmp_path))
     assert all(r["step"] == 1 for r in results.values())
+
+
+def test_cli_typo_is_a_clear_error_without_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kd_jax.main",
+            f"--config={MNIST_KD}:tiny",
+            f"--workdir={tmp_path}",
+            "--config.optimizer.learning_rat=1e-3",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
+    assert proc.returncode == 2
+    assert "Did you mean 'learning_rate'" in proc.stderr and "Traceback" not in proc.stderr
