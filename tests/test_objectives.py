@@ -96,6 +96,10 @@ OWN_CONTRACT = {
     "forward_kl": "tests/test_sequence_losses.py",
     "reverse_kl": "tests/test_sequence_losses.py",
     "generalized_jsd": "tests/test_sequence_losses.py",
+    "seg_ce": "tests/test_transkd.py",
+    "pixel_kd": "tests/test_transkd.py",
+    "hcl": "tests/test_transkd.py",
+    "pea": "tests/test_transkd.py",
 }
 
 

@@ -22,10 +22,12 @@ from kd_jax.losses.minilm import (
 )
 from kd_jax.losses.reduce import REDUCTIONS, reduce_loss
 from kd_jax.losses.registry import accepts, get, names, register
+from kd_jax.losses.segmentation import OBJECTIVES as _SEGMENTATION
+from kd_jax.losses.segmentation import hcl, pea, pixel_kd, seg_ce
 from kd_jax.losses.sequence import OBJECTIVES as _SEQUENCE
 from kd_jax.losses.sequence import forward_kl, generalized_jsd, reverse_kl, vocab_check
 
-for _name, _fn in {**_MINILM, **_SEQUENCE}.items():
+for _name, _fn in {**_MINILM, **_SEQUENCE, **_SEGMENTATION}.items():
     register(_name)(_fn)
 
 __all__ = [
@@ -37,6 +39,7 @@ __all__ = [
     "dkd",
     "dkd_parts",
     "fitnets",
+    "hcl",
     "forward_kl",
     "generalized_jsd",
     "get",
@@ -45,9 +48,12 @@ __all__ = [
     "minilm_value_relation",
     "minilmv2_relation",
     "mse",
+    "pea",
+    "pixel_kd",
     "names",
     "reduce_loss",
     "register",
     "reverse_kl",
+    "seg_ce",
     "vocab_check",
 ]
