@@ -198,7 +198,12 @@ def load_teacher(stage: Stage, root: str, stages_cfg) -> tuple[Any, int | None, 
         from kd_jax.models import pretrained
 
         params, axis = pretrained.load(init.split(":", 1)[1]), None
-        _check_tree(params, _abstract_params(stage), init)
+        models.check_shapes(
+            _abstract_params(stage),
+            params,
+            f"Teacher weights from '{init}' do not fit config.teacher (set teacher.kwargs to "
+            "the checkpoint's architecture, e.g. kwargs.preset)",
+        )
     elif init:
         params, axis = ckpt_lib.load_params(init, _abstract_params(stage)), None
     else:
@@ -227,21 +232,6 @@ def load_teacher(stage: Stage, root: str, stages_cfg) -> tuple[Any, int | None, 
 def _abstract_params(stage: Stage):
     x = _sample_inputs(stage.data, stage.teacher_inputs)
     return jax.eval_shape(stage.teacher.init, jax.random.key(0), *x)["params"]
-
-
-def _check_tree(params, abstract, source: str) -> None:
-    """Teacher weights must fit the configured teacher model, leaf for leaf."""
-    want = {sharding.path_str(p): v.shape for p, v in jax.tree_util.tree_leaves_with_path(abstract)}
-    got = {
-        sharding.path_str(p): np.shape(v) for p, v in jax.tree_util.tree_leaves_with_path(params)
-    }
-    if want != got:
-        diff = sorted(set(want.items()) ^ set(got.items()))[:6]
-        raise ValueError(
-            f"Teacher weights from '{source}' do not fit config.teacher "
-            f"(first differences, path and shape: {diff}). Set teacher.kwargs to "
-            "the checkpoint's architecture (e.g. kwargs.preset)."
-        )
 
 
 def restore_student(cfg, mesh, stage_dir: str, step: int | None = None):

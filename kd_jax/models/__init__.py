@@ -65,19 +65,23 @@ def build(model_cfg, *, dtype: str = "float32"):
 
 
 def check_shapes(want, got, what: str) -> None:
-    """Raises ValueError listing every leaf whose shape in `got` (loaded weights) differs from
-    `want` (the model's abstract params); `what` names the source and config in the message."""
+    """Raises ValueError when loaded weights `got` differ from the model's abstract params
+    `want` in structure or in any leaf's shape; `what` opens the message."""
     import jax
+    import numpy as np
 
-    bad = []
+    def table(tree):
+        leaves = jax.tree_util.tree_leaves_with_path(tree)
+        return {jax.tree_util.keystr(p): tuple(np.shape(v)) for p, v in leaves}
 
-    def check(path, w, g):
-        if tuple(w.shape) != tuple(g.shape):
-            bad.append(f"{jax.tree_util.keystr(path)}: checkpoint {g.shape} vs model {w.shape}")
-
-    jax.tree_util.tree_map_with_path(check, want, got)
+    w, g = table(want), table(got)
+    bad = [
+        f"{k}: checkpoint {g.get(k, 'missing')} vs model {w.get(k, 'missing')}"
+        for k in sorted(set(w) | set(g))
+        if w.get(k) != g.get(k)
+    ]
     if bad:
-        raise ValueError(f"{what}: " + "; ".join(bad))
+        raise ValueError(f"{what}: " + "; ".join(bad[:8]) + ("; ..." if len(bad) > 8 else ""))
 
 
 def batch_inputs(batch, keys) -> tuple:
