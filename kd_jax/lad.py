@@ -19,8 +19,10 @@ Everything here is jit-able and takes explicit PRNG keys.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -178,3 +180,69 @@ def student_loss(
     kd = cwd(student=lg, teacher=jax.lax.stop_gradient(t_lg), temperature=temperature, mask=mask)
     total = ce + aux_weight * aux_ce + kd_weight * kd
     return total, {"ce": ce, "aux_ce": aux_ce, "kd": kd, "loss": total}
+
+
+class LabelAssistedDeepLab(nn.Module):
+    """LAD's teacher as a model: DeepLabV3 (`kd_jax.models.deeplab`) on concat(image, label
+    channel), registered as "lad_teacher" with inputs ("image", "label").
+
+    train=True: codes `train_codes` ("random": fresh per image and class), and with `dual_path`
+    two independently noised passes of the same network; the second pass's outputs are the
+    features "logits_2" / "aux_2" (feed `dual_path_consistency` with student="logits,logits_2").
+    train=False (eval, and as the frozen teacher at distillation time): one pass with
+    `eval_codes` ("fixed" in the released code; "random" is the ablation).
+    Noise is drawn from the "noise" rng when given (the trainer passes one to the student), else
+    from a key folded from the label sum (deterministic per batch; the teacher forward has no
+    rng). `scale`: 100 for unscaled BGR inputs as in the reference, 100/255 for [0, 1] images.
+    """
+
+    num_classes: int = 21
+    train_codes: str = "random"
+    eval_codes: str = "fixed"
+    dual_path: bool = True
+    scale: float = 100.0 / 255.0
+    noise_std: float | None = None
+    ignore_index: int | None = 255
+    stem_widths: Sequence[int] = (64, 64, 128)  # resnet18_v1s, as in the LAD code.
+    widths: Sequence[int] = (64, 128, 256, 512)
+    aspp_features: int = 128
+    aspp_rates: Sequence[int] = (12, 24, 36)
+    dropout: float = 0.01
+    aux: bool = True
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, image, label, *, train: bool = False):
+        from kd_jax.models.deeplab import DeepLabV3
+
+        net = DeepLabV3(
+            self.num_classes,
+            image.shape[-1] + 1,
+            tuple(self.stem_widths),
+            tuple(self.widths),
+            self.aspp_features,
+            tuple(self.aspp_rates),
+            self.dropout,
+            self.aux,
+            self.dtype,
+            name="net",
+        )
+        if self.has_rng("noise"):
+            key = self.make_rng("noise")
+        else:
+            key = jax.random.fold_in(jax.random.key(0), jnp.sum(label.astype(jnp.uint32)))
+        kw = dict(
+            num_classes=self.num_classes,
+            ignore_index=self.ignore_index,
+            codes=self.train_codes if train else self.eval_codes,
+            noise_std=self.noise_std,
+            scale=self.scale,
+        )
+        k1, k2 = jax.random.split(key)
+        logits, feats = net(teacher_input(k1, image, label, **kw), train=train)
+        if train and self.dual_path:
+            logits_2, feats_2 = net(teacher_input(k2, image, label, **kw), train=train)
+            feats = {**feats, "logits_2": logits_2}
+            if "aux" in feats_2:
+                feats["aux_2"] = feats_2["aux"]
+        return logits, feats

@@ -3,6 +3,12 @@
 A term reads a student feature and (optionally) a teacher feature by path, may pass the student
 feature through a learned adapter (FitNets' regressor; a training-only module that lives in
 `params["aux"]` and is never exported), and is weighted by `weight * schedule(step)`.
+
+Feature paths may list several features, "stage1,stage2,stage3,stage4": the term then reads a
+tuple (multi-stage objectives such as `hcl` / `pea`). Adapters are named in `ADAPTERS`; besides
+the per-feature "dense" / "conv1x1" regressors there are TransKD's training-only modules
+("csf", "pea", "pea_gl", "pea_ea"). Adapters with BatchNorm keep their running statistics in a
+separate state tree (`Objective.apply`), as the trainer does for the student.
 """
 
 from __future__ import annotations
@@ -19,13 +25,17 @@ from kd_jax import losses
 
 
 class Adapter(nn.Module):
-    """Maps a student feature to the teacher's channel width: 'dense' or 'conv1x1'."""
+    """Maps a student feature to the teacher's channel width: 'dense' or 'conv1x1'.
+
+    Every adapter is called as `(x, context, *, train)`; `context` holds the student's whole
+    feature dict ("student") and the batch's "image" for adapters that need more than `x`."""
 
     features: int
     kind: str = "dense"
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, context=None, *, train: bool = False):
+        del context, train
         if self.kind == "conv1x1":
             return nn.Conv(self.features, (1, 1), name="proj")(x)
         if self.kind == "dense":
@@ -33,11 +43,45 @@ class Adapter(nn.Module):
         raise ValueError(f"Unknown adapter '{self.kind}'; use 'dense' or 'conv1x1'.")
 
 
+def _widths(teacher) -> tuple[int, ...]:
+    return tuple(int(v.shape[-1]) for v in jax.tree.leaves(teacher))
+
+
+def _transkd(kind):
+    def make(teacher):
+        from kd_jax.models import transkd
+
+        if kind == "csf":
+            return transkd.CSFAdapter(_widths(teacher))
+        return transkd.EmbedAlign(kind.partition("_")[2] or "base", _widths(teacher))
+
+    return make
+
+
+# Adapter name -> constructor from the (abstract) teacher feature of the term.
+ADAPTERS = {
+    "dense": lambda t: Adapter(t.shape[-1], "dense"),
+    "conv1x1": lambda t: Adapter(t.shape[-1], "conv1x1"),
+    "csf": _transkd("csf"),  # TransKD CSF: student stages -> teacher-width maps (BatchNorm).
+    "pea": _transkd("pea"),  # TransKD-Base PEA: token-wise Linear per stage.
+    "pea_gl": _transkd("pea_gl"),  # + GL-Mixer on stage 4.
+    "pea_ea": _transkd("pea_ea"),  # + Embedding Assistant (reads the image, student stages).
+}
+
+
+def make_adapter(kind: str, teacher) -> nn.Module:
+    if kind not in ADAPTERS:
+        raise ValueError(f"Unknown adapter '{kind}'; use one of {sorted(ADAPTERS)}.")
+    return ADAPTERS[kind](teacher)
+
+
 def lookup(features: Mapping[str, Any], path: str, who: str):
     """Feature by path ('logits', 'conv1', or nested 'block/attn'); a flat key holding the whole
-    path (as in teacher feature dicts already selected by path) wins."""
+    path (as in teacher feature dicts already selected by path) wins. 'a,b' -> (a, b)."""
     if path in features:
         return features[path]
+    if "," in path:
+        return tuple(lookup(features, p.strip(), who) for p in path.split(","))
     node = features
     for part in path.split("/"):
         if not isinstance(node, Mapping) or part not in node:
@@ -45,6 +89,20 @@ def lookup(features: Mapping[str, Any], path: str, who: str):
             raise KeyError(f"{who} feature '{path}' not found; available: {avail}.")
         node = node[part]
     return node
+
+
+def from_batch(path: str) -> bool:
+    """A path "batch:<key>" (or "batch:a,batch:b") reads the batch, e.g. a cached teacher top-k:
+    teacher="batch:teacher_topk_idx,batch:teacher_topk_logprob"; it needs no teacher model."""
+    return all(p.strip().startswith("batch:") for p in path.split(","))
+
+
+def batch_lookup(batch: Mapping[str, Any], path: str):
+    keys = [p.strip().split(":", 1)[1] for p in path.split(",")]
+    missing = [k for k in keys if k not in batch]
+    if missing:
+        raise KeyError(f"path '{path}': batch has no {missing}; batch keys: {sorted(batch)}.")
+    return batch[keys[0]] if len(keys) == 1 else tuple(batch[k] for k in keys)
 
 
 def schedule_factor(spec: str | None, step) -> jax.Array:
@@ -100,15 +158,49 @@ class Objective:
 
     @property
     def needs_teacher(self) -> bool:
-        return any(t.teacher for t in self.terms)
+        return bool(self.teacher_paths)
 
     @property
     def teacher_paths(self) -> list[str]:
-        return sorted({t.teacher for t in self.terms if t.teacher})
+        """Teacher-model feature paths ("batch:" paths read the batch, not the teacher)."""
+        return sorted({t.teacher for t in self.terms if t.teacher and not from_batch(t.teacher)})
 
-    def init_aux(self, rng, student_feats, teacher_feats) -> dict:
+    def check_vocab(self, student_feats, teacher_feats, student_tokenizer, teacher_tokenizer):
+        """Before training: every token-level term (`losses.token_level`) needs one vocabulary.
+
+        The size is the last dim of the term's last feature (logits [..., V] or an LM-head
+        kernel [D, V]); tokenizer names are compared when both are known (non-empty). Raises
+        ValueError naming both sizes and both tokenizers (`losses.vocab_check`).
+        """
+        for t in self.terms:
+            if not (losses.token_level(t.fn) and t.teacher) or from_batch(t.teacher):
+                continue
+            sv = lookup(student_feats, t.student.split(",")[-1].strip(), "student").shape[-1]
+            tv = lookup(teacher_feats, t.teacher.split(",")[-1].strip(), "teacher").shape[-1]
+            names = (student_tokenizer or "(unnamed)", teacher_tokenizer or "(unnamed)")
+            try:
+                losses.vocab_check(sv, tv, *names)
+            except ValueError as e:
+                raise ValueError(f"Objective term '{t.name}': {e}") from None
+            if student_tokenizer and teacher_tokenizer and student_tokenizer != teacher_tokenizer:
+                raise ValueError(
+                    f"Objective term '{t.name}': student tokenizer '{student_tokenizer}' "
+                    f"(vocabulary size {sv}) differs from teacher tokenizer "
+                    f"'{teacher_tokenizer}' (vocabulary size {tv}). Token-level distillation "
+                    "compares next-token distributions id by id, so both models need one "
+                    "tokenizer: use a teacher with the student's tokenizer (or distil on text, "
+                    "sequence-level KD); if both really are the same tokenizer, give "
+                    "student.kwargs.tokenizer and teacher.kwargs.tokenizer the same name."
+                )
+
+    def init_aux(self, rng, student_feats, teacher_feats, batch=None) -> dict:
         """Adapter params, shaped from (abstract) student and teacher features."""
-        aux = {}
+        return self.init_aux_variables(rng, student_feats, teacher_feats, batch)[0]
+
+    def init_aux_variables(self, rng, student_feats, teacher_feats, batch=None):
+        """-> (params {term: {"params": ...}}, state {term: {"batch_stats": ...}}) of every
+        adapter; `batch` (abstract is fine) supplies the "image" adapters such as "pea_ea" read."""
+        aux, state = {}, {}
         for t in self.terms:
             if not t.adapter:
                 continue
@@ -117,37 +209,81 @@ class Objective:
             s = lookup(student_feats, t.student, "student")
             tt = lookup(teacher_feats, t.teacher, "teacher")
             rng, sub = jax.random.split(rng)
-            aux[t.name] = Adapter(tt.shape[-1], t.adapter).init(
-                sub, jnp.zeros(s.shape, jnp.float32)
-            )
-        return aux
+            zeros = lambda v: jnp.zeros(v.shape, jnp.float32)  # noqa: E731
+            context = {"student": jax.tree.map(zeros, dict(student_feats))}
+            if batch is not None and "image" in batch:
+                context["image"] = zeros(batch["image"])
+            variables = dict(make_adapter(t.adapter, tt).init(sub, jax.tree.map(zeros, s), context))
+            aux[t.name] = {"params": variables.pop("params", {})}
+            if variables:
+                state[t.name] = variables
+        return aux, state
 
     def __call__(self, aux, *, student_feats, teacher_feats, batch, step):
-        total, metrics = jnp.float32(0.0), {}
+        """-> (total loss, metrics); adapters' BatchNorm (if any) uses running statistics."""
+        total, metrics, _ = self.apply(
+            aux,
+            None,
+            student_feats=student_feats,
+            teacher_feats=teacher_feats,
+            batch=batch,
+            step=step,
+            train=False,
+        )
+        return total, metrics
+
+    def apply(self, aux, aux_state, *, student_feats, teacher_feats, batch, step, train=True):
+        """-> (total loss, metrics, new adapter state). With `train`, adapters' BatchNorm uses
+        batch statistics and updates the running ones in the returned state."""
+        total, metrics, new_state = jnp.float32(0.0), {}, {}
+        context = {"student": student_feats}
+        if "image" in batch:
+            context["image"] = batch["image"]
         for t in self.terms:
             s = lookup(student_feats, t.student, "student")
             if t.adapter:
-                s = Adapter(lookup(teacher_feats, t.teacher, "teacher").shape[-1], t.adapter).apply(
-                    aux[t.name], s.astype(jnp.float32)
+                variables = {**aux[t.name], **((aux_state or {}).get(t.name, {}))}
+                s, updates = make_adapter(
+                    t.adapter, lookup(teacher_feats, t.teacher, "teacher")
+                ).apply(
+                    variables,
+                    jax.tree.map(lambda v: v.astype(jnp.float32), s),
+                    context,
+                    train=train,
+                    mutable=["batch_stats"],
                 )
+                if updates:
+                    new_state[t.name] = dict(updates)
             args = {"student": s}
             accepted = losses.accepts(t.fn)
             if t.teacher:
-                args["teacher"] = jax.lax.stop_gradient(lookup(teacher_feats, t.teacher, "teacher"))
-            if "labels" in accepted:
+                value = (
+                    batch_lookup(batch, t.teacher)
+                    if from_batch(t.teacher)
+                    else lookup(teacher_feats, t.teacher, "teacher")
+                )
+                args["teacher"] = jax.lax.stop_gradient(value)
+            # Labels with a default (optional) are passed only when the batch has them.
+            if "labels" in accepted and ("label" in batch or not losses.optional(t.fn, "labels")):
                 args["labels"] = batch["label"]
             if "mask" in accepted and "mask" in batch:
                 args["mask"] = batch["mask"]
             try:
                 value = t.fn(**args, **t.kwargs)
             except (ValueError, TypeError) as e:
-                tshape = args["teacher"].shape if "teacher" in args else None
+                tshape = _shapes(args["teacher"]) if "teacher" in args else None
                 raise ValueError(
                     f"Objective term '{t.name}' ({t.fn.__name__}): student feature "
-                    f"'{t.student}' {tuple(s.shape)} vs teacher feature '{t.teacher}' {tshape}: {e}"
+                    f"'{t.student}' {_shapes(s)} vs teacher feature '{t.teacher}' {tshape}: {e}"
                 ) from e
             weight = t.weight * schedule_factor(t.schedule, step)
             metrics[f"loss/{t.name}"] = value
             total = total + weight * value.astype(jnp.float32)
         metrics["loss"] = total
-        return total, metrics
+        return total, metrics, new_state
+
+
+def _shapes(x):
+    if hasattr(x, "shape"):
+        return tuple(x.shape)
+    return [tuple(v.shape) for v in jax.tree.leaves(x)]

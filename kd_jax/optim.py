@@ -26,10 +26,12 @@ def make_schedule(cfg) -> optax.Schedule:
             ],
             [warm],
         )
+    if s.name == "poly":  # lr * (1 - step / steps) ** power (DeepLab / CIRKD / LAD).
+        return optax.polynomial_schedule(lr, 0.0, float(s.power), max(steps, 1))
     if s.name == "step":
         return optax.piecewise_constant_schedule(lr, {int(b): float(s.decay) for b in s.boundaries})
     raise ValueError(
-        f"Unknown schedule '{s.name}'; use constant, warmup_cosine, warmup_linear or step."
+        f"Unknown schedule '{s.name}'; use constant, warmup_cosine, warmup_linear, poly or step."
     )
 
 

@@ -21,7 +21,11 @@ def table(results: dict) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
+        if "student_params" not in r:  # a data-writing stage (kd_jax.teacher_gen)
+            continue
         acc, agree = (_fmt(r[m]) if m in r else "–" for m in metrics)
+        if "eval/miou" in r and "eval/accuracy" not in r:  # segmentation evaluator
+            acc = f"{_fmt(r['eval/miou'])} mIoU"
         loss = _fmt(r["eval/loss"], 1.0) if "eval/loss" in r else "–"
         lines.append(
             f"| {name} | {r['student_params']:,} | {r['num_seeds']} | {acc} | {agree} | "

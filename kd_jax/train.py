@@ -8,6 +8,7 @@ Every state leaf carries a leading seed axis of size `config.num_seeds`: indepen
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -26,8 +27,7 @@ import optax
 from kd_jax import checkpoint as ckpt_lib
 from kd_jax import config as config_lib
 from kd_jax import data as data_lib
-from kd_jax import models, optim, sharding
-from kd_jax.evaluators.classification import evaluate, make_eval_step
+from kd_jax import gkd, models, optim, sharding, teacher_gen
 from kd_jax.metric_writer import MetricWriter
 from kd_jax.models import batch_inputs as _inputs
 from kd_jax.objective import Objective, lookup
@@ -47,6 +47,8 @@ class TrainState:
     params: Any  # {"student": ..., "aux": training-only modules (adapters)}
     opt_state: Any
     rng: jax.Array  # [S, 2] uint32
+    # Non-param collections (BatchNorm "batch_stats"): {"student": {...}, "aux": {term: {...}}}.
+    model_state: Any = flax.struct.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -97,9 +99,11 @@ def _check_batch(mesh, size: int, key: str) -> None:
 
 
 def build_stage(cfg, mesh, workdir: str) -> Stage:
-    if cfg.student.init:
+    if cfg.student.init and not cfg.student.init.startswith(("stage:", "pretrained:")):
         raise NotImplementedError(
-            "student.init (warm-starting the student) is not supported yet; leave it empty."
+            "student.init supports 'stage:<name>' (continue from that stage's student, e.g. "
+            "Orca's progressive learning) and 'pretrained:<name>' (e.g. fine-tuning a pretrained "
+            f"encoder), got '{cfg.student.init}'."
         )
     _check_batch(mesh, cfg.data.batch_size, "data.batch_size")
     _check_batch(mesh, cfg.data.eval_batch_size, "data.eval_batch_size")
@@ -131,12 +135,24 @@ def build_stage(cfg, mesh, workdir: str) -> Stage:
         t_x = _sample_inputs(data, t_keys)
         t_vars = jax.eval_shape(teacher.init, jax.random.key(0), *t_x)
         t_feats = jax.eval_shape(lambda v, x: teacher.apply(v, *x)[1], t_vars, t_x)
+        # Token-level terms: one vocabulary and tokenizer, checked here, before any step.
+        objective.check_vocab(
+            s_feats, t_feats, models.tokenizer_name(cfg.student), models.tokenizer_name(cfg.teacher)
+        )
+
+    example = data.example_batch()
+    image = _sample_inputs(data, ("image",))[0] if "image" in example else None
 
     def init_one(rng):
         r_student, r_aux, r_state = jax.random.split(rng, 3)
-        s_params = student.init(r_student, *(jnp.zeros(v.shape, v.dtype) for v in x))["params"]
-        params = {"student": s_params, "aux": objective.init_aux(r_aux, s_feats, t_feats)}
-        return TrainState(jnp.int32(0), params, tx.init(params), r_state)
+        s_vars = dict(student.init(r_student, *(jnp.zeros(v.shape, v.dtype) for v in x)))
+        s_params = s_vars.pop("params")
+        aux, aux_state = objective.init_aux_variables(
+            r_aux, s_feats, t_feats, {"image": image} if image is not None else None
+        )
+        params = {"student": s_params, "aux": aux}
+        model_state = {"student": s_vars, "aux": aux_state}
+        return TrainState(jnp.int32(0), params, tx.init(params), r_state, model_state)
 
     def init_fn(seed):
         keys = jnp.stack([jax.random.PRNGKey(seed + i) for i in range(cfg.num_seeds)])
@@ -170,7 +186,8 @@ def _fingerprint(params) -> str:
 
 
 def load_teacher(stage: Stage, root: str, stages_cfg) -> tuple[Any, int | None, dict]:
-    """-> (teacher params, seed axis (0 or None), identity metadata)."""
+    """-> (teacher variables {"params", + "batch_stats" for BatchNorm models}, seed axis (0 or
+    None), identity metadata)."""
     cfg, mesh = stage.cfg, stage.mesh
     init = cfg.teacher.init
     ident = {"model": cfg.teacher.model, "kwargs": cfg.teacher.kwargs.to_dict(), "init": init}
@@ -192,7 +209,9 @@ def load_teacher(stage: Stage, root: str, stages_cfg) -> tuple[Any, int | None, 
                 f"Stage '{src}' trained {src_cfg.num_seeds} seeds but this stage has "
                 f"num_seeds={cfg.num_seeds}; they must match."
             )
-        params, ident["source_step"] = restore_student(src_cfg, mesh, os.path.join(root, src))
+        params, ident["source_step"] = restore_student_variables(
+            src_cfg, mesh, os.path.join(root, src)
+        )
         axis = 0
     elif init.startswith("pretrained:"):
         from kd_jax.models import pretrained
@@ -211,6 +230,8 @@ def load_teacher(stage: Stage, root: str, stages_cfg) -> tuple[Any, int | None, 
             "config.teacher.model is set but teacher.init is empty; use "
             "'stage:<name>' or a path to an orbax params checkpoint."
         )
+    if not init.startswith("stage:"):  # weights files hold params only.
+        params = {"params": params}
     placement = cfg.teacher.placement
     if placement in ("replicated", "cache"):
         shard = jax.tree.map(lambda _: sharding.replicated(mesh), params)
@@ -236,22 +257,38 @@ def _abstract_params(stage: Stage):
 
 def restore_student(cfg, mesh, stage_dir: str, step: int | None = None):
     """-> (student params stacked over seeds, step) from a stage's checkpoint directory."""
+    variables, step = restore_student_variables(cfg, mesh, stage_dir, step)
+    return variables["params"], step
+
+
+def restore_student_variables(cfg, mesh, stage_dir: str, step: int | None = None):
+    """-> (exported student {"params", + e.g. "batch_stats"} stacked over seeds, step). The
+    training-only adapters (params["aux"] and their state) are left out."""
+    state = restore_state(cfg, mesh, stage_dir, step)
+    return student_variables(state), int(jax.device_get(state.step)[0])
+
+
+def restore_state(cfg, mesh, stage_dir: str, step: int | None = None) -> TrainState:
+    """The whole TrainState (student, adapters, their state, optimizer) of a stage's checkpoint."""
     stage = build_stage(cfg, mesh, stage_dir)
     ckptr = ckpt_lib.Checkpointer(os.path.join(stage_dir, "checkpoints"), async_save=False)
     try:
         state, _, _ = ckptr.restore(
             ckpt_lib.abstract(stage.abstract_state, stage.state_shardings), step
         )
-        return state.params["student"], int(jax.device_get(state.step)[0])
+        return state
     finally:
         ckptr.close()
 
 
+def student_variables(state: TrainState) -> dict:
+    """The student's flax variables (params + non-param collections), no adapters."""
+    return {"params": state.params["student"], **state.model_state.get("student", {})}
+
+
 def teacher_forward(stage: Stage, t_params, batch):
     """Teacher features in eval mode, outside any gradient."""
-    _, feats = stage.teacher.apply(
-        {"params": t_params}, *_inputs(batch, stage.teacher_inputs), train=False
-    )
+    _, feats = stage.teacher.apply(t_params, *_inputs(batch, stage.teacher_inputs), train=False)
     return jax.lax.stop_gradient(
         {p: lookup(feats, p, "teacher") for p in stage.objective.teacher_paths}
     )
@@ -295,9 +332,16 @@ def build_teacher_cache(stage: Stage, t_params, t_axis, path: str) -> dict[str, 
 def make_train_step(stage: Stage, t_axis, cached: bool):
     cfg, student, objective, tx = stage.cfg, stage.student, stage.objective, stage.tx
     skip = bool(cfg.skip_nonfinite)
+    gkd_cfg = gkd.settings(cfg)
+    if gkd_cfg["fraction"] > 0:
+        gkd.check(stage, cached)
 
-    def one_seed(state: TrainState, t_params, batch):
+    def one_seed(state: TrainState, t_params, batch, on_policy: bool = False):
         rng, dropout_rng = jax.random.split(state.rng)
+        if on_policy:  # GKD: the student continues the prompts, the teacher scores its tokens.
+            batch = gkd.student_batch(
+                student, state.params["student"], batch, jax.random.fold_in(dropout_rng, 2), gkd_cfg
+            )
         x = _inputs(batch, stage.student_inputs)
         if cached:
             t_feats = batch["teacher"]
@@ -306,37 +350,56 @@ def make_train_step(stage: Stage, t_axis, cached: bool):
         else:
             t_feats = {}
 
+        s_state = state.model_state.get("student", {})
+        # "noise": e.g. LAD's label noising inside a model; derived so dropout streams stay put.
+        rngs = {"dropout": dropout_rng, "noise": jax.random.fold_in(dropout_rng, 1)}
+
         def loss_fn(params):
-            _, s_feats = student.apply(
-                {"params": params["student"]}, *x, train=True, rngs={"dropout": dropout_rng}
+            (_, s_feats), new_s_state = student.apply(
+                {"params": params["student"], **s_state},
+                *x,
+                train=True,
+                rngs=rngs,
+                mutable=list(s_state),
             )
-            return objective(
+            loss, metrics, aux_state = objective.apply(
                 params["aux"],
+                state.model_state.get("aux", {}),
                 student_feats=s_feats,
                 teacher_feats=t_feats,
                 batch=batch,
                 step=state.step,
+                train=True,
             )
+            return loss, (metrics, {"student": dict(new_s_state), "aux": aux_state})
 
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (loss, (metrics, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params
+        )
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         if skip:
-            params, opt_state = jax.tree.map(
+            params, opt_state, model_state = jax.tree.map(
                 lambda new, old: jnp.where(finite, new, old),
-                (params, opt_state),
-                (state.params, state.opt_state),
+                (params, opt_state, model_state),
+                (state.params, state.opt_state, state.model_state),
             )
         metrics.update(grad_norm=grad_norm, finite=finite, lr=stage.schedule(state.step))
-        return TrainState(state.step + 1, params, opt_state, rng), metrics
+        if gkd_cfg["fraction"] > 0:
+            metrics["on_policy"] = jnp.float32(on_policy)
+            metrics["on_policy_tokens"] = jnp.sum(batch["mask"]) if on_policy else jnp.float32(0)
+        return TrainState(state.step + 1, params, opt_state, rng, model_state), metrics
 
     def step(state, t_params, batch):
         batch_axes = {k: (1 if k == "teacher" else None) for k in batch}
-        return over_seeds(one_seed, (0, t_axis, batch_axes), cfg.seeds_in_step)(
-            state, t_params, batch
-        )
+
+        def run(on_policy: bool):
+            fn = functools.partial(one_seed, on_policy=on_policy)
+            return over_seeds(fn, (0, t_axis, batch_axes), cfg.seeds_in_step)
+
+        return gkd.choose(cfg, state.step, run, (state, t_params, batch))
 
     return jax.jit(
         step,
@@ -346,6 +409,71 @@ def make_train_step(stage: Stage, t_axis, cached: bool):
 
 
 # -------------------------------------------------------------------- Loop
+def _evaluator(name: str):
+    """The evaluator module (`make_eval_step`, `evaluate`) for config.evaluator."""
+    from kd_jax.evaluators import classification, lm, segmentation, span
+
+    known = {
+        "classification": classification,
+        "segmentation": segmentation,
+        "lm": lm,
+        "span": span,
+        "none": None,
+    }
+    if name not in known:
+        raise ValueError(f"Unknown evaluator '{name}'; use one of {sorted(known)}.")
+    return known[name]
+
+
+def _warm_start(stage: Stage, state: TrainState, root: str, stages_cfg) -> TrainState:
+    """student.init = "stage:<name>": the student starts from that stage's final student
+    (optimizer state and step start fresh). "pretrained:<name>" (kd_jax.models.pretrained, e.g.
+    pretrained:hf_bert:/dir): those weights for every seed, replacing the whole student or else
+    the one top-level sub-tree they fit (the "encoder" of an encoder + head model)."""
+    init = stage.cfg.student.init
+    if init.startswith("pretrained:"):
+        return _graft_pretrained(stage, state, init)
+    src = init.split(":", 1)[1]
+    if src not in stages_cfg:
+        raise KeyError(f"student.init='stage:{src}' names no stage; stages: {sorted(stages_cfg)}.")
+    src_cfg = config_lib.stage_config(stages_cfg["__root__"], src)
+    teacher_gen.resolve_workdir(src_cfg, root)
+    variables, _ = restore_student_variables(src_cfg, stage.mesh, os.path.join(root, src))
+    models.check_shapes(
+        state.params["student"],
+        variables["params"],
+        f"Stage '{stage.name}': the student of stage '{src}' does not fit this stage's student",
+    )
+    model_state = {
+        **state.model_state,
+        "student": {k: v for k, v in variables.items() if k != "params"},
+    }
+    return state.replace(
+        params={**state.params, "student": variables["params"]}, model_state=model_state
+    )
+
+
+def _graft_pretrained(stage: Stage, state: TrainState, init: str) -> TrainState:
+    from kd_jax.models import pretrained
+
+    one = pretrained.load(init.split(":", 1)[1])
+    student = jax.tree.map(lambda v: v[0], state.params["student"])
+
+    def fits(tree):
+        return jax.tree.structure(tree) == jax.tree.structure(one) and all(
+            np.shape(a) == np.shape(b) for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(one))
+        )
+
+    keys = [None] if fits(student) else [k for k, v in student.items() if fits(v)]
+    if not keys:
+        models.check_shapes(student, one, f"student.init='{init}' does not fit the student")
+    seeds = stage.cfg.num_seeds
+    loaded = jax.tree.map(lambda v: np.broadcast_to(v, (seeds, *np.shape(v))), one)
+    new = loaded if keys[0] is None else {**state.params["student"], keys[0]: loaded}
+    new = jax.device_put(new, stage.state_shardings.params["student"])
+    return state.replace(params={**state.params, "student": new})
+
+
 def _install_sigterm():
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda *_: _STOP.set())
@@ -378,6 +506,8 @@ def train_stage(cfg, mesh, workdir: str, root: str, stages_cfg) -> dict:
         log.info("stage %s: resumed from step %d", name, start)
     else:
         state, data_state, start = stage.init_fn(cfg.seed), None, 0
+        if cfg.student.init:
+            state = _warm_start(stage, state, root, stages_cfg)
     if start >= cfg.steps and os.path.exists(result_path):
         ckptr.close()
         with open(result_path) as f:
@@ -392,16 +522,15 @@ def train_stage(cfg, mesh, workdir: str, root: str, stages_cfg) -> dict:
             os.path.join(workdir, f"teacher_cache_{t_ident['fingerprint']}.npz"),
         )
     train_step = make_train_step(stage, t_axis, cached=cache is not None)
-    eval_step = make_eval_step(stage, t_axis)
+    evaluator = _evaluator(cfg.evaluator)
+    eval_step = evaluator.make_eval_step(stage, t_axis) if evaluator else None
     writer = MetricWriter(os.path.dirname(workdir) if name != "main" else workdir, name)
     it = data.train_iter(data_state)
 
     def run_eval(step):
         if cfg.evaluator == "none":
             return {}, {}
-        if cfg.evaluator != "classification":
-            raise ValueError(f"Unknown evaluator '{cfg.evaluator}'; use classification or none.")
-        res = evaluate(stage, eval_step, state.params["student"], t_params)
+        res = evaluator.evaluate(stage, eval_step, student_variables(state), t_params)
         row = writer.write(step, res)
         return res, row
 
@@ -506,6 +635,10 @@ def run(config, workdir: str, devices=None) -> dict:
     for name in names:
         cfg = config_lib.stage_config(config, name)
         stage_dir = os.path.join(workdir, name) if name else workdir
+        teacher_gen.resolve_workdir(cfg, workdir)
+        if cfg.kind != "train":  # a data-writing stage: teacher generation, top-k cache.
+            results[cfg.stage_name] = teacher_gen.run_stage(cfg, stage_dir)
+            continue
         results[cfg.stage_name] = train_stage(cfg, mesh, stage_dir, workdir, stages_cfg)
         if results[cfg.stage_name].get("preempted"):
             log.warning(

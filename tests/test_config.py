@@ -87,7 +87,8 @@ def test_every_config_tiny_runs_one_step(spec, tmp_path):
             c.stages[name].steps = 1
         c.steps = 1
     results = train.run(c, str(tmp_path))
-    assert all(r["step"] == 1 for r in results.values())
+    # Data-writing stages (kind generate / topk_cache) report no step.
+    assert all(r["step"] == 1 for r in results.values() if r.get("kind", "train") == "train")
 
 
 def test_cli_typo_is_a_clear_error_without_traceback(tmp_path):

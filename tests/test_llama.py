@@ -128,7 +128,8 @@ def test_shapes_gqa_and_features(tiny):
     ids = _pad16(np.arange(1, 8))
     logits, feats = _forward(params, ids)
     assert logits.shape == (1, 16, TINY.vocab_size) and logits.dtype == jnp.float32
-    assert set(feats) == {"hidden", "logits", "layer_0", "layer_1"}
+    assert set(feats) == {"hidden", "lm_head", "logits", "layer_0", "layer_1"}
+    np.testing.assert_array_equal(feats["lm_head"], lm_head_kernel(params, TINY))
     assert feats["layer_1"]["hidden"].shape == feats["hidden"].shape == (1, 16, d)
     hidden = feats["hidden"]
     only = jax.eval_shape(functools.partial(model.apply, hidden_only=True), params, ids)

@@ -44,6 +44,8 @@ CASES = {
         lead=1,
         kwargs={"temperature": 2.0},
     ),
+    # SQuAD spans: logits [B, 2, T] (start, end), labels [B, 2]; loss per example.
+    "span_ce": dict(student=(4, 2, 6), teacher=None, labels=True, lead=1, kwargs={}),
 }
 ALL = sorted(CASES)
 PAIRWISE = sorted(n for n, c in CASES.items() if c["teacher"])
@@ -100,6 +102,11 @@ OWN_CONTRACT = {
     "pixel_kd": "tests/test_transkd.py",
     "hcl": "tests/test_transkd.py",
     "pea": "tests/test_transkd.py",
+    "chunked_kd": "tests/test_chunked_kd.py",
+    "chunked_topk_kl": "tests/test_chunked_kd.py",
+    "topk_kl": "tests/test_chunked_kd.py",
+    "topk_jsd": "tests/test_orca_data.py",
+    "dual_path_consistency": "tests/test_seg_train.py",
 }
 
 
@@ -168,7 +175,7 @@ def test_mask_over_leading_dims_ignores_garbage(name):
             dirty[k] = np.where(expand(mask, args[k].ndim), args[k], garbage)
     if "labels" in args:
         dirty["labels"] = np.where(
-            mask,
+            expand(mask, args["labels"].ndim),
             args["labels"],
             rng.permutation(args["labels"].ravel()).reshape(args["labels"].shape),
         )

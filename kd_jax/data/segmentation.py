@@ -491,3 +491,58 @@ def augment_batch(batch: dict, *, seed, **kwargs) -> dict:
     res["image"] = np.stack([o[0] for o in out]).astype(np.float32)
     res["label"] = np.stack([o[1] for o in out]).astype(np.int32)
     return res
+
+
+# ------------------------------------------------------------------- registered datasets
+class Augmented:
+    """A training source whose batches are augmented by `transform(batch, seed)`; the trainer's
+    input pipeline calls it with seed (data seed, step), so batch k stays a pure function of
+    (seed, k) (exact resume) while every epoch sees fresh flips / scales / crops."""
+
+    def __init__(self, source, **augment):
+        self.source, self.augment = source, augment
+        if augment.get("scale_range") and not augment.get("crop_size"):
+            raise ValueError("augment.scale_range needs augment.crop_size.")
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def gather(self, indices) -> dict:
+        return self.source.gather(indices)
+
+    def transform(self, batch: dict, seed, offset: int = 0) -> dict:
+        """Row i is augmented with seed (*seed, offset + i): `offset` is the host's first global
+        row, so a multi-host global batch equals the single-host one."""
+        base = [int(v) for v in np.atleast_1d(seed)]
+        out = [
+            augment(img, lbl, seed=[*base, offset + i], **self.augment)
+            for i, (img, lbl) in enumerate(zip(batch["image"], batch["label"]))
+        ]
+        res = dict(batch)
+        res["image"] = np.stack([o[0] for o in out]).astype(np.float32)
+        res["label"] = np.stack([o[1] for o in out]).astype(np.int32)
+        return res
+
+
+def _augmented(fn):
+    def make(augment=None, **kwargs):
+        train, evaluation = fn(**kwargs)
+        if augment:
+            aug = dict(augment)
+            for k in ("scale_range", "crop_size"):
+                if aug.get(k) is not None:
+                    aug[k] = tuple(aug[k])
+            train = Augmented(train, **aug)
+        return train, evaluation
+
+    make.__doc__ = f"{fn.__doc__}\n`augment`: optional `augment` kwargs (flip, scale_range, ...)."
+    return make
+
+
+# name -> fn(**data.kwargs) -> (train, eval); `kd_jax.data` registers these.
+DATASETS = {
+    "shapes_seg": _augmented(shapes),
+    "cityscapes": _augmented(cityscapes),
+    "acdc": _augmented(acdc),
+    "voc": _augmented(voc),
+}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from collections.abc import Iterator
 
 import numpy as np
@@ -96,4 +97,104 @@ def sharegpt_text(
     return (
         ArraySource(**{k: v[tr] for k, v in arrays.items()}),
         ArraySource(**{k: v[ev] for k, v in arrays.items()}),
+    )
+
+
+def sharegpt_pairs(
+    num_pairs: int, *, skip_turns: int = 20000, min_chars: int = 20
+) -> list[tuple[str, str]]:
+    """Held-out (user turn, assistant reply) pairs: the first human -> gpt exchange of each
+    conversation that starts after the one holding the `skip_turns`-th training turn.
+
+    `skip_turns` is the training `limit` of `sharegpt_text` (which takes the first `limit`
+    qualifying turns), so no pair shares a conversation with a training turn. Both turns have at
+    least `min_chars` characters; a pair is dropped when its user turn repeats an earlier one (every
+    retrieval query has one correct reply) or either text occurs verbatim among the training turns
+    (ShareGPT repeats prompts). One pair per conversation keeps them independent.
+    """
+    seen = set(sharegpt_turns(skip_turns, min_chars)[0]) if skip_turns else set()
+    pairs, counted = [], 0
+    for entry in iter_sharegpt():
+        turns = [
+            (t.get("from"), (t.get("value") or "").strip()) for t in entry.get("conversations", [])
+        ]
+        if counted < skip_turns:  # a training conversation (or the one the limit falls in)
+            counted += sum(len(v) >= min_chars and f in ("human", "gpt") for f, v in turns)
+            continue
+        for (f0, v0), (f1, v1) in zip(turns, turns[1:]):
+            if f0 == "human" and f1 == "gpt" and min(len(v0), len(v1)) >= min_chars:
+                if v0 not in seen and v1 not in seen:
+                    seen.add(v0)
+                    pairs.append((v0, v1))
+                break
+        if len(pairs) >= num_pairs:
+            return pairs
+    raise ValueError(
+        f"Only {len(pairs)} held-out ShareGPT pairs after skipping {skip_turns} training turns; "
+        f"asked for {num_pairs}."
+    )
+
+
+# GLUE tasks: (text fields, train split, eval split, number of classes).
+GLUE_TASKS = {
+    "sst2": (("sentence",), "train", "validation", 2),
+    "mnli": (("premise", "hypothesis"), "train", "validation_matched", 3),
+}
+
+
+class TokenizedRecordSource:
+    """Wraps a per-record text source (e.g. `tfds.data_source`): `gather` tokenises the records'
+    `fields` (one text, or a pair) with the BERT WordPiece and pads to a fixed `max_length`."""
+
+    def __init__(self, source, fields, tokenizer, max_length: int, label_key: str = "label"):
+        self.source, self.fields, self.tok = source, tuple(fields), tokenizer
+        self.max_length, self.label_key = max_length, label_key
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def gather(self, indices: np.ndarray) -> dict:
+        records = [self.source[int(i)] for i in indices]
+
+        def text(r, f):
+            v = r[f]
+            return v.decode("utf-8") if isinstance(v, bytes) else str(v)
+
+        cols = [[text(r, f) for r in records] for f in self.fields]
+        enc = self.tok(*cols, max_length=self.max_length)
+        pad = self.max_length - enc["input_ids"].shape[1]
+        enc = {k: np.pad(v, ((0, 0), (0, pad))) for k, v in enc.items()}
+        # No "mask" key: objectives would read it as a per-example mask of the [B, C] logits.
+        enc["label"] = np.asarray([r[self.label_key] for r in records], np.int32)
+        return enc
+
+
+def glue_tfds(task: str = "sst2", data_dir: str = "", max_length: int = 128, tokenizer: str = ""):
+    """GLUE `task` (sst2 | mnli) from a user-prepared TFDS `glue/<task>` (array_record, read with
+    `tfds.data_source`, no TensorFlow); eval split: SST-2 validation, MNLI validation_matched."""
+    import tensorflow_datasets as tfds
+    import tensorflow_datasets.text.glue  # noqa: F401  (registers the glue builder)
+
+    from kd_jax.models.bert_loading import Tokenizer
+
+    if task not in GLUE_TASKS:
+        raise KeyError(f"Unknown GLUE task '{task}'; supported: {sorted(GLUE_TASKS)}.")
+    fields, train_split, eval_split, _ = GLUE_TASKS[task]
+    data_dir = data_dir or os.environ.get("TFDS_DATA_DIR", "")
+    name = f"glue/{task}"
+    try:
+        train = tfds.data_source(name, split=train_split, data_dir=data_dir or None)
+        evals = tfds.data_source(name, split=eval_split, data_dir=data_dir or None)
+    except Exception as e:  # tfds raises several types for a missing or unprepared dataset.
+        raise FileNotFoundError(
+            f"TFDS dataset '{name}' is not prepared under "
+            f"data_dir='{data_dir or '~/tensorflow_datasets'}' ({type(e).__name__}: {e}). "
+            f"Expected <data_dir>/glue/{task}/2.0.0/ with array_record files; build it with "
+            f"`tfds build glue/{task} --file_format=array_record` where the GLUE files can be "
+            "fetched, copy it here and set data.kwargs.data_dir (or TFDS_DATA_DIR)."
+        ) from e
+    tok = Tokenizer(tokenizer or None, max_length=max_length)
+    return (
+        TokenizedRecordSource(train, fields, tok, max_length),
+        TokenizedRecordSource(evals, fields, tok, max_length),
     )

@@ -24,10 +24,8 @@ if TYPE_CHECKING:
 def make_eval_step(stage: Stage, t_axis):
     student, teacher = stage.student, stage.teacher
 
-    def one_seed(params, t_params, batch):
-        logits, _ = student.apply(
-            {"params": params}, *_inputs(batch, stage.student_inputs), train=False
-        )
+    def one_seed(variables, t_vars, batch):
+        logits, _ = student.apply(variables, *_inputs(batch, stage.student_inputs), train=False)
         logits = logits.astype(jnp.float32)
         m = batch["example_mask"]
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
@@ -37,10 +35,8 @@ def make_eval_step(stage: Stage, t_axis):
             "loss": (ce * m).sum(),
             "count": m.sum(),
         }
-        if teacher is not None and t_params is not None:
-            t_logits, _ = teacher.apply(
-                {"params": t_params}, *_inputs(batch, stage.teacher_inputs), train=False
-            )
+        if teacher is not None and t_vars is not None:
+            t_logits, _ = teacher.apply(t_vars, *_inputs(batch, stage.teacher_inputs), train=False)
             out["agree"] = ((pred == t_logits.argmax(-1)) * m).sum()
         return out
 
@@ -51,11 +47,12 @@ def make_eval_step(stage: Stage, t_axis):
     )
 
 
-def evaluate(stage: Stage, eval_step, params, t_params) -> dict:
+def evaluate(stage: Stage, eval_step, variables, t_vars) -> dict:
+    """`variables`: the student's flax variables, `t_vars` the teacher's (or None)."""
     sums: dict[str, np.ndarray] = {}
     for local in stage.data.eval_batches():
         batch = sharding.make_global(stage.mesh, local, stage.data.eval_batch)
-        for k, v in jax.device_get(eval_step(params, t_params, batch)).items():
+        for k, v in jax.device_get(eval_step(variables, t_vars, batch)).items():
             sums[k] = sums.get(k, 0.0) + np.asarray(v, np.float64)
     count = sums.pop("count")
     out = {"eval/accuracy": sums.pop("correct") / count, "eval/loss": sums.pop("loss") / count}

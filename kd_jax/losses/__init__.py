@@ -10,6 +10,8 @@ Configs refer to objectives by name: `get("hinton_kd")`, `names()`; `accepts(fn)
 composer which standard arguments a function takes.
 """
 
+from kd_jax.losses.chunked import OBJECTIVES as _CHUNKED
+from kd_jax.losses.chunked import chunked_kd, chunked_topk_kl, fused_kd_loss
 from kd_jax.losses.features import attention_transfer, cwd, fitnets, mse
 from kd_jax.losses.logits import ce, dkd, dkd_parts, hinton_kd
 from kd_jax.losses.minilm import (
@@ -21,16 +23,39 @@ from kd_jax.losses.minilm import (
     minilmv2_relation,
 )
 from kd_jax.losses.reduce import REDUCTIONS, reduce_loss
-from kd_jax.losses.registry import accepts, get, names, register
+from kd_jax.losses.registry import (
+    accepts,
+    get,
+    mark_token_level,
+    names,
+    optional,
+    register,
+    token_level,
+)
 from kd_jax.losses.segmentation import OBJECTIVES as _SEGMENTATION
 from kd_jax.losses.segmentation import hcl, pea, pixel_kd, seg_ce
 from kd_jax.losses.sequence import OBJECTIVES as _SEQUENCE
 from kd_jax.losses.sequence import forward_kl, generalized_jsd, reverse_kl, vocab_check
+from kd_jax.losses.span import span_ce
+from kd_jax.losses.sparse import OBJECTIVES as _SPARSE
+from kd_jax.losses.sparse import sparse_kl, topk_kl
+from kd_jax.losses.topk_jsd import topk_jsd
 
 for _name, _fn in {**_MINILM, **_SEQUENCE, **_SEGMENTATION}.items():
     register(_name)(_fn)
+for _name, _fn in {**_CHUNKED, **_SPARSE}.items():
+    register(_name)(_fn)
+mark_token_level(*_SEQUENCE, *_CHUNKED, *_SPARSE)
 
 __all__ = [
+    "chunked_kd",
+    "chunked_topk_kl",
+    "fused_kd_loss",
+    "optional",
+    "sparse_kl",
+    "token_level",
+    "topk_kl",
+    "topk_jsd",
     "REDUCTIONS",
     "accepts",
     "attention_transfer",
@@ -55,5 +80,6 @@ __all__ = [
     "register",
     "reverse_kl",
     "seg_ce",
+    "span_ce",
     "vocab_check",
 ]

@@ -57,3 +57,22 @@ def accepts(fn: Callable) -> set[str]:
     params = inspect.signature(fn).parameters.values()
     kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     return {p.name for p in params if p.kind in kinds}
+
+
+def optional(fn: Callable, name: str) -> bool:
+    """True when `fn`'s parameter `name` has a default (the composer may leave it out)."""
+    param = inspect.signature(fn).parameters.get(name)
+    return param is not None and param.default is not inspect.Parameter.empty
+
+
+# Objectives that compare next-token distributions over one vocabulary (teacher vs student):
+# the trainer checks their vocabulary sizes and tokenizer names before training.
+_TOKEN_LEVEL: set[str] = set()
+
+
+def mark_token_level(*names: str) -> None:
+    _TOKEN_LEVEL.update(names)
+
+
+def token_level(fn: Callable) -> bool:
+    return any(_REGISTRY.get(n) is fn for n in _TOKEN_LEVEL)

@@ -277,7 +277,31 @@ def pea(*, student, teacher, mask=None, reduction: str = "mean", weights=PEA_WEI
     return reduce_loss(total, mask=mask, reduction=reduction)
 
 
+def dual_path_consistency(*, student, mask=None, reduction: str = "mean", temperature=4.0):
+    """LAD's dual-path consistency: CWD(l1, sg(l2)) + CWD(l2, sg(l1)) at T (default 4).
+
+    Args:
+      student: a pair (logits of noised pass 1, logits of pass 2), each [B, h, w, C]; in a
+        config: `student="logits,logits_2"` of the "lad_teacher" model.
+      mask: optional 0/1 per-example [B].
+      reduction: per-example loss [B] -> 'none' | 'sum' | 'mean' (see `cwd`).
+
+    Returns:
+      float32 scalar ('mean'/'sum') or [B] ('none'); 0 when both passes agree.
+    """
+    from kd_jax.losses.features import cwd
+
+    pair = _as_list(student, "student")
+    if len(pair) != 2:
+        raise ValueError(f"dual_path_consistency needs 2 logit maps, got {len(pair)}.")
+    a, b = (x.astype(jnp.float32) for x in pair)
+    sg = jax.lax.stop_gradient
+    kw = dict(mask=mask, reduction=reduction, temperature=temperature)
+    return cwd(student=a, teacher=sg(b), **kw) + cwd(student=b, teacher=sg(a), **kw)
+
+
 OBJECTIVES = {
+    "dual_path_consistency": dual_path_consistency,
     "seg_ce": seg_ce,
     "pixel_kd": pixel_kd,
     "hcl": hcl,

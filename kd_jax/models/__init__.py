@@ -27,19 +27,65 @@ def _bert(dtype, preset: str = "", **kwargs):
     return bert.BertEncoder(bert.BertConfig(**fields), dtype=dtype)
 
 
-def _llama(dtype, preset: str = "", **kwargs):
+def _bert_classifier(dtype, preset: str = "", num_classes: int = 2, pooling: str = "cls", **kw):
+    from kd_jax.models import bert
+
+    encoder = _bert(dtype, preset, **kw)
+    return bert.BertClassifier(encoder.config, num_classes, pooling, dtype=dtype)
+
+
+def _bert_qa(dtype, preset: str = "", **kw):
+    from kd_jax.models import bert
+
+    return bert.BertSpanQA(_bert(dtype, preset, **kw).config, dtype=dtype)
+
+
+def _llama(dtype, preset: str = "", skip_logits: bool = False, **kwargs):
     from kd_jax.models import llama, pretrained
 
     fields = dict(pretrained.config_fields(preset)) if preset else {}
     fields.update(kwargs)
-    return llama.Llama(llama.LlamaConfig(**fields), dtype=dtype)
+    return llama.Llama(llama.LlamaConfig(**fields), dtype=dtype, skip_logits=skip_logits)
+
+
+def _llama_packed(dtype, preset: str = "", skip_logits: bool = False, **kwargs):
+    from kd_jax.models import llama, pretrained
+
+    fields = dict(pretrained.config_fields(preset)) if preset else {}
+    fields.update(kwargs)
+    return llama.PackedLlama(llama.LlamaConfig(**fields), dtype=dtype, skip_logits=skip_logits)
+
+
+def _segformer(dtype, **kwargs):
+    from kd_jax.models import segformer
+
+    return segformer.SegFormer(dtype=dtype, **kwargs)
+
+
+def _deeplabv3(dtype, **kwargs):
+    from kd_jax.models import deeplab
+
+    return deeplab.DeepLabV3(dtype=dtype, **kwargs)
+
+
+def _lad_teacher(dtype, **kwargs):
+    from kd_jax import lad
+
+    return lad.LabelAssistedDeepLab(dtype=dtype, **kwargs)
 
 
 _REGISTRY: dict[str, Entry] = {
+    "segformer": Entry(_segformer),
+    "deeplabv3": Entry(_deeplabv3),
+    # LAD's label-assisted teacher reads the ground-truth label map as a second input.
+    "lad_teacher": Entry(_lad_teacher, ("image", "label")),
     "cnn": Entry(cnn.CNN),
     "mlp": Entry(cnn.MLP),
     "bert": Entry(_bert, ("input_ids", "attention_mask", "token_type_ids")),
+    "bert_classifier": Entry(_bert_classifier, ("input_ids", "attention_mask", "token_type_ids")),
+    "bert_qa": Entry(_bert_qa, ("input_ids", "attention_mask", "token_type_ids")),
     "llama": Entry(_llama, ("input_ids",)),
+    "llama_packed": Entry(_llama_packed, ("input_ids", "positions", "segment_ids")),
 }
 
 
@@ -60,8 +106,24 @@ def entry(name: str) -> Entry:
 
 
 def build(model_cfg, *, dtype: str = "float32"):
-    """Instantiates `model_cfg.model` with `model_cfg.kwargs` and the compute dtype."""
-    return entry(model_cfg.model).ctor(dtype=jnp.dtype(dtype), **dict(model_cfg.kwargs))
+    """Instantiates `model_cfg.model` with `model_cfg.kwargs` and the compute dtype.
+
+    The kwarg `tokenizer` (a name, see `tokenizer_name`) is metadata, not passed to the model."""
+    kwargs = {k: v for k, v in dict(model_cfg.kwargs).items() if k != "tokenizer"}
+    return entry(model_cfg.model).ctor(dtype=jnp.dtype(dtype), **kwargs)
+
+
+# Tokenizer of each `preset`, so token-level objectives can check teacher and student share one.
+PRESET_TOKENIZERS = {
+    "smollm2-135m-instruct": "HuggingFaceTB/SmolLM2 (49152)",
+    "all-minilm-l6-v2": "bert-base-uncased (30522)",
+}
+
+
+def tokenizer_name(model_cfg) -> str:
+    """kwargs.tokenizer if set, else the preset's tokenizer, else "" (unknown)."""
+    kwargs = dict(model_cfg.kwargs or {}) if model_cfg is not None else {}
+    return str(kwargs.get("tokenizer") or PRESET_TOKENIZERS.get(kwargs.get("preset", ""), ""))
 
 
 def check_shapes(want, got, what: str) -> None:

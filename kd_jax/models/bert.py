@@ -212,3 +212,84 @@ def normalize(x, eps: float = 1e-12):
     x = x.astype(jnp.float32)
     norm = jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=-1, keepdims=True), eps * eps))
     return x / norm
+
+
+class BertClassifier(nn.Module):
+    """BERT encoder + a sequence-classification head (GLUE fine-tuning).
+
+    `pooling`: "cls" (BERT fine-tuning: a tanh dense "pooler" on the [CLS] state, as HF's
+    BertForSequenceClassification; the pooler is trained from scratch since the loaders drop
+    checkpoint poolers) or "mean" (masked mean of the last states). Then dropout and a dense layer
+    to `num_classes`. Params: {"encoder": BertEncoder params, "pooler", "head"}, so encoder weights
+    from a checkpoint or a distilled student graft into "encoder" (`student.init`).
+    Returns `(logits [B, C], features)`: the encoder's features plus "pooled" and "logits".
+    """
+
+    config: BertConfig
+    num_classes: int = 2
+    pooling: str = "cls"
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask, token_type_ids=None, *, train: bool = False):
+        cfg = self.config
+        last, feats = BertEncoder(cfg, self.dtype, name="encoder")(
+            input_ids, attention_mask, token_type_ids, train=train
+        )
+        if self.pooling == "cls":
+            pooled = jnp.tanh(_dense(cfg.hidden_size, "pooler", self.dtype)(last[:, 0]))
+        elif self.pooling == "mean":
+            pooled = mean_pool(last, attention_mask)
+        else:
+            raise ValueError(f"Unknown pooling '{self.pooling}'; use cls or mean.")
+        pooled = nn.Dropout(cfg.hidden_dropout, deterministic=not train)(pooled)
+        logits = _dense(self.num_classes, "head", jnp.float32)(pooled.astype(jnp.float32))
+        return logits, {**feats, "pooled": pooled, "logits": logits}
+
+
+class BertSpanQA(nn.Module):
+    """BERT encoder + a span-extraction head (SQuAD fine-tuning, HF BertForQuestionAnswering).
+
+    A dense layer maps every final state to two scores, start and end. Inputs are
+    `[CLS] question [SEP] context [SEP]` with token_type_ids 1 on the context segment. Only
+    context tokens (segment 1, excluding the closing [SEP]) and position 0 can be chosen: every
+    other position (question, separators, padding) gets `MASK_VALUE` (finite, so CE stays finite).
+    Position 0 ([CLS]) is the SQuAD 2.0 "no answer" span (0, 0).
+    Params: {"encoder": BertEncoder params, "qa_outputs"}, so `student.init` grafts the encoder.
+    Returns `(logits [B, 2, T] float32 (start, end), features)`: the encoder's features plus
+    "start_logits", "end_logits" [B, T], "span_mask" [B, T] and "logits".
+    """
+
+    config: BertConfig
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask, token_type_ids=None, *, train: bool = False):
+        cfg = self.config
+        last, feats = BertEncoder(cfg, self.dtype, name="encoder")(
+            input_ids, attention_mask, token_type_ids, train=train
+        )
+        scores = _dense(2, "qa_outputs", jnp.float32)(last.astype(jnp.float32))  # [B, T, 2]
+        allowed = span_mask(attention_mask, token_type_ids)
+        logits = jnp.where(allowed[:, None, :], jnp.moveaxis(scores, -1, 1), MASK_VALUE)
+        return logits, {
+            **feats,
+            "start_logits": logits[:, 0],
+            "end_logits": logits[:, 1],
+            "span_mask": allowed,
+            "logits": logits,
+        }
+
+
+def span_mask(attention_mask, token_type_ids):
+    """bool [B, T]: positions a span may start/end at: [CLS] (no answer) and context tokens
+    (token type 1, real, not the last real token, which is the closing [SEP])."""
+    valid = jnp.asarray(attention_mask).astype(bool)
+    t = valid.shape[1]
+    pos = jnp.arange(t)[None, :]
+    last = jnp.sum(valid, axis=1, keepdims=True) - 1
+    if token_type_ids is None:
+        context = valid
+    else:
+        context = valid & (jnp.asarray(token_type_ids) == 1)
+    return (pos == 0) | (context & (pos != last))

@@ -180,12 +180,17 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size()
 
-    def __call__(self, texts, *, max_length: int | None = None) -> dict[str, np.ndarray]:
+    def __call__(
+        self, texts, pairs=None, *, max_length: int | None = None
+    ) -> dict[str, np.ndarray]:
+        """`pairs` (optional, same length as `texts`): second segments, encoded as
+        [CLS] a [SEP] b [SEP] with token_type_ids 1 on b; truncation trims the longer one first."""
         if isinstance(texts, str):
             texts = [texts]
         max_length = self.max_length if max_length is None else max_length
         self._tok.enable_truncation(max_length)
-        encs = self._tok.encode_batch(list(texts))
+        batch = list(texts) if pairs is None else list(zip(texts, pairs, strict=True))
+        encs = self._tok.encode_batch(batch)
         t = max((len(e.ids) for e in encs), default=0)
         out = {
             "input_ids": np.full((len(encs), t), self.pad_id, np.int32),

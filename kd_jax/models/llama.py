@@ -175,14 +175,17 @@ class LMHead(nn.Module):
 
     vocab_size: int
     dtype: Any = jnp.float32
+    hidden_size: int = 0
 
-    @nn.compact
-    def __call__(self, h):
-        kernel = self.param(
-            "kernel", nn.initializers.normal(0.02), (h.shape[-1], self.vocab_size), jnp.float32
+    def setup(self):
+        # In setup (not compact), so `Llama` can read the kernel without computing logits.
+        self.kernel = self.param(
+            "kernel", nn.initializers.normal(0.02), (self.hidden_size, self.vocab_size), jnp.float32
         )
+
+    def __call__(self, h):
         return jnp.einsum(
-            "...d,dv->...v", h, kernel.astype(self.dtype), preferred_element_type=jnp.float32
+            "...d,dv->...v", h, self.kernel.astype(self.dtype), preferred_element_type=jnp.float32
         )
 
 
@@ -200,10 +203,13 @@ class Llama(nn.Module):
       cache: a dict from `init_cache` (or a previous call's features["cache"]): the T tokens are
         written at slots [index, index + T) and attend to every filled slot before them.
       hidden_only: skip the LM head; the first output is then features["hidden"] (for losses
-        that apply the head chunk by chunk, see `lm_head_kernel`).
+        that apply the head chunk by chunk, see `kd_jax.losses.chunked`). The module field
+        `skip_logits=True` does the same for every call (so a training step never builds
+        [B, T, V]; jit also prunes unread logits, so this mostly matters for clarity).
 
     Returns `(logits [B, T, V] float32, features)`, features = {
       "hidden": [B, T, D] final-normed hidden state (the LM head's input),
+      "lm_head": [D, V] float32 LM-head kernel (a view of the params; gradients flow to them),
       "layer_{i}": {"hidden": [B, T, D] residual stream after block i (before the final norm)},
       "logits": logits (absent with hidden_only), "cache": the updated cache (only with cache=)}.
 
@@ -213,6 +219,7 @@ class Llama(nn.Module):
 
     config: LlamaConfig
     dtype: Any = None
+    skip_logits: bool = False  # every call acts as hidden_only (model kwarg `skip_logits`)
 
     def setup(self):
         cfg = self.config
@@ -232,7 +239,13 @@ class Llama(nn.Module):
         )(cfg, dtype)
         self.norm = RMSNorm(cfg.rms_norm_eps, dtype)
         if not cfg.tie_embeddings:
-            self.lm_head = LMHead(cfg.vocab_size, dtype)
+            self.lm_head = LMHead(cfg.vocab_size, dtype, cfg.hidden_size)
+
+    def head_kernel(self):
+        """The LM head as a float32 [D, V] matrix (the transposed embedding when tied)."""
+        if self.config.tie_embeddings:
+            return self.embed_tokens.embedding.T
+        return self.lm_head.kernel
 
     def logits_from_hidden(self, hidden):
         """The LM head alone: [..., D] -> float32 [..., V]."""
@@ -281,12 +294,13 @@ class Llama(nn.Module):
         x, (per_layer, new_kv) = self.layers(x, layer_cache, rope, mask, index)
         hidden = self.norm(x)
 
-        features: dict[str, Any] = {"hidden": hidden}
+        # "lm_head" lets chunked losses apply the head themselves (`kd_jax.losses.chunked`).
+        features: dict[str, Any] = {"hidden": hidden, "lm_head": self.head_kernel()}
         for i in range(cfg.num_layers):
             features[f"layer_{i}"] = {"hidden": per_layer[i]}
         if cache is not None:
             features["cache"] = {**new_kv, "segment_ids": k_segments, "index": index + t}
-        if hidden_only:
+        if hidden_only or self.skip_logits:
             return hidden, features
         logits = self.logits_from_hidden(hidden)
         features["logits"] = logits
@@ -299,3 +313,14 @@ def lm_head_kernel(params, config: LlamaConfig):
     if config.tie_embeddings:
         return jnp.asarray(p["embed_tokens"]["embedding"]).T
     return jnp.asarray(p["lm_head"]["kernel"])
+
+
+class PackedLlama(Llama):
+    """`Llama` called with positional `(input_ids, positions, segment_ids)`: the registry entry
+    "llama_packed" reads those three batch keys (Orca packed rows, `kd_jax.data.orca`). Same
+    parameters as `Llama`, so weights load and transfer unchanged."""
+
+    def __call__(self, input_ids, positions=None, segment_ids=None, *, train=False, **kwargs):
+        return super().__call__(
+            input_ids, positions=positions, segment_ids=segment_ids, train=train, **kwargs
+        )

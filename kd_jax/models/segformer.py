@@ -243,6 +243,10 @@ class SegFormer(nn.Module):
     drop_path_rate: float = 0.1
     dropout: float = 0.1
     norm: str = "batch"  # decoder fuse norm: "batch" (reference) or "none".
+    # Optional per-stage overrides of the variant's widths / depths / heads (CPU-sized models).
+    dims: Sequence[int] | None = None
+    depths: Sequence[int] | None = None
+    heads: Sequence[int] | None = None
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -253,7 +257,10 @@ class SegFormer(nn.Module):
             )
         if self.norm not in ("batch", "none"):
             raise ValueError(f"norm must be 'batch' or 'none', got '{self.norm}'.")
-        cfg = MIT_CONFIGS[self.variant]
+        cfg = dict(MIT_CONFIGS[self.variant])
+        for key in ("dims", "depths", "heads"):
+            if getattr(self, key) is not None:
+                cfg[key] = tuple(getattr(self, key))
         stages, embeds = MixTransformer(
             cfg["dims"],
             cfg["depths"],

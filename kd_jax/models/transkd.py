@@ -111,6 +111,9 @@ class SelectiveFusion(nn.Module):
                 [_torch_dense(self.mid_channels, length, f"fcs{i}")(z) for i in range(2)], axis=1
             )
             a = jax.nn.softmax(a.astype(jnp.float32), axis=1).astype(x.dtype)  # over branches
+            # [B, 2, mid]: weight of the stage's own feature (0) vs the deeper residual (1);
+            # read with `mutable=["intermediates"]`.
+            self.sow("intermediates", "attention", a)
             x = a[:, 0, None, None, :] * x + a[:, 1, None, None, :] * y
         out = nn.Conv(
             self.out_channels,
@@ -266,3 +269,50 @@ class TransKD(nn.Module):
             )
             proj = AssistFuse(name="fuse")(proj, assist)
         return {"csf": csf, "pea": proj}
+
+
+class CSFAdapter(nn.Module):
+    """CSF as an objective adapter (`adapter="csf"` on an `hcl` term whose student path lists the
+    four stages): `(stages, context, *, train)` -> 4 teacher-width maps."""
+
+    teacher_channels: Sequence[int] = (64, 128, 320, 512)
+    mid_channels: int = 64
+
+    @nn.compact
+    def __call__(self, feats, context=None, *, train: bool = False):
+        del context
+        return CSF(self.teacher_channels, self.mid_channels, name="csf")(
+            [x.astype(jnp.float32) for x in feats], train=train
+        )
+
+
+class EmbedAlign(nn.Module):
+    """PEA (+ GL-Mixer or Embedding Assistant) as an objective adapter (`adapter="pea"`,
+    "pea_gl" or "pea_ea" on a `pea` term whose student path lists embed1..embed4).
+
+    `context` carries the student's feature dict ("student": its stage1..3 feed EA) and the
+    batch's "image" (EA's first patch embedding)."""
+
+    variant: str = "base"
+    teacher_channels: Sequence[int] = (64, 128, 320, 512)
+    gl_heads: int = 8
+    gl_add: bool = False
+
+    @nn.compact
+    def __call__(self, tokens, context=None, *, train: bool = False):
+        del train
+        if self.variant not in ("base", "gl", "ea"):
+            raise ValueError(f"Unknown TransKD variant '{self.variant}'; use base, gl or ea.")
+        e = [x.astype(jnp.float32) for x in tokens]
+        if self.variant == "gl":
+            e[3] = GLMixer(self.gl_heads, self.gl_add, name="gl_mixer")(e[3])
+        proj = PEA(self.teacher_channels, name="pea")(e)
+        if self.variant == "ea":
+            if not context or "image" not in context or "student" not in context:
+                raise ValueError("TransKD 'pea_ea' needs the batch image and student stages.")
+            s_stages = [x.astype(jnp.float32) for x in stages(context["student"])]
+            assist = EmbeddingAssistant(self.teacher_channels, name="ea")(
+                context["image"].astype(jnp.float32), s_stages
+            )
+            proj = AssistFuse(name="fuse")(proj, assist)
+        return proj

@@ -1,0 +1,239 @@
+r"""MiniLM AT+VR distillation step: kd_jax vs plain PyTorch, in one run on the same CPU.
+
+The step: frozen teacher forward (all-MiniLM-L6-v2, 6 x 384, 12 heads, real weights) + student
+forward/backward (3 x 384, 12 heads, random init) + L_AT + L_VR on the last layers + AdamW update,
+on the same real ShareGPT batch (tokenised with the teacher's WordPiece, padded to --length).
+  kd_jax:  train.make_train_step of configs/minilm/minilm_v1.py (one jitted step).
+  PyTorch: transformers BertModel (eager attention) for both models, the last layer's Q/K/V taken
+           with forward hooks, the same losses written in torch (masks added to the logits of
+           QK^T and VV^T, KL per valid query row / (heads x valid length), batch mean),
+           torch.optim.AdamW; run in a subprocess of --torch_python when torch is not importable
+           here (kd_jax never imports torch). Both use all the machine's cores (torch threads =
+           os.cpu_count()).
+Also prints the jitted step's compile time and the peak temp memory (XLA memory analysis of the
+compiled value-and-grad, `compiled.memory_analysis().temp_size_in_bytes`) of the dense vs chunked
+value-relation loss at sequence length 512.
+
+  flock /tmp/kd_bench.lock .venv/bin/python benchmarks/minilm_step.py [--batch 16 --length 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# -------------------------------------------------------------------- PyTorch (worker)
+def torch_worker(batch_path: str, teacher_dir: str, iters: int, lr: float) -> dict:
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.set_num_threads(os.cpu_count())
+    torch.manual_seed(0)
+    with np.load(batch_path) as f:
+        ids, mask, types = (torch.from_numpy(f[k]).long() for k in ("ids", "mask", "types"))
+    teacher = BertModel.from_pretrained(
+        teacher_dir, attn_implementation="eager", add_pooling_layer=False
+    ).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    cfg = BertConfig.from_pretrained(teacher_dir, num_hidden_layers=3)
+    cfg._attn_implementation = "eager"
+    student = BertModel(cfg, add_pooling_layer=False).train()
+    opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.01)
+
+    def hook_qkv(model):
+        out = {}
+        attn = model.encoder.layer[-1].attention.self
+        for name in ("query", "key", "value"):
+            getattr(attn, name).register_forward_hook(
+                lambda m, i, o, name=name: out.__setitem__(name, o)
+            )
+        return out
+
+    t_out, s_out = hook_qkv(teacher), hook_qkv(student)
+    heads = cfg.num_attention_heads
+    valid = mask.bool()
+    key_valid = valid[:, None, None, :]
+    n_valid = valid.sum(1).float()
+
+    def split(x):
+        b, t, d = x.shape
+        return x.view(b, t, heads, d // heads).transpose(1, 2)
+
+    def relation_logits(a, b):
+        a, b = split(a), split(b)
+        return (a @ b.transpose(-1, -2)) / a.shape[-1] ** 0.5
+
+    def kl_loss(s_logits, t_logits):
+        s = torch.where(key_valid, s_logits, torch.tensor(-1e30))
+        t = torch.where(key_valid, t_logits, torch.tensor(-1e30))
+        log_ps, log_pt = s.log_softmax(-1), t.log_softmax(-1)
+        kl = torch.where(key_valid, log_pt.exp() * (log_pt - log_ps), torch.zeros(()))
+        kl = (kl.sum(-1) * valid[:, None, :]).sum((1, 2))
+        return (kl / (heads * n_valid)).mean()
+
+    def step():
+        with torch.no_grad():
+            teacher(input_ids=ids, attention_mask=mask, token_type_ids=types)
+            t_at = relation_logits(t_out["query"], t_out["key"])
+            t_vr = relation_logits(t_out["value"], t_out["value"])
+        student(input_ids=ids, attention_mask=mask, token_type_ids=types)
+        loss = kl_loss(relation_logits(s_out["query"], s_out["key"]), t_at) + kl_loss(
+            relation_logits(s_out["value"], s_out["value"]), t_vr
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return float(loss)
+
+    first = step()
+    times = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    return {
+        "median_s": statistics.median(times),
+        "first_loss": first,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+
+
+# -------------------------------------------------------------------- kd_jax
+def jax_step(args):
+    import jax
+
+    from kd_jax import config as C
+    from kd_jax import sharding, train
+
+    cfg = C.load(
+        os.path.join(ROOT, "configs/minilm/minilm_v1.py"),
+        [
+            f"data.kwargs.max_length={args.length}",
+            f"data.kwargs.limit={max(4 * args.batch, 200)}",
+            "data.kwargs.num_eval=32",
+            f"data.batch_size={args.batch}",
+            f"optimizer.learning_rate={args.lr}",
+            "schedule.name=constant",
+        ],
+    )
+    cfg = C.stage_config(cfg, None)
+    mesh = sharding.make_mesh(cfg.mesh)
+    with tempfile.TemporaryDirectory() as tmp:
+        stage = train.build_stage(cfg, mesh, tmp)
+        t_params, t_axis, _ = train.load_teacher(stage, tmp, {"__root__": cfg})
+    batch = sharding.make_global(mesh, stage.data.example_batch(), args.batch)
+    step = train.make_train_step(stage, t_axis, cached=False)
+    state = stage.init_fn(0)
+    t0 = time.perf_counter()
+    compiled = step.lower(state, t_params, batch).compile()
+    compile_s = time.perf_counter() - t0
+    state, m = compiled(state, t_params, batch)
+    first_loss = float(np.asarray(m["loss"]).reshape(-1)[0])
+    times = []
+    for _ in range(args.iters):
+        t = time.perf_counter()
+        state, m = compiled(state, t_params, batch)
+        jax.block_until_ready(m["loss"])
+        times.append(time.perf_counter() - t)
+    host = stage.data.example_batch()
+    return {
+        "median_s": statistics.median(times),
+        "compile_s": compile_s,
+        "first_loss": first_loss,
+        "batch": {
+            "ids": host["input_ids"],
+            "mask": host["attention_mask"],
+            "types": host["token_type_ids"],
+        },
+    }
+
+
+def relation_memory(batch: int, length: int, chunk: int) -> dict:
+    """Peak temp bytes of the compiled value-and-grad of L_VR (12 heads, width 384), dense vs
+    chunked over query rows."""
+    import jax
+    import jax.numpy as jnp
+
+    from kd_jax.losses.minilm import minilm_value_relation
+
+    s = jax.ShapeDtypeStruct((batch, length, 384), jnp.float32)
+    mask = jax.ShapeDtypeStruct((batch, length), jnp.float32)
+    out = {}
+    for name, cs in (("dense", None), (f"chunk_{chunk}", chunk)):
+
+        def loss(sv, tv, m, cs=cs):
+            return minilm_value_relation(
+                student=sv, teacher=tv, num_heads=12, mask=m, chunk_size=cs
+            )
+
+        compiled = jax.jit(jax.value_and_grad(loss)).lower(s, s, mask).compile()
+        out[name] = compiled.memory_analysis().temp_size_in_bytes
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--length", type=int, default=128)
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--torch_python", default="/tmp/torchenv/bin/python")
+    p.add_argument("--torch_worker", default="", help=argparse.SUPPRESS)
+    p.add_argument("--teacher_dir", default="", help=argparse.SUPPRESS)
+    p.add_argument("--mem_batch", type=int, default=8)
+    p.add_argument("--mem_chunk", type=int, default=32)
+    args = p.parse_args()
+    if args.torch_worker:
+        print(json.dumps(torch_worker(args.torch_worker, args.teacher_dir, args.iters, args.lr)))
+        return
+
+    import jax
+
+    from kd_jax.models.bert_loading import find_minilm_l6
+
+    j = jax_step(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "batch.npz")
+        np.savez(path, **j["batch"])
+        cmd = [args.torch_python, os.path.abspath(__file__), f"--torch_worker={path}"]
+        cmd += [f"--iters={args.iters}", f"--lr={args.lr}", f"--teacher_dir={find_minilm_l6()}"]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if res.returncode:
+            sys.exit(f"torch worker failed:\n{res.stderr[-3000:]}")
+        t = json.loads(res.stdout.strip().splitlines()[-1])
+    mem = relation_memory(args.mem_batch, 512, args.mem_chunk)
+    with open("/proc/loadavg") as f:
+        load = f.read().split()[:3]
+    print(
+        f"CPU: {os.cpu_count()} cores, load avg {' '.join(load)}; jax {jax.__version__} "
+        f"({jax.devices()[0].platform}), torch {t['torch']} ({t['threads']} threads)"
+    )
+    print(
+        f"step: teacher 6x384 fwd + student 3x384 fwd/bwd + AT+VR + AdamW, batch {args.batch}, "
+        f"length {args.length}, median of {args.iters}"
+    )
+    print(f"kd_jax  {j['median_s'] * 1e3:9.1f} ms/step   (first loss {j['first_loss']:.4f})")
+    print(f"PyTorch {t['median_s'] * 1e3:9.1f} ms/step   (first loss {t['first_loss']:.4f})")
+    print(f"ratio kd_jax / PyTorch = {j['median_s'] / t['median_s']:.3f}  (target <= 1)")
+    print(f"kd_jax compile time {j['compile_s']:.1f} s")
+    print(
+        f"L_VR value+grad at B={args.mem_batch}, T=512, 12 heads: XLA temp memory "
+        + ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in mem.items())
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+r"""MiniLM ablation on real text: trains the students at equal steps, evaluates them and the teacher
+on held-out ShareGPT conversations, prints the markdown table (experiments/minilm/README.md).
+
+  nice -n 5 .venv/bin/python experiments/minilm/run_ablation.py --workdir=runs/minilm_ablation
+
+The defaults are the measured setting (100 steps, batch 32, length 32, 2 seeds, 1000 fit + 500
+eval held-out pairs); the evaluation metrics are defined in kd_jax/evaluators/embedding.py.
+
+`--phase=train` or `--phase=eval` runs one half; a finished run is skipped (train.run returns
+the stored result), so the script can be rerun to resume. Every run trains `--seeds` replicas in
+one jitted step (num_seeds) on the same batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+
+# name -> (config spec, extra overrides, student stage name, label in the table)
+RUNS = {
+    "at": ("minilm_v1.py:loss=at", (), "main", "v1 AT only, 3×384 (12 heads)"),
+    "at_vr": ("minilm_v1.py", (), "main", "v1 AT+VR, 3×384 (12 heads)"),
+    "v2": ("minilm_v2.py", (), "main", "v2 Q-K-V relations (A_r 48), 3×192 (6 heads)"),
+    "at_vr_192": (
+        "minilm_v1.py",
+        ("student.kwargs.hidden_size=192", "student.kwargs.intermediate_size=768"),
+        "main",
+        "v1 AT+VR, 3×192 (12 heads), no assistant",
+    ),
+    "ta": ("minilm_v1.py:ta=1", (), "student", "v1 AT+VR via assistant 6×192 → 3×192"),
+}
+
+
+def overrides(args) -> list[str]:
+    return [
+        f"num_seeds={args.seeds}",
+        f"steps={args.steps}",
+        f"data.kwargs.max_length={args.max_length}",
+        f"data.kwargs.limit={args.train_turns}",
+        "data.kwargs.num_eval=32",
+        f"data.batch_size={args.batch}",
+        "data.eval_batch_size=32",
+        f"schedule.warmup_steps={max(1, args.steps // 10)}",
+        "log_every=20",
+        "progress_bar=False",
+    ]
+
+
+def train_all(args) -> dict:
+    from kd_jax import config as C
+    from kd_jax import train
+
+    out = {}
+    for name in args.runs:
+        spec, extra, _, _ = RUNS[name]
+        cfg = C.load(os.path.join(ROOT, "configs/minilm", spec), overrides(args) + list(extra))
+        t0 = time.time()
+        res = train.run(cfg, os.path.join(args.workdir, name))
+        out[name] = {k: v.get("train_seconds") for k, v in res.items()}
+        logging.info("%s trained in %.0f s: %s", name, time.time() - t0, out[name])
+    return out
+
+
+# (row label, run, stage) of the trained models evaluated, in table order.
+TRAINED = (
+    ("at", "main"),
+    ("at_vr", "main"),
+    ("v2", "main"),
+    ("at_vr_192", "main"),
+    ("ta", "assistant"),
+    ("ta", "student"),
+)
+METRICS = ("knn_recall@10", "cosine_mapped", "cosine_raw", "retrieval_r@1", "probe_accuracy")
+
+
+def _seed_params(params, num_seeds):
+    import jax
+
+    return [jax.tree.map(lambda x, i=i: x[i], params) for i in range(num_seeds)]
+
+
+def evaluate_all(args) -> dict:
+    import jax
+
+    from kd_jax import config as C
+    from kd_jax import models, sharding, train
+    from kd_jax.evaluators import embedding as E
+    from kd_jax.models import pretrained
+
+    data = E.heldout_pairs(
+        args.fit_pairs, args.eval_pairs, skip_turns=args.train_turns, max_length=args.max_length
+    )
+
+    def run_model(model, params):
+        return {s: E.embed(model, params, getattr(data, s)) for s in E.SPLITS}
+
+    def n_params(params):
+        return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+    teacher_name = "all-minilm-l6-v2"
+    teacher = models.build(C.model("bert", preset=teacher_name))
+    t_params = pretrained.load(teacher_name)
+    t_emb = run_model(teacher, t_params)
+    rows = {
+        "teacher": {
+            "label": "teacher all-MiniLM-L6-v2, 6×384 (12 heads)",
+            "params": n_params(t_params),
+            "seeds": [E.evaluate(t_emb, t_emb, data)],
+        }
+    }
+    ids = data.fit["input_ids"][:2]
+    for width, heads in ((384, 12), (192, 6)):
+        m = models.build(
+            C.model(
+                "bert",
+                preset=teacher_name,
+                num_layers=3,
+                hidden_size=width,
+                num_heads=heads,
+                intermediate_size=4 * width,
+            )
+        )
+        seeds = []
+        for i in range(args.seeds):
+            p = jax.jit(m.init)(jax.random.PRNGKey(i), ids, ids)["params"]
+            seeds.append(E.evaluate(run_model(m, p), t_emb, data))
+        rows[f"scratch_{width}"] = {
+            "label": f"scratch (random init, no training), 3×{width} ({heads} heads)",
+            "params": n_params(p),
+            "seeds": seeds,
+        }
+    for run, stage in TRAINED:
+        if run not in args.runs:
+            continue
+        spec, extra, _, label = RUNS[run]
+        config = C.load(os.path.join(ROOT, "configs/minilm", spec), overrides(args) + list(extra))
+        names = C.stage_names(config)
+        cfg = C.stage_config(config, None if names == [None] else stage)
+        stage_dir = os.path.join(args.workdir, run, stage if names != [None] else "")
+        mesh = sharding.make_mesh(config.mesh, None)
+        params, step = train.restore_student(cfg, mesh, stage_dir)
+        model = models.build(cfg.student)
+        seeds = [
+            E.evaluate(run_model(model, p), t_emb, data) for p in _seed_params(params, args.seeds)
+        ]
+        with open(os.path.join(stage_dir, "result.json")) as f:
+            train_s = json.load(f)["train_seconds"]
+        key = f"{run}/{stage}" if stage != "main" else run
+        rows[key] = {
+            "label": label if stage != "assistant" else "assistant 6×192 (stage 1 of the TA run)",
+            "params": n_params(_seed_params(params, 1)[0]),
+            "seeds": seeds,
+            "step": step,
+            "train_seconds": train_s,
+        }
+        logging.info("%s: %s", key, seeds)
+    return rows
+
+
+def table(rows: dict) -> str:
+    head = (
+        "| model | params | kNN recall@10 (%) | cosine, mapped | cosine, raw | "
+        "retrieval R@1 / 100 (%) | user-vs-assistant probe acc. (%) | train s |"
+    )
+    lines = [head, "|" + "---|" * 8]
+    for row in rows.values():
+        cells = []
+        for m in METRICS:
+            v = np.array([s[m] for s in row["seeds"] if m in s], np.float64)
+            scale = 1.0 if m.startswith("cosine") else 100.0
+            digits = 3 if m.startswith("cosine") else 1
+            if v.size == 0:
+                cells.append("–")
+            elif v.size == 1:
+                cells.append(f"{scale * v[0]:.{digits}f}")
+            else:
+                cells.append(f"{scale * v.mean():.{digits}f} ± {scale * v.std():.{digits}f}")
+        t = row.get("train_seconds")
+        cells.append(f"{t:.0f}" if t is not None else "–")
+        lines.append(f"| {row['label']} | {row['params'] / 1e6:.1f}M | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--workdir", default=os.path.join(ROOT, "runs/minilm_ablation"))
+    p.add_argument("--phase", choices=("train", "eval", "all"), default="all")
+    p.add_argument("--runs", nargs="*", default=list(RUNS))
+    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--max_length", type=int, default=32)
+    p.add_argument("--train_turns", type=int, default=20000)
+    p.add_argument("--eval_pairs", type=int, default=500)
+    p.add_argument("--fit_pairs", type=int, default=1000)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    os.makedirs(args.workdir, exist_ok=True)
+    t0 = time.time()
+    if args.phase in ("train", "all"):
+        train_all(args)
+    if args.phase in ("eval", "all"):
+        rows = evaluate_all(args)
+        with open(os.path.join(args.workdir, "ablation.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+        print(table(rows))
+    logging.info("total wall %.0f s", time.time() - t0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""Language-model eval on held-out conversations: perplexity of the reference responses and
+next-token top-1 agreement with them, over the tokens the batch's "mask" selects.
+
+With Orca data (`kd_jax.data.orca`) the reference is the teacher's response (ChatGPT's ShareGPT
+reply), so "eval/teacher_agreement" is how often the student's most likely next token is the
+teacher's token. Sums run inside jit over the global batch, as in the classification evaluator.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from kd_jax import sharding
+from kd_jax.models import batch_inputs as _inputs
+from kd_jax.replicas import over_seeds
+
+if TYPE_CHECKING:
+    from kd_jax.train import Stage
+
+
+def make_eval_step(stage: Stage, t_axis):
+    del t_axis  # the reference tokens are in the batch; no teacher model is run.
+    student = stage.student
+
+    def one_seed(variables, batch):
+        logits, _ = student.apply(variables, *_inputs(batch, stage.student_inputs), train=False)
+        logits = logits.astype(jnp.float32)
+        m = batch["mask"] * batch["example_mask"][:, None]
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+        return {
+            "nll": (nll * m).sum(),
+            "agree": ((logits.argmax(-1) == batch["label"]) * m).sum(),
+            "count": m.sum(),
+        }
+
+    return jax.jit(
+        over_seeds(one_seed, (0, None), stage.cfg.seeds_in_step),
+        out_shardings=sharding.replicated(stage.mesh),
+    )
+
+
+def evaluate(stage: Stage, eval_step, variables, t_vars) -> dict:
+    """-> {"eval/loss": mean NLL per response token, "eval/perplexity": exp of it,
+    "eval/teacher_agreement": top-1 agreement, "eval/tokens": tokens counted}, per seed."""
+    del t_vars
+    sums: dict[str, np.ndarray] = {}
+    for local in stage.data.eval_batches():
+        batch = sharding.make_global(stage.mesh, local, stage.data.eval_batch)
+        for k, v in jax.device_get(eval_step(variables, batch)).items():
+            sums[k] = sums.get(k, 0.0) + np.asarray(v, np.float64)
+    count = np.maximum(sums["count"], 1.0)
+    loss = sums["nll"] / count
+    return {
+        "eval/loss": loss,
+        "eval/perplexity": np.exp(loss),
+        "eval/teacher_agreement": sums["agree"] / count,
+        "eval/tokens": sums["count"],
+    }

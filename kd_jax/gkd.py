@@ -1,0 +1,129 @@
+"""GKD's on-policy mode (Agarwal et al., ICLR 2024): the student samples, the teacher scores.
+
+Config (`config.on_policy`, per stage like any top-level key):
+  fraction: lambda, the probability that a step is on-policy (0 = off, 1 = always). Drawn once
+    per step from (config.seed, step), the same for every seed replica; both branches live in
+    one compiled step (`lax.cond`), so the step compiles once and runs only the branch drawn.
+  max_new_tokens: N, the continuation length; temperature / top_p: the student's sampling
+    (temperature 0 = greedy); stop_tokens, pad_id: as in `kd_jax.models.generate`.
+
+On an on-policy step, inside the jitted step and outside the gradient, the student (a `Llama`,
+current params) continues the prompt of every row: batch["prompt_mask"] [B, T] marks the prompt
+tokens (a contiguous run per row, at least one token). The step then trains on a new batch of
+length T + N, right-padded: [prompt][generated][pad], with
+  input_ids  the sequence;
+  mask       1 at the positions whose next token is a generated one (the loss covers exactly the
+             student's own tokens: positions P - 1 .. P + n - 2 for a prompt of P tokens and
+             n generated ones), 0 elsewhere;
+  label      the next token (input_ids shifted left), for CE terms;
+  segment_ids / attention_mask  1 on real tokens, positions 0..T+N-1, prompt_mask the prompt.
+Teacher and student both run on it, so the teacher scores the student's sequences. Batch keys of
+other shapes ([B] or scalars) are kept; the rest are replaced. Packed rows are not supported.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kd_jax.models.generate import generate, left_align
+
+DEFAULTS = {
+    "fraction": 0.0,
+    "max_new_tokens": 16,
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "stop_tokens": (),
+    "pad_id": 0,
+}
+
+
+def settings(cfg) -> dict:
+    """`config.on_policy` with defaults filled in, validated."""
+    s = dict(DEFAULTS, **dict(cfg.get("on_policy") or {}))
+    unknown = set(s) - set(DEFAULTS)
+    if unknown:
+        raise KeyError(f"Unknown on_policy keys {sorted(unknown)}; valid: {sorted(DEFAULTS)}.")
+    if not 0.0 <= float(s["fraction"]) <= 1.0:
+        raise ValueError(f"on_policy.fraction must be in [0, 1], got {s['fraction']}.")
+    if float(s["fraction"]) > 0 and int(s["max_new_tokens"]) < 1:
+        raise ValueError("on_policy.max_new_tokens must be >= 1.")
+    return s
+
+
+def check(stage, cached: bool) -> None:
+    """Fails before training when an on-policy stage cannot run."""
+    name = stage.name
+    if not hasattr(stage.student, "config") or not hasattr(stage.student.config, "num_kv_heads"):
+        raise ValueError(f"Stage '{name}': on_policy needs a decoder student ('llama').")
+    if stage.teacher is None or not stage.objective.needs_teacher or cached:
+        raise ValueError(
+            f"Stage '{name}': on_policy needs a live teacher model to score the student's "
+            "samples (teacher.model set, placement not 'cache', and a term reading teacher "
+            "features, not a cached top-k from the batch)."
+        )
+    example = stage.data.example_batch()
+    missing = [k for k in ("input_ids", "prompt_mask") if k not in example]
+    if missing:
+        raise KeyError(
+            f"Stage '{name}': on_policy needs batch keys {missing} (prompt_mask = 1 on prompt "
+            f"tokens); dataset '{stage.data.name}' gives {sorted(example)}."
+        )
+
+
+def student_batch(student, params, batch, rng, s: dict) -> dict:
+    """The on-policy batch: the student's continuations of the prompts (module docstring)."""
+    ids = jnp.asarray(batch["input_ids"]).astype(jnp.int32)
+    prompt = jnp.asarray(batch["prompt_mask"]).astype(jnp.int32)
+    b, t = ids.shape
+    n = int(s["max_new_tokens"])
+    if getattr(student, "skip_logits", False):
+        student = student.clone(skip_logits=False)
+    gen = generate(
+        student,
+        {"params": jax.lax.stop_gradient(params)},
+        ids,
+        prompt_mask=prompt,
+        max_new_tokens=n,
+        temperature=float(s["temperature"]),
+        top_p=float(s["top_p"]),
+        stop_tokens=tuple(s["stop_tokens"]),
+        pad_id=int(s["pad_id"]),
+        rng=rng,
+    )
+    p_len = jnp.sum(prompt, axis=1)
+    n_gen = gen["lengths"]
+    left, _ = left_align(ids, prompt)  # each prompt ends at column t, its generation follows.
+    seq = jnp.concatenate([left, gen["tokens"]], axis=1)
+    cols = jnp.arange(t + n)[None, :]
+    seq = jnp.take_along_axis(seq, (cols + (t - p_len)[:, None]) % (t + n), axis=1)
+    valid = cols < (p_len + n_gen)[:, None]
+    seq = jnp.where(valid, seq, int(s["pad_id"]))
+    # Position j predicts token j + 1: it counts when that token is one the student generated.
+    mask = (cols >= p_len[:, None] - 1) & (cols < (p_len + n_gen)[:, None] - 1)
+    label = jnp.concatenate([seq[:, 1:], jnp.full((b, 1), int(s["pad_id"]), seq.dtype)], axis=1)
+    kept = {k: v for k, v in batch.items() if not isinstance(v, dict) and np.ndim(v) < 2}
+    return {
+        **kept,
+        "input_ids": seq,
+        "mask": mask.astype(jnp.float32),
+        "label": label,
+        "segment_ids": valid.astype(jnp.int32),
+        "attention_mask": valid.astype(jnp.int32),
+        "positions": jnp.broadcast_to(cols, (b, t + n)).astype(jnp.int32),
+        "prompt_mask": (cols < p_len[:, None]).astype(jnp.int32),
+    }
+
+
+def choose(cfg, step, run, args):
+    """run(on_policy: bool) -> step function; picks the branch for this step (module docstring).
+
+    `step` is the [S] step counter of the seed replicas (all equal)."""
+    fraction = float(settings(cfg)["fraction"])
+    if fraction <= 0.0:
+        return run(False)(*args)
+    if fraction >= 1.0:
+        return run(True)(*args)
+    key = jax.random.fold_in(jax.random.key(int(cfg.seed) + 7919), jnp.ravel(step)[0])
+    return jax.lax.cond(jax.random.uniform(key) < fraction, run(True), run(False), *args)

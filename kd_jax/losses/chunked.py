@@ -1,0 +1,435 @@
+"""Memory-bounded token-level distillation: the LM head fused with the divergence, chunk by chunk.
+
+`fused_kd_loss` takes the student's final hidden states [B, T, D] and LM-head kernel [D, V]
+(and the teacher's hidden [B, T, Dt] + kernel [Dt, V], or the teacher's cached top-k) and never
+builds the [B, T, V] logits of either model. The positions are cut into chunks along T (every
+row of the batch in each chunk, so a batch axis sharded over devices stays sharded), and a
+`lax.scan` computes, for one chunk at a time, both models' logits [B, Tc, V], the per-token loss
+and its gradient with respect to the student logits. The scan accumulates the loss, dL/d_kernel
+[D, V] and dL/d_hidden [B, Tc, D]. A `jax.custom_vjp` keeps those two gradients as residuals
+(the backward pass only scales them by the incoming cotangent), so a training step costs the
+same four large matmuls as the naive version (two forward, two backward) while holding only
+O(B * Tc * V) logits at a time. Evaluated without differentiation, no gradient is computed.
+
+Per-token loss (float32 inside, whatever the input dtype), for a position whose student logits
+are z and teacher logits zt, at temperature tau:
+    l = kd_weight * tau^2 * D(softmax(zt / tau), softmax(z / tau)) + ce_weight * CE(z, label)
+with D one of 'forward_kl', 'reverse_kl', 'generalized_jsd' (beta), exactly as in
+`kd_jax.losses.sequence` (the same T^2 factor, the same beta = 0 / 1 endpoints); CE is at
+temperature 1. `divergence='none'` leaves CE alone (chunked SFT). The reduction matches
+`reduce_loss`: 'mean' = sum(l * mask) / max(sum(mask), 1), a token-level mean over the masked
+tokens of the whole batch; 'sum' = sum(l * mask). 'none' is not offered: a per-token output
+would need the backward pass to redo the matmuls.
+
+Teacher top-k (offline cache; see `kd_jax.losses.sparse`): pass `teacher_topk_idx` int [B, T, k]
+and `teacher_topk_logprob` float [B, T, k] instead of the teacher hidden/kernel; the divergence is
+then the sparse forward KL of `sparse.topk_kl` (tail='renormalize' or 'bucket').
+
+Matmuls: the kernel is cast to the hidden dtype (as `Llama.logits_from_hidden` does), with float32
+accumulation; the gradients wrt the kernel accumulate in float32 and are cast to its dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kd_jax.losses.reduce import _align_mask
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "generalized_jsd", "none")
+TAILS = ("renormalize", "bucket")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    divergence: str
+    beta: float
+    temperature: float
+    kd_weight: float
+    ce_weight: float
+    teacher: str  # "dense" | "topk" | "none"
+    tail: str
+    positions: int  # positions of every row per chunk
+    hidden_dtype: np.dtype
+    kernel_dtype: np.dtype
+
+
+# ------------------------------------------------------------------ per-chunk loss and gradient
+def _xlogy_diff(p, log_p, log_q):
+    """p * (log p - log q), 0 where p = 0 (keeps -inf - -inf out)."""
+    return jnp.where(p > 0, p * (log_p - log_q), 0.0)
+
+
+def _softmax_vjp(q, a):
+    """Gradient wrt the logits s of sum_j f_j(q) with df/dq_j = a_j, q = softmax(s)."""
+    return q * (a - jnp.sum(q * a, axis=-1, keepdims=True))
+
+
+def divergence_and_grad(name: str, beta: float, ls, lt):
+    """Per-token D and dD/ds (s = student logits / tau) from log-probs `ls` (student) and `lt`
+    (teacher) [..., V]; the same formulas (and -inf handling) as `kd_jax.losses.sequence`."""
+    q, p = jnp.exp(ls), jnp.exp(lt)
+    if name == "generalized_jsd" and beta == 0.0:
+        name = "forward_kl"
+    if name == "generalized_jsd" and beta == 1.0:
+        name = "reverse_kl"
+    if name == "forward_kl":
+        return jnp.sum(_xlogy_diff(p, lt, ls), -1), q - p
+    if name == "reverse_kl":
+        a = jnp.where(q > 0, ls - lt, 0.0)
+        return jnp.sum(q * a, -1), _softmax_vjp(q, a)
+    if name == "generalized_jsd":
+        none = jnp.isneginf(lt) & jnp.isneginf(ls)
+        log_m = jnp.logaddexp(
+            jnp.where(none, 0.0, lt + np.log(beta)), jnp.where(none, 0.0, ls + np.log1p(-beta))
+        )
+        log_m = jnp.where(none, -jnp.inf, log_m)
+        value = beta * jnp.sum(_xlogy_diff(p, lt, log_m), -1) + (1.0 - beta) * jnp.sum(
+            _xlogy_diff(q, ls, log_m), -1
+        )
+        # dD/dq_j = (1 - beta) (log q_j - log M_j); the p-side terms do not depend on q.
+        a = jnp.where(q > 0, (1.0 - beta) * (ls - log_m), 0.0)
+        return value, _softmax_vjp(q, a)
+    raise ValueError(f"Unknown divergence '{name}'; use one of {DIVERGENCES}.")
+
+
+def scatter_last(shape, idx, values):
+    """zeros(shape) with `values` [..., k] added at `idx` [..., k] along the last axis."""
+    k, v = idx.shape[-1], shape[-1]
+    flat = jax.vmap(lambda i, x: jnp.zeros((v,), values.dtype).at[i].add(x))(
+        idx.reshape(-1, k), values.reshape(-1, k)
+    )
+    return flat.reshape(shape)
+
+
+def topk_kl_and_grad(tail: str, ls, idx, logprob, temperature: float):
+    """Sparse forward KL per token and its gradient wrt s = z / tau (see `sparse.topk_kl`)."""
+    q = jnp.exp(ls)
+    ls_k = jnp.take_along_axis(ls, idx, axis=-1)
+    if tail == "renormalize":
+        lt = jax.nn.log_softmax(logprob.astype(jnp.float32) / temperature, axis=-1)
+        pt = jnp.exp(lt)
+        value = jnp.sum(_xlogy_diff(pt, lt, ls_k), -1)
+        return value, q - scatter_last(ls.shape, idx, pt)
+    if tail != "bucket":
+        raise ValueError(f"Unknown tail '{tail}'; use one of {TAILS}.")
+    lt = logprob.astype(jnp.float32)
+    pt = jnp.exp(lt)
+    in_k = scatter_last(ls.shape, idx, jnp.ones_like(pt)) > 0
+    has_tail = ~jnp.all(in_k, axis=-1)
+    p_tail = jnp.where(has_tail, jnp.clip(1.0 - jnp.sum(pt, -1), 0.0, 1.0), 0.0)
+    lq_tail = jax.nn.logsumexp(
+        jnp.where(has_tail[..., None], jnp.where(in_k, -jnp.inf, ls), ls), axis=-1
+    )
+    tail_term = jnp.where(p_tail > 0, p_tail * (jnp.log(jnp.maximum(p_tail, 1e-38)) - lq_tail), 0)
+    value = jnp.sum(_xlogy_diff(pt, lt, ls_k), -1) + tail_term
+    # dD/dq_j = -p_j / q_j in the top-k, -p_tail / q_tail outside; through the softmax that is
+    # q - p (top-k) and q - p_tail * q / q_tail (tail).
+    tail_grad = jnp.where(in_k, 0.0, q * (p_tail * jnp.exp(-lq_tail))[..., None])
+    return value, q - scatter_last(ls.shape, idx, pt) - tail_grad
+
+
+def _chunk_loss_and_grad(spec: _Spec, zs, tok, glob):
+    """Per-token loss [B, Tc] and its gradient wrt the student logits zs [B, Tc, V]."""
+    tau = spec.temperature
+    loss = jnp.zeros(zs.shape[:-1], jnp.float32)
+    dz = jnp.zeros_like(zs)
+    if spec.divergence != "none":
+        ls = jax.nn.log_softmax(zs / tau, axis=-1)
+        if spec.teacher == "dense":
+            ht = tok["t_hidden"]
+            zt = jnp.einsum(
+                "...d,dv->...v",
+                ht,
+                glob["t_kernel"].astype(ht.dtype),
+                preferred_element_type=jnp.float32,
+            )
+            lt = jax.nn.log_softmax(zt / tau, axis=-1)
+            value, ds = divergence_and_grad(spec.divergence, spec.beta, ls, lt)
+        else:
+            value, ds = topk_kl_and_grad(spec.tail, ls, tok["t_idx"], tok["t_logprob"], tau)
+        loss = loss + (spec.kd_weight * tau**2) * value
+        dz = dz + (spec.kd_weight * tau) * ds  # d/dz = (1 / tau) d/ds
+    if spec.ce_weight:
+        lz = jax.nn.log_softmax(zs, axis=-1)
+        labels = tok["labels"][..., None]
+        loss = loss - spec.ce_weight * jnp.take_along_axis(lz, labels, axis=-1)[..., 0]
+        onehot = jnp.arange(zs.shape[-1]) == labels
+        dz = dz + spec.ce_weight * (jnp.exp(lz) - onehot)
+    return loss, dz
+
+
+# ------------------------------------------------------------------ the scan and its custom VJP
+def _chunks(x, n: int):
+    """[B, T, ...] -> [T / n (padded up), B, n, ...] (zero padding)."""
+    b, t = x.shape[:2]
+    pad = -t % n
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape(b, (t + pad) // n, n, *x.shape[2:]), 1, 0)
+
+
+def _unchunk(x, t: int):
+    x = jnp.moveaxis(x, 0, 1)
+    return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :t]
+
+
+def _run(spec: _Spec, hs, ws, weights, tok, glob, with_grad: bool):
+    t = hs.shape[1]
+    w_c = ws.astype(hs.dtype)
+    xs = (
+        _chunks(hs, spec.positions),
+        _chunks(weights, spec.positions),
+        jax.tree.map(lambda a: _chunks(a, spec.positions), tok),
+    )
+
+    def chunk(h, w, tk):
+        zs = jnp.einsum("...d,dv->...v", h, w_c, preferred_element_type=jnp.float32)
+        per, dz = _chunk_loss_and_grad(spec, zs, tk, glob)
+        keep = w != 0  # masked tokens count 0 even where their loss is not finite
+        dz = jnp.where(keep[..., None], dz * w[..., None], 0.0)
+        return jnp.sum(jnp.where(keep, per * w, 0.0)), dz
+
+    if not with_grad:
+
+        def body(loss, x):
+            return loss + chunk(*x)[0], None
+
+        return jax.lax.scan(body, jnp.float32(0.0), xs)[0], None, None
+
+    def body_grad(carry, x):
+        loss, dws = carry
+        h = x[0]
+        value, dz = chunk(*x)
+        dz = dz.astype(h.dtype)
+        dh = jnp.einsum("...v,dv->...d", dz, w_c, preferred_element_type=jnp.float32)
+        dws = dws + jnp.einsum("btd,btv->dv", h, dz, preferred_element_type=jnp.float32)
+        return (loss + value, dws), dh
+
+    init = (jnp.float32(0.0), jnp.zeros(ws.shape, jnp.float32))
+    (loss, dws), dhs = jax.lax.scan(body_grad, init, xs)
+    return loss, _unchunk(dhs, t), dws
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fused(spec, hs, ws, weights, tok, glob):
+    return _run(spec, hs, ws, weights, tok, glob, with_grad=False)[0]
+
+
+def _fused_fwd(spec, hs, ws, weights, tok, glob):
+    loss, dhs, dws = _run(spec, hs, ws, weights, tok, glob, with_grad=True)
+    return loss, (dhs, dws)
+
+
+def _fused_bwd(spec, res, g):
+    dhs, dws = res
+    # The teacher side, the weights (mask) and the labels get no gradient (None = zero).
+    return (
+        (g * dhs).astype(spec.hidden_dtype),
+        (g * dws).astype(spec.kernel_dtype),
+        None,
+        None,
+        None,
+    )
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+# ------------------------------------------------------------------ public functions
+def _as_btd(x, name: str):
+    x = jnp.asarray(x)
+    if x.ndim < 2:
+        raise ValueError(f"{name} must be [..., T, D], got shape {tuple(x.shape)}.")
+    return x.reshape(-1, *x.shape[-2:]) if x.ndim != 3 else x
+
+
+def fused_kd_loss(
+    *,
+    student_hidden,
+    student_kernel,
+    teacher_hidden=None,
+    teacher_kernel=None,
+    teacher_topk_idx=None,
+    teacher_topk_logprob=None,
+    labels=None,
+    mask=None,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    kd_weight: float = 1.0,
+    ce_weight: float = 0.0,
+    tail: str = "renormalize",
+    reduction: str = "mean",
+    chunk_size: int = 2048,
+):
+    """Chunked, fused LM head + token-level divergence (+ CE); see the module docstring.
+
+    Args:
+      student_hidden: [B, T, D] (or [T, D]); the LM head's input (Llama features["hidden"]).
+      student_kernel: [D, V] (Llama features["lm_head"]).
+      teacher_hidden, teacher_kernel: [B, T, Dt], [Dt, V]; no gradient flows to them.
+      teacher_topk_idx, teacher_topk_logprob: [B, T, k] instead of the teacher hidden/kernel.
+      labels: int [B, T] next-token ids, needed when ce_weight != 0.
+      mask: 0/1 [B, T] (or [B]); 1 = the position's next-token prediction counts.
+      divergence: 'forward_kl' | 'reverse_kl' | 'generalized_jsd' (with `beta`) | 'none'.
+      temperature: tau > 0 (a Python number); the divergence is taken at tau and times tau^2.
+      kd_weight, ce_weight: l = kd_weight * tau^2 * D + ce_weight * CE.
+      tail: top-k teacher only, 'renormalize' or 'bucket' (see `sparse.topk_kl`).
+      reduction: 'mean' (token-level mean over the mask) or 'sum'.
+      chunk_size: about this many tokens per chunk: ceil(chunk_size / B) positions of every
+        row. Peak memory is a few [chunk, V] float32 buffers; bigger chunks are faster.
+
+    Returns: float32 scalar.
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"fused_kd_loss supports reduction 'mean' or 'sum', got '{reduction}'.")
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"Unknown divergence '{divergence}'; use one of {DIVERGENCES}.")
+    if not isinstance(temperature, int | float) or temperature <= 0:
+        raise ValueError(f"temperature must be a Python number > 0, got {temperature!r}.")
+    if not isinstance(beta, int | float) or not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be a Python number in [0, 1], got {beta!r}.")
+    if tail not in TAILS:
+        raise ValueError(f"Unknown tail '{tail}'; use one of {TAILS}.")
+    hs, ws = _as_btd(student_hidden, "student_hidden"), jnp.asarray(student_kernel)
+    lead = tuple(hs.shape[:2])
+    if ws.ndim != 2 or ws.shape[0] != hs.shape[-1]:
+        raise ValueError(
+            f"student kernel {tuple(ws.shape)} does not map hidden size {hs.shape[-1]} to a "
+            "vocabulary; expected [D, V]."
+        )
+    tok, glob, teacher = {}, {}, "none"
+    if divergence != "none":
+        if teacher_hidden is not None and teacher_kernel is not None:
+            teacher = "dense"
+            ht, wt = _as_btd(teacher_hidden, "teacher_hidden"), jnp.asarray(teacher_kernel)
+            if wt.ndim != 2 or wt.shape[0] != ht.shape[-1]:
+                raise ValueError(f"teacher kernel {tuple(wt.shape)} is not [Dt, V].")
+            if wt.shape[-1] != ws.shape[-1]:
+                raise ValueError(
+                    f"student vocabulary {ws.shape[-1]} != teacher vocabulary {wt.shape[-1]} "
+                    f"(LM-head kernels {tuple(ws.shape)} vs {tuple(wt.shape)}); see "
+                    "sequence.vocab_check."
+                )
+            if tuple(ht.shape[:2]) != lead:
+                raise ValueError(f"teacher hidden {tuple(ht.shape)} vs student {tuple(hs.shape)}.")
+            tok["t_hidden"] = jax.lax.stop_gradient(ht)
+            glob["t_kernel"] = jax.lax.stop_gradient(wt)
+        elif teacher_topk_idx is not None and teacher_topk_logprob is not None:
+            teacher = "topk"
+            idx = jnp.asarray(teacher_topk_idx).astype(jnp.int32).reshape(*lead, -1)
+            lp = jnp.asarray(teacher_topk_logprob).astype(jnp.float32).reshape(*lead, -1)
+            if tail == "bucket" and temperature != 1:
+                raise ValueError("tail='bucket' needs temperature=1 (the tail mass is at T=1).")
+            tok["t_idx"], tok["t_logprob"] = idx, jax.lax.stop_gradient(lp)
+        else:
+            raise ValueError(
+                f"divergence '{divergence}' needs teacher_hidden + teacher_kernel or "
+                "teacher_topk_idx + teacher_topk_logprob."
+            )
+    if ce_weight:
+        if labels is None:
+            raise ValueError("ce_weight != 0 needs `labels` (next-token ids [B, T]).")
+        tok["labels"] = jnp.asarray(labels).astype(jnp.int32).reshape(lead)
+    m = jnp.ones(lead, jnp.float32) if mask is None else _align_mask(mask, lead)
+    weights = m / jnp.maximum(jnp.sum(m), 1.0) if reduction == "mean" else m
+    spec = _Spec(
+        divergence,
+        float(beta),
+        float(temperature),
+        float(kd_weight),
+        float(ce_weight),
+        teacher,
+        tail,
+        max(1, -(-int(chunk_size) // lead[0])),
+        jnp.dtype(hs.dtype),
+        jnp.dtype(ws.dtype),
+    )
+    return _fused(spec, hs, ws, jax.lax.stop_gradient(weights), tok, glob)
+
+
+def _pair(x, who: str):
+    if not isinstance(x, tuple | list) or len(x) != 2:
+        raise ValueError(
+            f"{who} must be a (hidden [B, T, D], lm_head kernel [D, V]) pair; set the term's "
+            f"{who}=('hidden', 'lm_head')."
+        )
+    return x
+
+
+def chunked_kd(
+    *,
+    student,
+    teacher=None,
+    labels=None,
+    mask=None,
+    reduction: str = "mean",
+    divergence: str = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    ce_weight: float = 0.0,
+    chunk_size: int = 2048,
+):
+    """Objective form of `fused_kd_loss` for config terms.
+
+    student: (hidden [B, T, D], kernel [D, V]), e.g. term student=("hidden", "lm_head").
+    teacher: (hidden [B, T, Dt], kernel [Dt, V]) (teacher=("hidden", "lm_head")), or None with
+      divergence='none'. labels (batch["label"], next-token ids) only for ce_weight != 0.
+    Same value as sequence.<divergence>(logits) + ce_weight * ce(logits, labels) with the same
+    mask and 'mean' reduction, without building [B, T, V].
+    """
+    hs, ws = _pair(student, "student")
+    ht = wt = None
+    if teacher is not None:
+        ht, wt = _pair(teacher, "teacher")
+    return fused_kd_loss(
+        student_hidden=hs,
+        student_kernel=ws,
+        teacher_hidden=ht,
+        teacher_kernel=wt,
+        labels=labels,
+        mask=mask,
+        divergence=divergence,
+        beta=beta,
+        temperature=temperature,
+        ce_weight=ce_weight,
+        reduction=reduction,
+        chunk_size=chunk_size,
+    )
+
+
+def chunked_topk_kl(
+    *,
+    student,
+    teacher,
+    mask=None,
+    reduction: str = "mean",
+    temperature: float = 1.0,
+    tail: str = "renormalize",
+    chunk_size: int = 2048,
+):
+    """Sparse top-k KL (`sparse.topk_kl`) with the student LM head applied chunk by chunk.
+
+    student: (hidden, kernel); teacher: (top-k idx [B, T, k], top-k log-probs [B, T, k]), e.g.
+    teacher=("batch:teacher_topk_idx", "batch:teacher_topk_logprob").
+    """
+    hs, ws = _pair(student, "student")
+    idx, lp = teacher
+    return fused_kd_loss(
+        student_hidden=hs,
+        student_kernel=ws,
+        teacher_topk_idx=idx,
+        teacher_topk_logprob=lp,
+        mask=mask,
+        temperature=temperature,
+        tail=tail,
+        reduction=reduction,
+        chunk_size=chunk_size,
+    )
+
+
+OBJECTIVES = {"chunked_kd": chunked_kd, "chunked_topk_kl": chunked_topk_kl}
