@@ -47,13 +47,19 @@ def make_eval_step(stage: Stage, t_axis):
     )
 
 
-def evaluate(stage: Stage, eval_step, variables, t_vars) -> dict:
-    """`variables`: the student's flax variables, `t_vars` the teacher's (or None)."""
+def eval_sums(stage: Stage, eval_step, *args) -> dict[str, np.ndarray]:
+    """Float64 totals of `eval_step(*args, global_batch)`'s per-batch sums over the eval split."""
     sums: dict[str, np.ndarray] = {}
     for local in stage.data.eval_batches():
         batch = sharding.make_global(stage.mesh, local, stage.data.eval_batch)
-        for k, v in jax.device_get(eval_step(variables, t_vars, batch)).items():
+        for k, v in jax.device_get(eval_step(*args, batch)).items():
             sums[k] = sums.get(k, 0.0) + np.asarray(v, np.float64)
+    return sums
+
+
+def evaluate(stage: Stage, eval_step, variables, t_vars) -> dict:
+    """`variables`: the student's flax variables, `t_vars` the teacher's (or None)."""
+    sums = eval_sums(stage, eval_step, variables, t_vars)
     count = sums.pop("count")
     out = {"eval/accuracy": sums.pop("correct") / count, "eval/loss": sums.pop("loss") / count}
     if "agree" in sums:

@@ -16,6 +16,7 @@ import numpy as np
 import optax
 
 from kd_jax import sharding
+from kd_jax.evaluators.classification import eval_sums
 from kd_jax.models import batch_inputs as _inputs
 from kd_jax.replicas import over_seeds
 
@@ -48,11 +49,7 @@ def evaluate(stage: Stage, eval_step, variables, t_vars) -> dict:
     """-> {"eval/loss": mean NLL per response token, "eval/perplexity": exp of it,
     "eval/teacher_agreement": top-1 agreement, "eval/tokens": tokens counted}, per seed."""
     del t_vars
-    sums: dict[str, np.ndarray] = {}
-    for local in stage.data.eval_batches():
-        batch = sharding.make_global(stage.mesh, local, stage.data.eval_batch)
-        for k, v in jax.device_get(eval_step(variables, batch)).items():
-            sums[k] = sums.get(k, 0.0) + np.asarray(v, np.float64)
+    sums = eval_sums(stage, eval_step, variables)
     count = np.maximum(sums["count"], 1.0)
     loss = sums["nll"] / count
     return {

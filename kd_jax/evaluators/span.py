@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from kd_jax import sharding
+from kd_jax.evaluators.classification import eval_sums
 from kd_jax.losses.span import span_ce
 from kd_jax.models import batch_inputs as _inputs
 from kd_jax.replicas import over_seeds
@@ -79,11 +79,7 @@ def make_eval_step(stage: Stage, t_axis):
 
 
 def evaluate(stage: Stage, eval_step, variables, t_vars) -> dict:
-    sums: dict[str, np.ndarray] = {}
-    for local in stage.data.eval_batches():
-        batch = sharding.make_global(stage.mesh, local, stage.data.eval_batch)
-        for k, v in jax.device_get(eval_step(variables, t_vars, batch)).items():
-            sums[k] = sums.get(k, 0.0) + np.asarray(v, np.float64)
+    sums = eval_sums(stage, eval_step, variables, t_vars)
     count = sums.pop("count")
     return {
         "eval/span_accuracy": sums["span"] / count,
