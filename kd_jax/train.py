@@ -185,6 +185,16 @@ def _fingerprint(params) -> str:
     return hashlib.sha1(np.asarray(leaves).tobytes()).hexdigest()[:16]
 
 
+def _source_stage(key: str, init: str, root: str, stages_cfg):
+    """`init` = "stage:<name>" -> (name, that stage's resolved config)."""
+    src = init.split(":", 1)[1]
+    if src not in stages_cfg:
+        raise KeyError(f"{key}='{init}' names no stage; stages: {sorted(stages_cfg)}.")
+    src_cfg = config_lib.stage_config(stages_cfg["__root__"], src)
+    teacher_gen.resolve_workdir(src_cfg, root)
+    return src, src_cfg
+
+
 def load_teacher(stage: Stage, root: str, stages_cfg) -> tuple[Any, int | None, dict]:
     """-> (teacher variables {"params", + "batch_stats" for BatchNorm models}, seed axis (0 or
     None), identity metadata)."""
@@ -192,10 +202,7 @@ def load_teacher(stage: Stage, root: str, stages_cfg) -> tuple[Any, int | None, 
     init = cfg.teacher.init
     ident = {"model": cfg.teacher.model, "kwargs": cfg.teacher.kwargs.to_dict(), "init": init}
     if init.startswith("stage:"):
-        src = init.split(":", 1)[1]
-        if src not in stages_cfg:
-            raise KeyError(f"teacher.init='{init}' names no stage; stages: {sorted(stages_cfg)}.")
-        src_cfg = config_lib.stage_config(stages_cfg["__root__"], src)
+        src, src_cfg = _source_stage("teacher.init", init, root, stages_cfg)
         if (
             src_cfg.student.model != cfg.teacher.model
             or src_cfg.student.kwargs.to_dict() != cfg.teacher.kwargs.to_dict()
@@ -433,11 +440,7 @@ def _warm_start(stage: Stage, state: TrainState, root: str, stages_cfg) -> Train
     init = stage.cfg.student.init
     if init.startswith("pretrained:"):
         return _graft_pretrained(stage, state, init)
-    src = init.split(":", 1)[1]
-    if src not in stages_cfg:
-        raise KeyError(f"student.init='stage:{src}' names no stage; stages: {sorted(stages_cfg)}.")
-    src_cfg = config_lib.stage_config(stages_cfg["__root__"], src)
-    teacher_gen.resolve_workdir(src_cfg, root)
+    src, src_cfg = _source_stage("student.init", init, root, stages_cfg)
     variables, _ = restore_student_variables(src_cfg, stage.mesh, os.path.join(root, src))
     models.check_shapes(
         state.params["student"],
@@ -460,9 +463,7 @@ def _graft_pretrained(stage: Stage, state: TrainState, init: str) -> TrainState:
     student = jax.tree.map(lambda v: v[0], state.params["student"])
 
     def fits(tree):
-        return jax.tree.structure(tree) == jax.tree.structure(one) and all(
-            np.shape(a) == np.shape(b) for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(one))
-        )
+        return not models.shape_mismatches(tree, one)
 
     keys = [None] if fits(student) else [k for k, v in student.items() if fits(v)]
     if not keys:
@@ -528,7 +529,7 @@ def train_stage(cfg, mesh, workdir: str, root: str, stages_cfg) -> dict:
     it = data.train_iter(data_state)
 
     def run_eval(step):
-        if cfg.evaluator == "none":
+        if evaluator is None:
             return {}, {}
         res = evaluator.evaluate(stage, eval_step, student_variables(state), t_params)
         row = writer.write(step, res)

@@ -126,9 +126,8 @@ def tokenizer_name(model_cfg) -> str:
     return str(kwargs.get("tokenizer") or PRESET_TOKENIZERS.get(kwargs.get("preset", ""), ""))
 
 
-def check_shapes(want, got, what: str) -> None:
-    """Raises ValueError when loaded weights `got` differ from the model's abstract params
-    `want` in structure or in any leaf's shape; `what` opens the message."""
+def shape_mismatches(want, got) -> list[str]:
+    """One line per leaf path where `got` differs from `want` (missing, extra or other shape)."""
     import jax
     import numpy as np
 
@@ -137,11 +136,17 @@ def check_shapes(want, got, what: str) -> None:
         return {jax.tree_util.keystr(p): tuple(np.shape(v)) for p, v in leaves}
 
     w, g = table(want), table(got)
-    bad = [
+    return [
         f"{k}: checkpoint {g.get(k, 'missing')} vs model {w.get(k, 'missing')}"
         for k in sorted(set(w) | set(g))
         if w.get(k) != g.get(k)
     ]
+
+
+def check_shapes(want, got, what: str) -> None:
+    """Raises ValueError when loaded weights `got` differ from the model's abstract params
+    `want` in structure or in any leaf's shape; `what` opens the message."""
+    bad = shape_mismatches(want, got)
     if bad:
         raise ValueError(f"{what}: " + "; ".join(bad[:8]) + ("; ..." if len(bad) > 8 else ""))
 
