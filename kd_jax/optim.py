@@ -27,7 +27,10 @@ def make_schedule(cfg) -> optax.Schedule:
             [warm],
         )
     if s.name == "poly":  # lr * (1 - step / steps) ** power (DeepLab / CIRKD / LAD).
-        return optax.polynomial_schedule(lr, 0.0, float(s.power), max(steps, 1))
+        poly = optax.polynomial_schedule(lr, 0.0, float(s.power), max(steps - warm, 1))
+        if warm:  # linear warmup from 0, then the poly decay over the remaining steps.
+            return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), poly], [warm])
+        return poly
     if s.name == "step":
         return optax.piecewise_constant_schedule(lr, {int(b): float(s.decay) for b in s.boundaries})
     raise ValueError(

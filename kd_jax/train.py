@@ -223,7 +223,8 @@ def load_teacher(stage: Stage, root: str, stages_cfg) -> tuple[Any, int | None, 
     elif init.startswith("pretrained:"):
         from kd_jax.models import pretrained
 
-        params, axis = pretrained.load(init.split(":", 1)[1]), None
+        extra = pretrained.load_variables(init.split(":", 1)[1])
+        params, axis = extra.pop("params"), None
         models.check_shapes(
             _abstract_params(stage),
             params,
@@ -231,14 +232,14 @@ def load_teacher(stage: Stage, root: str, stages_cfg) -> tuple[Any, int | None, 
             "the checkpoint's architecture, e.g. kwargs.preset)",
         )
     elif init:
-        params, axis = ckpt_lib.load_params(init, _abstract_params(stage)), None
+        params, axis, extra = ckpt_lib.load_params(init, _abstract_params(stage)), None, {}
     else:
         raise ValueError(
             "config.teacher.model is set but teacher.init is empty; use "
             "'stage:<name>' or a path to an orbax params checkpoint."
         )
-    if not init.startswith("stage:"):  # weights files hold params only.
-        params = {"params": params}
+    if not init.startswith("stage:"):  # weights files hold params (+ pretrained: BN stats).
+        params = _init_missing_collections(stage, {**extra, "params": params}, init)
     placement = cfg.teacher.placement
     if placement in ("replicated", "cache"):
         shard = jax.tree.map(lambda _: sharding.replicated(mesh), params)
@@ -255,6 +256,30 @@ def load_teacher(stage: Stage, root: str, stages_cfg) -> tuple[Any, int | None, 
     ident["fingerprint"] = _fingerprint(params)
     ident["placement"] = placement
     return params, axis, ident
+
+
+def _init_missing_collections(stage: Stage, variables: dict, init: str) -> dict:
+    """A teacher whose module has collections besides params (BatchNorm "batch_stats") but whose
+    weights file has none: they start from the module's init (running mean 0, var 1), with a
+    warning, since eval-mode BatchNorm then normalises with those statistics."""
+    x = _sample_inputs(stage.data, stage.teacher_inputs)
+    shapes = jax.eval_shape(stage.teacher.init, jax.random.key(0), *x)
+    missing = [c for c in shapes if c not in variables]
+    if not missing:
+        return variables
+    log.warning(
+        "teacher.init='%s' has no %s; they start from the module's init (BatchNorm: mean 0, "
+        "var 1), so the frozen teacher may not match the network that was trained.",
+        init,
+        missing,
+    )
+    # Only the missing collections leave the jit, so XLA drops the params' initialisers.
+    fresh = jax.jit(lambda k, *z: {c: stage.teacher.init(k, *z)[c] for c in missing})(
+        jax.random.key(0), *(jnp.zeros(a.shape, a.dtype) for a in x)
+    )
+    for c in missing:
+        models.check_shapes(shapes[c], fresh[c], c)
+    return {**variables, **fresh}
 
 
 def _abstract_params(stage: Stage):
@@ -459,7 +484,8 @@ def _warm_start(stage: Stage, state: TrainState, root: str, stages_cfg) -> Train
 def _graft_pretrained(stage: Stage, state: TrainState, init: str) -> TrainState:
     from kd_jax.models import pretrained
 
-    one = pretrained.load(init.split(":", 1)[1])
+    variables = pretrained.load_variables(init.split(":", 1)[1])
+    one = variables["params"]
     student = jax.tree.map(lambda v: v[0], state.params["student"])
 
     def fits(tree):
@@ -469,10 +495,27 @@ def _graft_pretrained(stage: Stage, state: TrainState, init: str) -> TrainState:
     if not keys:
         models.check_shapes(student, one, f"student.init='{init}' does not fit the student")
     seeds = stage.cfg.num_seeds
-    loaded = jax.tree.map(lambda v: np.broadcast_to(v, (seeds, *np.shape(v))), one)
-    new = loaded if keys[0] is None else {**state.params["student"], keys[0]: loaded}
+
+    def graft(whole, part):  # `part` for every seed, at keys[0] of `whole` (or all of it).
+        loaded = jax.tree.map(lambda v: np.broadcast_to(v, (seeds, *np.shape(v))), part)
+        return loaded if keys[0] is None else {**whole, keys[0]: loaded}
+
+    new = graft(state.params["student"], one)
     new = jax.device_put(new, stage.state_shardings.params["student"])
-    return state.replace(params={**state.params, "student": new})
+    # BatchNorm statistics that come with the weights (resnet18_v1b:) replace the student's.
+    s_state = dict(state.model_state.get("student", {}))
+    for col, part in variables.items():
+        if col == "params":
+            continue
+        have = s_state.get(col, {})
+        have = have if keys[0] is None else have.get(keys[0], {})
+        models.check_shapes(
+            jax.tree.map(lambda v: v[0], have), part, f"student.init='{init}' {col}"
+        )
+        merged = graft(s_state[col], part)
+        s_state[col] = jax.device_put(merged, stage.state_shardings.model_state["student"][col])
+    model_state = {**state.model_state, "student": s_state}
+    return state.replace(params={**state.params, "student": new}, model_state=model_state)
 
 
 def _install_sigterm():

@@ -70,6 +70,11 @@ VARIANTS = [v for p in CONFIGS for v in _variants(p)]
 FULL = [p for p in CONFIGS] + [
     os.path.join(ROOT, "configs/minilm/minilm_v1.py") + ":paper=1",
     os.path.join(ROOT, "configs/minilm/minilm_v2.py") + ":paper=1,large=1",
+    os.path.join(ROOT, "configs/transkd/transkd.py") + ":data=acdc,arch=pvtv2",
+    os.path.join(ROOT, "configs/transkd/transkd.py") + ":data=shapes",
+    os.path.join(ROOT, "configs/lad/lad.py") + ":data=shapes,codes=random",
+    os.path.join(ROOT, "configs/lad/lad.py") + ":data=voc,train_codes=fixed,method=lad",
+    os.path.join(ROOT, "configs/lad/lad.py") + ":data=shapes,student_init=baseline",
 ]
 
 

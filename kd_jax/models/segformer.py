@@ -37,6 +37,11 @@ MIT_CONFIGS: dict[str, dict[str, Any]] = {
 }
 for _cfg in MIT_CONFIGS.values():
     _cfg.update(heads=(1, 2, 5, 8), sr_ratios=(8, 4, 2, 1), mlp_ratios=(4, 4, 4, 4))
+# PVTv2 (Wang et al., CVM 2022; TransKD's PVTv2-B2 -> B0 pair): the same overlapping patch
+# embedding, spatial-reduction attention and depthwise-conv FFN as MiT, with MLP ratios
+# (8, 8, 4, 4). Under the all-MLP decoder here (TransKD's segmentation head for both families).
+for _v, _base in (("pvt_v2_b0", "b0"), ("pvt_v2_b1", "b1"), ("pvt_v2_b2", "b2")):
+    MIT_CONFIGS[_v] = dict(MIT_CONFIGS[_base], mlp_ratios=(8, 8, 4, 4))
 # Not in the paper: a few-thousand-parameter MiT for tests and laptop-sized `tiny` configs.
 MIT_CONFIGS["tiny"] = dict(
     dims=(8, 16, 24, 32),
