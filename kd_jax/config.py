@@ -31,6 +31,15 @@ _FREE_FORM = (
     "data.kwargs",
     "generate",
 )
+# config.on_policy (GKD, kd_jax.gkd): fraction 0 = off.
+ON_POLICY_DEFAULTS = {
+    "fraction": 0.0,
+    "max_new_tokens": 16,
+    "temperature": 1.0,
+    "top_p": 1.0,
+    "stop_tokens": (),
+    "pad_id": 0,
+}
 TERM_KEYS = ("fn", "weight", "student", "teacher", "adapter", "schedule", "kwargs")
 
 
@@ -111,16 +120,7 @@ def base_config() -> ConfigDict:
     # GKD on-policy distillation (kd_jax.gkd): with probability `fraction` a step trains on the
     # student's own continuations (max_new_tokens, sampled at temperature/top_p) of
     # batch["prompt_mask"]'s prompts, scored by the teacher. 0 = off.
-    c.on_policy = ConfigDict(
-        {
-            "fraction": 0.0,
-            "max_new_tokens": 16,
-            "temperature": 1.0,
-            "top_p": 1.0,
-            "stop_tokens": (),
-            "pad_id": 0,
-        }
-    )
+    c.on_policy = ConfigDict(dict(ON_POLICY_DEFAULTS))
     # A stage's kind: "train", or a data-writing stage run by kd_jax.teacher_gen ("generate":
     # teacher responses to queries; "topk_cache": the teacher's top-k logits per token), whose
     # settings go in the free-form `generate` (kd_jax.teacher_gen.GENERATE_DEFAULTS).

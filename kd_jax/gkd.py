@@ -27,16 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kd_jax.config import ON_POLICY_DEFAULTS
 from kd_jax.models.generate import generate, left_align
 
-DEFAULTS = {
-    "fraction": 0.0,
-    "max_new_tokens": 16,
-    "temperature": 1.0,
-    "top_p": 1.0,
-    "stop_tokens": (),
-    "pad_id": 0,
-}
+DEFAULTS = ON_POLICY_DEFAULTS  # config.on_policy's keys and defaults.
 
 
 def settings(cfg) -> dict:

@@ -5,32 +5,28 @@ from __future__ import annotations
 import optax
 
 
+def _after_warmup(lr: float, warm: int, schedule: optax.Schedule) -> optax.Schedule:
+    """A linear warm-up from 0 to `lr` over `warm` steps, then `schedule` (counted from there)."""
+    if not warm:
+        return schedule
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), schedule], [warm])
+
+
 def make_schedule(cfg) -> optax.Schedule:
     lr, s, steps = float(cfg.optimizer.learning_rate), cfg.schedule, int(cfg.steps)
     warm = int(s.warmup_steps)
     if s.name == "constant":
-        if warm:
-            return optax.join_schedules(
-                [optax.linear_schedule(0.0, lr, warm), optax.constant_schedule(lr)], [warm]
-            )
-        return optax.constant_schedule(lr)
+        return _after_warmup(lr, warm, optax.constant_schedule(lr))
     if s.name == "warmup_cosine":
         return optax.warmup_cosine_decay_schedule(
             0.0, lr, max(warm, 1), max(steps, warm + 1), end_value=lr * float(s.end_factor)
         )
     if s.name == "warmup_linear":
-        return optax.join_schedules(
-            [
-                optax.linear_schedule(0.0, lr, max(warm, 1)),
-                optax.linear_schedule(lr, lr * float(s.end_factor), max(steps - warm, 1)),
-            ],
-            [warm],
-        )
+        decay = optax.linear_schedule(lr, lr * float(s.end_factor), max(steps - warm, 1))
+        return _after_warmup(lr, warm, decay)
     if s.name == "poly":  # lr * (1 - step / steps) ** power (DeepLab / CIRKD / LAD).
-        poly = optax.polynomial_schedule(lr, 0.0, float(s.power), max(steps - warm, 1))
-        if warm:  # linear warmup from 0, then the poly decay over the remaining steps.
-            return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), poly], [warm])
-        return poly
+        decay = optax.polynomial_schedule(lr, 0.0, float(s.power), max(steps - warm, 1))
+        return _after_warmup(lr, warm, decay)
     if s.name == "step":
         return optax.piecewise_constant_schedule(lr, {int(b): float(s.decay) for b in s.boundaries})
     raise ValueError(

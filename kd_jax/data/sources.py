@@ -125,6 +125,16 @@ def tfds_source(
     label_key: str = "label",
 ):
     """A prepared TFDS dataset read through `tfds.data_source` (array_record, no TensorFlow)."""
+    train, evals = open_tfds_splits(name, train_split, eval_split, data_dir)
+    return RecordSource(train, image_key, label_key), RecordSource(evals, image_key, label_key)
+
+
+def open_tfds_splits(
+    name: str, train_split: str, eval_split: str, data_dir: str = "", layout: str = ""
+):
+    """(train, eval) `tfds.data_source`s of a user-prepared dataset `name`; `data_dir` defaults
+    to $TFDS_DATA_DIR. A missing or unprepared dataset is a FileNotFoundError naming the expected
+    directory (`layout`, default "<name>/<version>") and how to build it."""
     import tensorflow_datasets as tfds
 
     data_dir = data_dir or os.environ.get("TFDS_DATA_DIR", "")
@@ -134,9 +144,9 @@ def tfds_source(
     except Exception as e:  # tfds raises several types for a missing or unprepared dataset.
         raise FileNotFoundError(
             f"TFDS dataset '{name}' is not prepared under "
-            f"data_dir='{data_dir or '~/tensorflow_datasets'}'"
-            f" ({type(e).__name__}: {e}). Expected <data_dir>/{name}/<version>/ with array_record "
-            "files; prepare it with `tfds build` on a machine with the source files and set "
-            "data.kwargs.data_dir (or TFDS_DATA_DIR)."
+            f"data_dir='{data_dir or '~/tensorflow_datasets'}' ({type(e).__name__}: {e}). "
+            f"Expected <data_dir>/{layout or name + '/<version>'}/ with array_record files; build "
+            f"it with `tfds build {name} --file_format=array_record` on a machine with the source "
+            "files, copy it here and set data.kwargs.data_dir (or TFDS_DATA_DIR)."
         ) from e
-    return RecordSource(train, image_key, label_key), RecordSource(evals, image_key, label_key)
+    return train, evals

