@@ -18,7 +18,8 @@ import jax
 import numpy as np
 
 from kd_jax import config as C
-from kd_jax import sharding, train
+from kd_jax import sharding
+from kd_jax import teacher as teacher_lib
 
 
 def timed(fns: dict, *, iters: int) -> dict:
@@ -55,19 +56,26 @@ def main() -> None:
     mesh = sharding.make_mesh(c.mesh)
     with tempfile.TemporaryDirectory() as tmp:
         c.objective = kd
-        kd_stage = train.build_stage(C.stage_config(c, None), mesh, tmp)
+        kd_stage = kd.build_stage(C.stage_config(c, None), mesh, tmp)
         c.objective = {"ce": C.term("ce")}
         c.teacher.model = None
-        ce_stage = train.build_stage(C.stage_config(c, None), mesh, tmp)
+        ce_stage = kd.build_stage(C.stage_config(c, None), mesh, tmp)
 
-    (x,) = train._sample_inputs(kd_stage.data, kd_stage.teacher_inputs)
+    (x,) = kd.sample_inputs(kd_stage.data, kd_stage.teacher_inputs)
     t_params = jax.jit(jax.vmap(lambda k: kd_stage.teacher.init(k, np.zeros(x.shape, x.dtype))))(
         jax.random.split(jax.random.key(0), 1)
     )["params"]
     batch = sharding.make_global(mesh, kd_stage.data.example_batch(), args.batch)
-    kd_step = train.make_train_step(kd_stage, 0, cached=False)
-    ce_step = train.make_train_step(ce_stage, None, cached=False)
-    fwd = jax.jit(jax.vmap(lambda p, x: train.teacher_forward(kd_stage, p, x), in_axes=(0, None)))
+    kd_step = kd.make_train_step(kd_stage, 0, cached=False)
+    ce_step = kd.make_train_step(ce_stage, None, cached=False)
+    fwd = jax.jit(
+        jax.vmap(
+            lambda p, x: teacher_lib.forward(
+                kd_stage.teacher, kd_stage.teacher_inputs, kd_stage.objective.teacher_paths, p, x
+            ),
+            in_axes=(0, None),
+        )
+    )
 
     # Donated states are consumed: each timing loop threads its own state.
     def run_step(step_fn, stage, tp):

@@ -3,7 +3,7 @@ r"""MiniLM AT+VR distillation step: kd_jax vs plain PyTorch, in one run on the s
 The step: frozen teacher forward (all-MiniLM-L6-v2, 6 x 384, 12 heads, real weights) + student
 forward/backward (3 x 384, 12 heads, random init) + L_AT + L_VR on the last layers + AdamW update,
 on the same real ShareGPT batch (tokenised with the teacher's WordPiece, padded to --length).
-  kd_jax:  train.make_train_step of configs/minilm/minilm_v1.py (one jitted step).
+  kd_jax:  kd.make_train_step of configs/minilm/minilm_v1.py (one jitted step).
   PyTorch: transformers BertModel (eager attention) for both models, the last layer's Q/K/V taken
            with forward hooks, the same losses written in torch (masks added to the logits of
            QK^T and VV^T, KL per valid query row / (heads x valid length), batch mean),
@@ -116,7 +116,9 @@ def jax_step(args):
     import jax
 
     from kd_jax import config as C
-    from kd_jax import sharding, train
+    from kd_jax import sharding
+    from kd_jax import teacher as teacher_lib
+    from kd_jax.trainers import kd
 
     cfg = C.load(
         os.path.join(ROOT, "configs/minilm/minilm_v1.py"),
@@ -132,10 +134,12 @@ def jax_step(args):
     cfg = C.stage_config(cfg, None)
     mesh = sharding.make_mesh(cfg.mesh)
     with tempfile.TemporaryDirectory() as tmp:
-        stage = train.build_stage(cfg, mesh, tmp)
-        t_params, t_axis, _ = train.load_teacher(stage, tmp, {"__root__": cfg})
+        stage = kd.build_stage(cfg, mesh, tmp)
+        example = kd.sample_inputs(stage.data, stage.teacher_inputs)
+        teacher = teacher_lib.load(cfg, mesh, example, {}, tmp)
+        t_params, t_axis = teacher.variables, teacher.axis
     batch = sharding.make_global(mesh, stage.data.example_batch(), args.batch)
-    step = train.make_train_step(stage, t_axis, cached=False)
+    step = kd.make_train_step(stage, t_axis, cached=False)
     state = stage.init_fn(0)
     t0 = time.perf_counter()
     compiled = step.lower(state, t_params, batch).compile()

@@ -32,7 +32,7 @@ QUICKSTART = [
         "from kd_jax import config as C, train, report\n"
         "config = C.load('../configs/classic/mnist_kd.py:tiny')\n"
         "workdir = tempfile.mkdtemp()\n"
-        "results = train.run(config, workdir)\n"
+        "results = runner.run(config, workdir)\n"
         "print(report.table(results))"
     ),
     new_markdown_cell(
@@ -56,7 +56,7 @@ QUICKSTART = [
         "    cfg.stages.kd.objective = {'cos': C.term('cosine_logits', 1.0, teacher='logits'),\n"
         "                               'ce': C.term('ce', 0.5)}\n"
         "    cfg.stage_order = ('teacher', 'kd')\n"
-        "results = train.run(C.validate(cfg), tempfile.mkdtemp())\n"
+        "results = runner.run(C.validate(cfg), tempfile.mkdtemp())\n"
         "print(report.table(results))\n"
         "assert results['kd']['step'] == cfg.stages.kd.steps"
     ),
@@ -125,8 +125,8 @@ MINILM = [
         "from kd_jax import config as C, sharding, train\n"
         "cfg = C.load('../configs/minilm/minilm_v1.py:tiny')  # 3 x 384 student, 3 steps\n"
         "workdir = tempfile.mkdtemp()\n"
-        "result = train.run(cfg, workdir)['main']\n"
-        "params, step = train.restore_student(\n"
+        "result = runner.run(cfg, workdir)['main']\n"
+        "params, step = kd.restore_student(\n"
         "    C.stage_config(cfg, None), sharding.make_mesh(cfg.mesh), workdir)\n"
         "student = bert.BertEncoder(bert.BertConfig(**{**config.__dict__, 'num_layers': 3}))\n"
         "seed0 = jax.tree.map(lambda x: x[0], params)\n"
@@ -206,7 +206,7 @@ ORCA = [
     ),
     new_code_cell(
         "rows = [jnp.asarray(batch[k]) for k in ('input_ids', 'positions', 'segment_ids')]\n"
-        "top_lp, top_idx = teacher_gen.topk_fn(teacher, 16)(params, *rows)\n"
+        "top_lp, top_idx = topk_cache.topk_fn(teacher, 16)(params, *rows)\n"
         "student = llama.PackedLlama(llama.LlamaConfig(hidden_size=64, num_layers=2, num_heads=2,\n"
         "                                              num_kv_heads=1, intermediate_size=128))\n"
         "s_params = student.init(jax.random.PRNGKey(1), *[r[:1] for r in rows])\n"
@@ -267,13 +267,13 @@ SEGMENTATION = [
         "    config.stage_order = ('teacher', 'scratch', 'base')\n"
         "# A finished run's stages are skipped: with KD_JAX_SEG_RUN this only reads results.\n"
         "workdir = workdir or tempfile.mkdtemp()\n"
-        "results = train.run(config, workdir)\n"
+        "results = runner.run(config, workdir)\n"
         "for name, r in results.items():\n"
         "    print(f\"{name:8s} mIoU {r['eval/miou'][0]:.3f}  params {r['student_params']:,}\")"
     ),
     new_markdown_cell(
         "## 2. Predictions on a few eval images\n\n"
-        "`train.restore_state` returns the whole training state; `train.student_variables` is "
+        "`kd.restore_state` returns the whole training state; `kd.student_variables` is "
         "the exported student (params + BatchNorm statistics, no CSF/PEA)."
     ),
     new_code_cell(
@@ -282,13 +282,13 @@ SEGMENTATION = [
         "states, nets = {}, {}\n"
         "for name in config.stage_order:\n"
         "    cfg = C.stage_config(config, name)\n"
-        "    states[name] = seed0(train.restore_state(cfg, mesh, f'{workdir}/{name}'))\n"
+        "    states[name] = seed0(kd.restore_state(cfg, mesh, f'{workdir}/{name}'))\n"
         "    nets[name] = models.build(cfg.student)\n"
         "_, eval_src = DATASETS['shapes_seg'](**config.data.kwargs.to_dict())\n"
         "batch = eval_src.gather(np.arange(4))\n"
         "preds, feats = {}, {}\n"
         "for name, net in nets.items():\n"
-        "    variables = train.student_variables(states[name])\n"
+        "    variables = kd.student_variables(states[name])\n"
         "    logits, feats[name] = net.apply(variables, batch['image'])\n"
         "    up = resize_bilinear(logits, batch['label'].shape[1:])\n"
         "    preds[name] = np.asarray(up.argmax(-1))\n"

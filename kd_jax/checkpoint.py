@@ -13,6 +13,8 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
+from kd_jax import sharding
+
 
 class Checkpointer:
     def __init__(self, directory: str, *, keep: int = 2, async_save: bool = True):
@@ -21,7 +23,13 @@ class Checkpointer:
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True
         )
         self.manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "data", "meta")
+            self.directory,
+            options=options,
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "data": ocp.JsonCheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler(),
+            },
         )
 
     def latest_step(self) -> int | None:
@@ -49,6 +57,22 @@ class Checkpointer:
             ),
         )
         return out["state"], out["data"], out["meta"]
+
+    def restore_saved(self, mesh, rules, step: int | None = None) -> dict:
+        """The saved state as a plain dict tree, shaped by the checkpoint's own metadata (no
+        model, data or optimizer needed), laid out on `mesh` by the sharding `rules` (the
+        leading axis of each leaf is the seed axis)."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"No complete checkpoint in {self.directory}.")
+        tree = self.manager.item_metadata(step)["state"].tree
+        shapes = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype),
+            tree,
+            is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"),
+        )
+        target = abstract(shapes, sharding.tree_shardings(shapes, mesh, rules, leading=1))
+        return self.restore(target, step)[0]
 
     def read_meta(self, step: int | None = None) -> dict:
         step = self.latest_step() if step is None else step

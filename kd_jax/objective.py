@@ -1,14 +1,16 @@
 """Composes registered objectives from config terms into one scalar loss.
 
-A term reads a student feature and (optionally) a teacher feature by path, may pass the student
-feature through a learned adapter (FitNets' regressor; a training-only module that lives in
-`params["aux"]` and is never exported), and is weighted by `weight * schedule(step)`.
+A term reads a student feature and (optionally) a target by path, may pass the student feature
+through a learned adapter (FitNets' regressor; a training-only module that lives in
+`params["aux"]` and is never exported; `kd_jax.adapters`), and is weighted by
+`weight * schedule(step)`.
 
 Feature paths may list several features, "stage1,stage2,stage3,stage4": the term then reads a
-tuple (multi-stage objectives such as `hcl` / `pea`). Adapters are named in `ADAPTERS`; besides
-the per-feature "dense" / "conv1x1" regressors there are TransKD's training-only modules
-("csf", "pea", "pea_gl", "pea_ea"). Adapters with BatchNorm keep their running statistics in a
-separate state tree (`Objective.apply`), as the trainer does for the student.
+tuple (multi-stage objectives such as `hcl` / `pea`). A target path reads the teacher's features
+by default; "batch:<key>" reads the batch (a cached teacher top-k) and "student:<path>" reads the
+student's own features (a teaching-assistant branch inside the student network). Every target
+is under `stop_gradient`. Adapters with BatchNorm keep their running statistics in a separate
+state tree (`Objective.apply`), as the trainer does for the student.
 """
 
 from __future__ import annotations
@@ -17,62 +19,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from kd_jax import losses
-
-
-class Adapter(nn.Module):
-    """Maps a student feature to the teacher's channel width: 'dense' or 'conv1x1'.
-
-    Every adapter is called as `(x, context, *, train)`; `context` holds the student's whole
-    feature dict ("student") and the batch's "image" for adapters that need more than `x`."""
-
-    features: int
-    kind: str = "dense"
-
-    @nn.compact
-    def __call__(self, x, context=None, *, train: bool = False):
-        del context, train
-        if self.kind == "conv1x1":
-            return nn.Conv(self.features, (1, 1), name="proj")(x)
-        if self.kind == "dense":
-            return nn.Dense(self.features, name="proj")(x)
-        raise ValueError(f"Unknown adapter '{self.kind}'; use 'dense' or 'conv1x1'.")
-
-
-def _widths(teacher) -> tuple[int, ...]:
-    return tuple(int(v.shape[-1]) for v in jax.tree.leaves(teacher))
-
-
-def _transkd(kind):
-    def make(teacher):
-        from kd_jax.models import transkd
-
-        if kind == "csf":
-            return transkd.CSFAdapter(_widths(teacher))
-        return transkd.EmbedAlign(kind.partition("_")[2] or "base", _widths(teacher))
-
-    return make
-
-
-# Adapter name -> constructor from the (abstract) teacher feature of the term.
-ADAPTERS = {
-    "dense": lambda t: Adapter(t.shape[-1], "dense"),
-    "conv1x1": lambda t: Adapter(t.shape[-1], "conv1x1"),
-    "csf": _transkd("csf"),  # TransKD CSF: student stages -> teacher-width maps (BatchNorm).
-    "pea": _transkd("pea"),  # TransKD-Base PEA: token-wise Linear per stage.
-    "pea_gl": _transkd("pea_gl"),  # + GL-Mixer on stage 4.
-    "pea_ea": _transkd("pea_ea"),  # + Embedding Assistant (reads the image, student stages).
-}
-
-
-def make_adapter(kind: str, teacher) -> nn.Module:
-    if kind not in ADAPTERS:
-        raise ValueError(f"Unknown adapter '{kind}'; use one of {sorted(ADAPTERS)}.")
-    return ADAPTERS[kind](teacher)
+from kd_jax.adapters import make_adapter
 
 
 def lookup(features: Mapping[str, Any], path: str, who: str):
@@ -91,18 +42,48 @@ def lookup(features: Mapping[str, Any], path: str, who: str):
     return node
 
 
+def _source(path: str) -> str:
+    """Where a target path reads: "teacher" (default), "batch" or "student" (all parts alike)."""
+    kinds = {p.strip().split(":", 1)[0] if ":" in p else "teacher" for p in path.split(",")}
+    if len(kinds) > 1 or not kinds <= {"teacher", "batch", "student"}:
+        raise ValueError(
+            f"Target path '{path}': every part must read one source: teacher features "
+            "(plain paths), 'batch:<key>' or 'student:<feature>'."
+        )
+    return kinds.pop()
+
+
 def from_batch(path: str) -> bool:
     """A path "batch:<key>" (or "batch:a,batch:b") reads the batch, e.g. a cached teacher top-k:
     teacher="batch:teacher_topk_idx,batch:teacher_topk_logprob"; it needs no teacher model."""
-    return all(p.strip().startswith("batch:") for p in path.split(","))
+    return _source(path) == "batch"
+
+
+def from_student(path: str) -> bool:
+    """A path "student:<feature>" reads the student's own features (under stop_gradient)."""
+    return _source(path) == "student"
+
+
+def _strip(path: str) -> str:
+    return ",".join(p.strip().split(":", 1)[1] for p in path.split(","))
 
 
 def batch_lookup(batch: Mapping[str, Any], path: str):
-    keys = [p.strip().split(":", 1)[1] for p in path.split(",")]
+    keys = _strip(path).split(",")
     missing = [k for k in keys if k not in batch]
     if missing:
         raise KeyError(f"path '{path}': batch has no {missing}; batch keys: {sorted(batch)}.")
     return batch[keys[0]] if len(keys) == 1 else tuple(batch[k] for k in keys)
+
+
+def target(path: str, *, student_feats, teacher_feats, batch):
+    """The value a term's target path names (teacher, batch or the student's own features)."""
+    source = _source(path)
+    if source == "batch":
+        return batch_lookup(batch, path)
+    if source == "student":
+        return lookup(student_feats, _strip(path), "student")
+    return lookup(teacher_feats, path, "teacher")
 
 
 def schedule_factor(spec: str | None, step) -> jax.Array:
@@ -163,7 +144,9 @@ class Objective:
     @property
     def teacher_paths(self) -> list[str]:
         """Teacher-model feature paths ("batch:" paths read the batch, not the teacher)."""
-        return sorted({t.teacher for t in self.terms if t.teacher and not from_batch(t.teacher)})
+        return sorted(
+            {t.teacher for t in self.terms if t.teacher and _source(t.teacher) == "teacher"}
+        )
 
     def check_vocab(self, student_feats, teacher_feats, student_tokenizer, teacher_tokenizer):
         """Before training: every token-level term (`losses.token_level`) needs one vocabulary.
@@ -173,7 +156,7 @@ class Objective:
         ValueError naming both sizes and both tokenizers (`losses.vocab_check`).
         """
         for t in self.terms:
-            if not (losses.token_level(t.fn) and t.teacher) or from_batch(t.teacher):
+            if not (losses.token_level(t.fn) and t.teacher) or _source(t.teacher) != "teacher":
                 continue
             sv = lookup(student_feats, t.student.split(",")[-1].strip(), "student").shape[-1]
             tv = lookup(teacher_feats, t.teacher.split(",")[-1].strip(), "teacher").shape[-1]
@@ -193,10 +176,6 @@ class Objective:
                     "student.kwargs.tokenizer and teacher.kwargs.tokenizer the same name."
                 )
 
-    def init_aux(self, rng, student_feats, teacher_feats, batch=None) -> dict:
-        """Adapter params, shaped from (abstract) student and teacher features."""
-        return self.init_aux_variables(rng, student_feats, teacher_feats, batch)[0]
-
     def init_aux_variables(self, rng, student_feats, teacher_feats, batch=None):
         """-> (params {term: {"params": ...}}, state {term: {"batch_stats": ...}}) of every
         adapter; `batch` (abstract is fine) supplies the "image" adapters such as "pea_ea" read."""
@@ -207,7 +186,9 @@ class Objective:
             if not t.teacher:
                 raise ValueError(f"Objective term '{t.name}' has an adapter but no teacher path.")
             s = lookup(student_feats, t.student, "student")
-            tt = lookup(teacher_feats, t.teacher, "teacher")
+            tt = target(
+                t.teacher, student_feats=student_feats, teacher_feats=teacher_feats, batch={}
+            )
             rng, sub = jax.random.split(rng)
             zeros = lambda v: jnp.zeros(v.shape, jnp.float32)  # noqa: E731
             context = {"student": jax.tree.map(zeros, dict(student_feats))}
@@ -218,19 +199,6 @@ class Objective:
             if variables:
                 state[t.name] = variables
         return aux, state
-
-    def __call__(self, aux, *, student_feats, teacher_feats, batch, step):
-        """-> (total loss, metrics); adapters' BatchNorm (if any) uses running statistics."""
-        total, metrics, _ = self.apply(
-            aux,
-            None,
-            student_feats=student_feats,
-            teacher_feats=teacher_feats,
-            batch=batch,
-            step=step,
-            train=False,
-        )
-        return total, metrics
 
     def apply(self, aux, aux_state, *, student_feats, teacher_feats, batch, step, train=True):
         """-> (total loss, metrics, new adapter state). With `train`, adapters' BatchNorm uses
@@ -243,9 +211,10 @@ class Objective:
             s = lookup(student_feats, t.student, "student")
             if t.adapter:
                 variables = {**aux[t.name], **((aux_state or {}).get(t.name, {}))}
-                s, updates = make_adapter(
-                    t.adapter, lookup(teacher_feats, t.teacher, "teacher")
-                ).apply(
+                tt = target(
+                    t.teacher, student_feats=student_feats, teacher_feats=teacher_feats, batch=batch
+                )
+                s, updates = make_adapter(t.adapter, tt).apply(
                     variables,
                     jax.tree.map(lambda v: v.astype(jnp.float32), s),
                     context,
@@ -257,10 +226,8 @@ class Objective:
             args = {"student": s}
             accepted = losses.accepts(t.fn)
             if t.teacher:
-                value = (
-                    batch_lookup(batch, t.teacher)
-                    if from_batch(t.teacher)
-                    else lookup(teacher_feats, t.teacher, "teacher")
+                value = target(
+                    t.teacher, student_feats=student_feats, teacher_feats=teacher_feats, batch=batch
                 )
                 args["teacher"] = jax.lax.stop_gradient(value)
             # Labels with a default (optional) are passed only when the batch has them.

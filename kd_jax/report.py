@@ -21,7 +21,7 @@ def table(results: dict) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
-        if "student_params" not in r:  # a data-writing stage (kd_jax.teacher_gen)
+        if "student_params" not in r:  # a data-writing stage (kind generate or topk_cache)
             continue
         acc, agree = (_fmt(r[m]) if m in r else "–" for m in metrics)
         if "eval/miou" in r and "eval/accuracy" not in r:  # segmentation evaluator

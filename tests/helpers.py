@@ -9,7 +9,8 @@ import jax
 import numpy as np
 
 from kd_jax import config as C
-from kd_jax import train
+from kd_jax import runner, sharding
+from kd_jax.trainers import kd
 
 
 def kd_config(*, steps: int = 4, teacher_steps: int = 4, num_seeds: int = 1, **top) -> C.ConfigDict:
@@ -49,15 +50,14 @@ def kd_config(*, steps: int = 4, teacher_steps: int = 4, num_seeds: int = 1, **t
 
 
 def run(config, workdir, devices=None):
-    return train.run(config, str(workdir), devices=devices)
+    return runner.run(config, str(workdir), devices=devices)
 
 
 def student_params(config, workdir, stage: str, devices=None):
-    from kd_jax import sharding
 
     mesh = sharding.make_mesh(config.mesh, devices)
     cfg = C.stage_config(config, stage)
-    params, _ = train.restore_student(cfg, mesh, os.path.join(str(workdir), stage))
+    params, _ = kd.restore_student(cfg, mesh, os.path.join(str(workdir), stage))
     return jax.tree.map(np.asarray, jax.device_get(params))
 
 
@@ -73,3 +73,17 @@ def assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
 
 def assert_trees_equal(a, b):
     jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def evaluate_objective(obj, aux, **kwargs):
+    """-> (total, metrics) of an Objective in eval mode (adapters' BatchNorm on running stats)."""
+    total, metrics, _ = obj.apply(aux, None, train=False, **kwargs)
+    return total, metrics
+
+
+def registered_in(module) -> dict:
+    """{name: objective} of the objectives `module` registers."""
+    from kd_jax import losses
+
+    fns = {n: losses.get(n) for n in losses.names()}
+    return {n: fn for n, fn in fns.items() if fn.__module__ == module.__name__}

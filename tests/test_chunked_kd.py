@@ -11,12 +11,14 @@ import pytest
 
 from kd_jax import config as C
 from kd_jax import data as data_lib
-from kd_jax import gkd, sharding, train
+from kd_jax import sharding
 from kd_jax.data.sources import ArraySource
 from kd_jax.losses import chunked, sequence, sparse
 from kd_jax.losses.logits import ce
 from kd_jax.models.generate import generate
 from kd_jax.objective import Objective
+from kd_jax.trainers import gkd, kd
+from tests.helpers import evaluate_objective
 
 B, T, D, DT, V = 2, 7, 8, 6, 13
 NAIVE = {
@@ -268,7 +270,9 @@ def test_objective_terms_read_hidden_and_head_and_batch_paths():
     # The batch-path term needs no teacher model features; the dense one does.
     assert obj.teacher_paths == ["hidden,lm_head"]
     run = jax.jit(
-        lambda sf, tf, batch: obj({}, student_feats=sf, teacher_feats=tf, batch=batch, step=0)
+        lambda sf, tf, batch: evaluate_objective(
+            obj, {}, student_feats=sf, teacher_feats=tf, batch=batch, step=0
+        )
     )
     _, metrics = run(sf, tf, batch)
     jsd = sequence.generalized_jsd(
@@ -351,21 +355,21 @@ def test_vocab_or_tokenizer_mismatch_fails_at_stage_build(tmp_path):
         student_kw={"tokenizer": "toy-a"}, teacher_kw={"vocab_size": 40, "tokenizer": "toy-b"}
     )
     with pytest.raises(ValueError) as e:
-        train.build_stage(cfg, _mesh(), str(tmp_path))
+        kd.build_stage(cfg, _mesh(), str(tmp_path))
     msg = str(e.value)
     assert all(s in msg for s in ("24", "40", "'toy-a'", "'toy-b'", "Objective term 'kd'"))
     assert "tokenizer" in msg and "slice both logits" in msg  # the fix is named
     # Same size, different tokenizers (TRL #4562: teacher fed the student's ids).
     cfg = _lm_config(student_kw={"tokenizer": "toy-a"}, teacher_kw={"tokenizer": "toy-b"})
     with pytest.raises(ValueError, match="student tokenizer 'toy-a' .* teacher tokenizer 'toy-b'"):
-        train.build_stage(cfg, _mesh(), str(tmp_path))
+        kd.build_stage(cfg, _mesh(), str(tmp_path))
     # Dense logits terms are checked the same way.
     cfg = _lm_config(teacher_kw={"vocab_size": 30})
     cfg.objective = {"kd": C.term("forward_kl", teacher="logits")}
     with pytest.raises(
         ValueError, match="student vocabulary size 24 .* teacher vocabulary size 30"
     ):
-        train.build_stage(cfg, _mesh(), str(tmp_path))
+        kd.build_stage(cfg, _mesh(), str(tmp_path))
 
 
 def test_on_policy_batch_holds_the_students_greedy_continuation():
@@ -400,10 +404,10 @@ def test_on_policy_step_compiles_once_and_learns(tmp_path):
     cfg = _lm_config(
         **{"on_policy.fraction": 0.5, "on_policy.max_new_tokens": 5, "on_policy.temperature": 1.0}
     )
-    stage = train.build_stage(cfg, _mesh(), str(tmp_path))
+    stage = kd.build_stage(cfg, _mesh(), str(tmp_path))
     t_vars = stage.teacher.init(jax.random.key(7), jnp.zeros((1, SEQ), jnp.int32))
     state = stage.init_fn(cfg.seed)
-    step = train.make_train_step(stage, None, cached=False)
+    step = gkd.make_train_step(stage, None, cached=False)
     it = stage.data.train_iter()
     fixed = stage.data.eval_source.gather(np.arange(8))
     before = _kl_on_fixed_batch(stage, jax.tree.map(lambda v: v[0], state.params["student"]),
@@ -428,7 +432,7 @@ def test_on_policy_step_compiles_once_and_learns(tmp_path):
     # A teacher-less or cached setup cannot score the student's samples: fail before training.
     cfg = _lm_config(**{"on_policy.fraction": 1.0, "teacher.placement": "cache"})
     with pytest.raises(ValueError, match="live teacher"):
-        train.make_train_step(train.build_stage(cfg, _mesh(), str(tmp_path)), None, cached=True)
+        gkd.make_train_step(kd.build_stage(cfg, _mesh(), str(tmp_path)), None, cached=True)
 
 
 def test_contract_zero_on_identical_and_masked_tokens_do_not_count():

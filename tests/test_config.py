@@ -7,7 +7,7 @@ import os
 import pytest
 
 from kd_jax import config as C
-from kd_jax import train
+from kd_jax import runner
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.py"), recursive=True))
@@ -91,7 +91,7 @@ def test_every_config_tiny_runs_one_step(spec, tmp_path):
         for name in c.stages:
             c.stages[name].steps = 1
         c.steps = 1
-    results = train.run(c, str(tmp_path))
+    results = runner.run(c, str(tmp_path))
     # Data-writing stages (kind generate / topk_cache) report no step.
     assert all(r["step"] == 1 for r in results.values() if r.get("kind", "train") == "train")
 

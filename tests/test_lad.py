@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kd_jax import lad
-from kd_jax.losses.features import cwd
+from kd_jax.losses import cwd, dual_path_consistency, seg_ce
+from kd_jax.models import lad
 from kd_jax.models.deeplab import DeepLabV3, widen_input_kernel
 
 C = 21  # Pascal VOC
@@ -81,14 +81,37 @@ def test_teacher_and_student_inputs():
     assert float(np.abs(t[..., 3]).max()) > 10.0  # scale 100
 
 
+def _dual_path_loss(*, out1, out2, labels):
+    """LAD's teacher loss as configs/lad/lad.py composes it from registered objectives:
+    sum_p [CE(out_p) + 0.4 CE(aux_p)] + 5 dual_path_consistency(out_1, out_2)."""
+    ce = seg_ce(student=out1["logits"], labels=labels, align_corners=True) + seg_ce(
+        student=out2["logits"], labels=labels, align_corners=True
+    )
+    aux = seg_ce(student=out1["aux"], labels=labels, align_corners=True) + seg_ce(
+        student=out2["aux"], labels=labels, align_corners=True
+    )
+    cons = dual_path_consistency(student=(out1["logits"], out2["logits"]), temperature=4.0)
+    total = ce + 0.4 * aux + 5.0 * cons
+    return total, {"ce": ce, "aux_ce": aux, "consistency": cons, "loss": total}
+
+
+def _student_loss(*, student, teacher, labels):
+    """LAD's student loss (configs/lad/lad.py): CE + 0.02 CE(aux) + 3 CWD(s, sg(t)) at T = 4."""
+    ce = seg_ce(student=student["logits"], labels=labels, align_corners=True)
+    aux = seg_ce(student=student["aux"], labels=labels, align_corners=True)
+    kd = cwd(student=student["logits"], teacher=jax.lax.stop_gradient(teacher["logits"]))
+    total = ce + 0.02 * aux + 3.0 * kd
+    return total, {"ce": ce, "aux_ce": aux, "kd": kd, "loss": total}
+
+
 @jax.jit
 def _dual(o1, o2, y):
-    t12, m12 = lad.dual_path_loss(out1=o1, out2=o2, labels=y)
-    t21, m21 = lad.dual_path_loss(out1=o2, out2=o1, labels=y)
-    same, ms = lad.dual_path_loss(out1=o1, out2=o1, labels=y)
-    g = jax.grad(lambda a: lad.consistency_loss(a, o2["logits"]))(o1["logits"])
+    t12, m12 = _dual_path_loss(out1=o1, out2=o2, labels=y)
+    t21, m21 = _dual_path_loss(out1=o2, out2=o1, labels=y)
+    same, ms = _dual_path_loss(out1=o1, out2=o1, labels=y)
+    g = jax.grad(lambda a: dual_path_consistency(student=(a, o2["logits"])))(o1["logits"])
     g_ref = jax.grad(lambda a: cwd(student=a, teacher=o2["logits"]))(o1["logits"])
-    st, mst = lad.student_loss(student=o1, teacher=o1, labels=y)
+    st, mst = _student_loss(student=o1, teacher=o1, labels=y)
     return t12, m12, t21, m21, same, ms, g, g_ref, st, mst
 
 
@@ -186,7 +209,7 @@ def test_tiny_label_assisted_teacher_dual_path_forward():
         x = jnp.concatenate([lad.teacher_input(k, img, y, **kw) for k in (k1, k2)])
         f = model.apply(v, x)[1]  # both noised passes in one (eval-mode) call
         o1, o2 = ({k: f[k][i * 2 : i * 2 + 2] for k in ("logits", "aux")} for i in (0, 1))
-        return lad.dual_path_loss(out1=o1, out2=o2, labels=y)
+        return _dual_path_loss(out1=o1, out2=o2, labels=y)
 
     total, metrics = run(v, img, y, key(5))
     assert np.isfinite(float(total))

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kd_jax import tokenizers
 from kd_jax.models import gguf_loading
 from kd_jax.models.generate import generate, left_align, sample_logits
 from kd_jax.models.llama import Llama, LlamaConfig, init_cache, lm_head_kernel
@@ -396,7 +397,9 @@ def test_gguf_round_trip(tiny, tiny_gguf):
     w = np.arange(4 * 6 * 3, dtype=np.float32).reshape(24, 3)
     np.testing.assert_array_equal(gguf_loading.unpermute_qk(_llamacpp_permute(w, 2), 2), w)
 
-    tensors = {t.name: gguf_loading._dequantize(t) for t in gguf_loading._reader(tiny_gguf).tensors}
+    tensors = {
+        t.name: gguf_loading._dequantize(t) for t in gguf_loading.gguf_reader(tiny_gguf).tensors
+    }
     broken = dict(tensors)
     del broken["blk.1.ffn_up.weight"]
     broken["blk.0.attn_rot.weight"] = np.zeros(3, np.float32)
@@ -421,7 +424,7 @@ def test_gguf_tokenizer_and_chat_mask(tiny_gguf, monkeypatch):
     assert ids == [t, h, 257, e, space, *(byte_id[ord(c)] for c in "2024"), 259]
     assert tok.decode(ids) == "th the 2024"
     assert tok.decode(ids, skip_special_tokens=False) == "th the 2024<|im_end|>"
-    monkeypatch.setitem(gguf_loading._DIGITS_FIRST, "smollm", False)  # plain GPT-2 splitting
+    monkeypatch.setitem(tokenizers._DIGITS_FIRST, "smollm", False)  # plain GPT-2 splitting
     assert 260 in gguf_loading.Tokenizer.from_gguf(tiny_gguf).encode("2024")
     batch = tok(["ab", "abcd"], padding_side="left")
     np.testing.assert_array_equal(batch["attention_mask"], [[0, 0, 1, 1], [1, 1, 1, 1]])

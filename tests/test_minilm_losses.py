@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from kd_jax.losses import minilm
+from tests.helpers import registered_in
 
 B, T = 3, 7
 LENGTHS = (7, 4, 1)  # full, padded, a single token
@@ -200,7 +201,7 @@ def test_errors():
         minilm.minilm_value_relation(student=v, teacher=v, num_heads=4, teacher_heads=2)
     with pytest.raises(ValueError, match="chunk_size"):
         minilm.minilmv2_relation(student=v, teacher=v, relation_heads=2, chunk_size=0)
-    assert set(minilm.OBJECTIVES) == {
+    assert set(registered_in(minilm)) == {
         "minilm_attention",
         "minilm_value_relation",
         "minilmv2_relation",

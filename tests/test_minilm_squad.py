@@ -9,7 +9,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from kd_jax import config as C
-from kd_jax import losses, models, train
+from kd_jax import losses, models, runner
 from kd_jax.data import squad
 from kd_jax.evaluators import span as span_eval
 from kd_jax.models.bert import MASK_VALUE
@@ -124,7 +124,7 @@ def test_squad_tiny_trains_on_mock_data(tmp_path):
     # A 1-layer random encoder keeps this fast; warm-starting is checked below without compiling.
     with tfds.testing.mock_data(num_examples=16):
         cfg = C.load(f"{SQUAD}:tiny,init=none,layers=1,hidden=32,heads=2")
-        res = train.run(cfg, str(tmp_path))["main"]
+        res = runner.run(cfg, str(tmp_path))["main"]
     assert res["step"] == 2
     train_losses = helpers.metrics(tmp_path, "main")
     assert len(train_losses) == 2 and np.isfinite(train_losses).all()
@@ -135,7 +135,7 @@ def test_squad_tiny_trains_on_mock_data(tmp_path):
 
 def test_pretrained_encoder_fits_bert_qa():
     # student.init=pretrained:all-minilm-l6-v2 grafts the weights into the "encoder" sub-tree
-    # (train._graft_pretrained, exercised end to end by tests/test_minilm_finetune.py).
+    # (kd.graft_pretrained, exercised end to end by tests/test_minilm_finetune.py).
     from kd_jax.models import pretrained
 
     cfg = C.load(SQUAD)

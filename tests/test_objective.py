@@ -8,6 +8,7 @@ import pytest
 from kd_jax import config as C
 from kd_jax import losses
 from kd_jax.objective import Objective, schedule_factor
+from tests.helpers import evaluate_objective
 
 B = 4
 STUDENT = {
@@ -29,8 +30,8 @@ def test_weighted_sum_matches_terms():
     )
     s = jax.random.normal(jax.random.key(0), (B, 10))
     t = jax.random.normal(jax.random.key(1), (B, 10))
-    total, m = obj(
-        {}, student_feats={"logits": s}, teacher_feats={"logits": t}, batch=BATCH, step=0
+    total, m = evaluate_objective(
+        obj, {}, student_feats={"logits": s}, teacher_feats={"logits": t}, batch=BATCH, step=0
     )
     kd = losses.hinton_kd(student=s, teacher=t, temperature=2.0)
     ce = losses.ce(student=s, labels=BATCH["label"])
@@ -45,24 +46,30 @@ def test_mismatched_features_name_both_paths_and_shapes():
         match=r"student feature 'hidden' \(4, 16\) vs teacher feature "
         r"'hidden' \(4, 32\)",
     ):
-        obj({}, student_feats=STUDENT, teacher_feats=TEACHER, batch=BATCH, step=0)
+        evaluate_objective(
+            obj, {}, student_feats=STUDENT, teacher_feats=TEACHER, batch=BATCH, step=0
+        )
 
 
 def test_missing_feature_lists_available():
     obj = Objective({"x": C.term("mse", student="conv9", teacher="conv1")})
     with pytest.raises(KeyError, match=r"student feature 'conv9' not found; available: \['conv1'"):
-        obj({}, student_feats=STUDENT, teacher_feats=TEACHER, batch=BATCH, step=0)
+        evaluate_objective(
+            obj, {}, student_feats=STUDENT, teacher_feats=TEACHER, batch=BATCH, step=0
+        )
 
 
 def test_adapter_maps_student_width_and_is_trainable():
     obj = Objective(
         {"hint": C.term("fitnets", student="conv1", teacher="conv1", adapter="conv1x1")}
     )
-    aux = obj.init_aux(jax.random.key(0), STUDENT, TEACHER)
+    aux = obj.init_aux_variables(jax.random.key(0), STUDENT, TEACHER)[0]
     assert aux["hint"]["params"]["proj"]["kernel"].shape == (1, 1, 8, 32)
 
     def loss(a):
-        return obj(a, student_feats=STUDENT, teacher_feats=TEACHER, batch=BATCH, step=0)[0]
+        return evaluate_objective(
+            obj, a, student_feats=STUDENT, teacher_feats=TEACHER, batch=BATCH, step=0
+        )[0]
 
     g = jax.grad(loss)(aux)
     assert float(jnp.abs(g["hint"]["params"]["proj"]["kernel"]).sum()) > 0
@@ -75,7 +82,9 @@ def test_weight_schedules():
     obj = Objective({"ce": C.term("ce", 2.0, schedule="linear:0:4")})
     s = jnp.zeros((B, 10))
     at = lambda step: float(
-        obj({}, student_feats={"logits": s}, teacher_feats={}, batch=BATCH, step=step)[0]
+        evaluate_objective(
+            obj, {}, student_feats={"logits": s}, teacher_feats={}, batch=BATCH, step=step
+        )[0]
     )
     assert at(0) == 0.0 and at(2) == pytest.approx(np.log(10))
     with pytest.raises(ValueError, match="Unknown weight schedule"):

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from kd_jax import config as C
-from kd_jax import losses, teacher_gen, train
+from kd_jax import losses, runner, sharding, trainers
 from kd_jax.data import orca, records
 from kd_jax.models import llama
+from kd_jax.trainers import _shards, kd
 
 # A tiny decoder over SmolLM2's real vocabulary (the tokenizer's ids index its embedding).
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -136,6 +137,17 @@ def test_records_roundtrip_and_corruption_is_named(tmp_path):
         records.read_shard(path)
 
 
+def _ctx(out):
+    return trainers.RunContext(
+        sharding.make_mesh(C.base_config().mesh), os.path.dirname(out), out, {}
+    )
+
+
+def _run_stage(cfg, out):
+    """One data-writing stage in directory `out`, as the runner runs it."""
+    return trainers.TRAINERS.get(cfg.kind)(cfg, _ctx(out))
+
+
 def _gen_config(tmp_path, **generate):
     c = C.base_config()
     c.kind = "generate"
@@ -149,11 +161,11 @@ def _gen_config(tmp_path, **generate):
 
 def test_generate_stage_resumes_without_duplicates(tmp_path):
     out = str(tmp_path / "gen")
-    with pytest.raises(teacher_gen.SimulatedCrash):
-        teacher_gen.run_stage(_gen_config(tmp_path, fail_after_shards=2), out)
+    with pytest.raises(_shards.SimulatedCrash):
+        _run_stage(_gen_config(tmp_path, fail_after_shards=2), out)
     assert len(os.listdir(out)) == 3  # manifest + 2 finished shards, nothing else
     open(os.path.join(out, "responses-00002-of-00004.kdrec.partial"), "wb").write(b"KDREC1")
-    res = teacher_gen.run_stage(_gen_config(tmp_path), out)
+    res = _run_stage(_gen_config(tmp_path), out)
     assert res["shards_reused"] == 2 and res["shards_written"] == 2 and res["records"] == 7
     recs = records.read_dataset(out)
     want = [q for q, _ in orca.sharegpt_queries(40, 8, 0, 7)]
@@ -164,13 +176,13 @@ def test_generate_stage_resumes_without_duplicates(tmp_path):
     assert r["system_index"] in orca.COLLECTIONS["flan2021"] and r["seed"] == 0
     # A resumed run equals an uninterrupted one (each shard's rng is fold_in(seed, shard)).
     fresh = str(tmp_path / "fresh")
-    teacher_gen.run_stage(_gen_config(tmp_path), fresh)
+    _run_stage(_gen_config(tmp_path), fresh)
     for a, b in zip(recs, records.read_dataset(fresh)):
         np.testing.assert_array_equal(a["response_ids"], b["response_ids"])
     # Other settings in the same directory are refused rather than mixed in.
     with pytest.raises(ValueError, match=r"other settings \(differ in \['sampling'\]\)"):
         os.remove(os.path.join(out, "result.json"))
-        teacher_gen.run_stage(_gen_config(tmp_path, temperature=1.0), out)
+        _run_stage(_gen_config(tmp_path, temperature=1.0), out)
 
 
 def test_topk_cache_roundtrip_and_corrupt_shard(tmp_path):
@@ -185,14 +197,14 @@ def test_topk_cache_roundtrip_and_corrupt_shard(tmp_path):
     c.generate = dict(k=k, rows_per_shard=4)
     cfg = C.stage_config(C.validate(c), None)
     out = str(tmp_path / "topk")
-    res = teacher_gen.run_stage(cfg, out)
+    res = _run_stage(cfg, out)
     assert res["rows"] == 6 and res["k"] == k and res["shards_written"] == 2
     assert 6 * k <= res["bytes_per_slot"] < 6 * k + 8  # uint16 ids + float32 log-probs
     train_src, _ = orca.orca_chat(**dict(c.data.kwargs), topk_cache=out)
     a = train_src.arrays
     assert a["teacher_topk_idx"].shape == (6, 64, k) and a["teacher_topk_idx"].dtype == np.int32
     # Equal to the teacher's full-vocabulary log-softmax at those ids, sorted descending.
-    module, variables, _ = teacher_gen.load_teacher(cfg)
+    module, variables, _ = _shards.load_teacher(cfg, _ctx(out))
     logits, _ = module.apply(
         variables, a["input_ids"], positions=a["positions"], segment_ids=a["segment_ids"]
     )
@@ -215,12 +227,12 @@ def test_progressive_stages_continue_the_student(tmp_path):
     """Progressive learning (configs/orca/paper.py:tiny, the config CI also runs): stage flan1m
     starts from stage flan5m's final student (student.init = "stage:flan5m")."""
     c = C.load(os.path.join(ROOT, "configs/orca/paper.py:tiny"))
-    res = train.run(c, str(tmp_path))
+    res = runner.run(c, str(tmp_path))
     assert res["flan5m"]["step"] == 2 and res["flan1m"]["step"] == 1
     assert np.isfinite(res["flan1m"]["eval/perplexity"]).all()
-    mesh = train.sharding.make_mesh(c.mesh)
-    first, _ = train.restore_student(C.stage_config(c, "flan5m"), mesh, str(tmp_path / "flan5m"))
-    second, _ = train.restore_student(C.stage_config(c, "flan1m"), mesh, str(tmp_path / "flan1m"))
+    mesh = sharding.make_mesh(c.mesh)
+    first, _ = kd.restore_student(C.stage_config(c, "flan5m"), mesh, str(tmp_path / "flan5m"))
+    second, _ = kd.restore_student(C.stage_config(c, "flan1m"), mesh, str(tmp_path / "flan1m"))
     # One Adam step (lr 2e-5, after 1 warm-up step) from stage 1's weights moves each by <= ~lr;
     # a fresh init would differ by O(0.02).
     diff = max(float(jnp.abs(a - b).max()) for a, b in zip(*map(jax.tree.leaves, (first, second))))

@@ -10,8 +10,10 @@ import pytest
 
 from kd_jax import config as C
 from kd_jax import data as data_lib
-from kd_jax import lad, losses, train
+from kd_jax import losses, runner, sharding
+from kd_jax.models import lad
 from kd_jax.objective import Objective
+from kd_jax.trainers import kd
 
 B = 8
 NET = {"stem_widths": (4, 4, 8), "widths": (8, 8, 8, 8), "aspp_features": 8, "aspp_rates": (1, 2)}
@@ -48,22 +50,20 @@ def _bn_config():
 
 def test_batchnorm_state_is_trained_checkpointed_and_exported(tmp_path):
     cfg = _bn_config()
-    res = train.run(cfg, str(tmp_path))
+    res = runner.run(cfg, str(tmp_path))
     assert 0.0 <= res["teacher"]["eval/miou"][0] <= 1.0 and "eval/pixel_acc" in res["kd"]
     assert res["kd"]["teacher"]["source_step"] == 2
-    mesh = train.sharding.make_mesh(cfg.mesh)
+    mesh = sharding.make_mesh(cfg.mesh)
     stage_cfg = C.stage_config(cfg, "teacher")
-    exported, step = train.restore_student_variables(stage_cfg, mesh, str(tmp_path / "teacher"))
+    exported, step = kd.restore_student_variables(stage_cfg, mesh, str(tmp_path / "teacher"))
     assert step == 2 and set(exported) == {"params", "batch_stats"}
     # Running statistics moved away from their init (mean 0, var 1) during training.
     mean = exported["batch_stats"]["backbone"]["stem_bn1"]["bn"]["mean"]
     assert float(jnp.abs(mean).max()) > 0
     # The kd stage's adapter (params["aux"]) is training-only: not in the exported student.
-    kd_vars, _ = train.restore_student_variables(
-        C.stage_config(cfg, "kd"), mesh, str(tmp_path / "kd")
-    )
+    kd_vars, _ = kd.restore_student_variables(C.stage_config(cfg, "kd"), mesh, str(tmp_path / "kd"))
     assert "cwd" not in kd_vars["params"] and set(kd_vars) == {"params", "batch_stats"}
-    stage = train.build_stage(C.stage_config(cfg, "kd"), mesh, str(tmp_path))
+    stage = kd.build_stage(C.stage_config(cfg, "kd"), mesh, str(tmp_path))
     assert set(stage.abstract_state.params["aux"]) == {"cwd"}
     assert set(stage.abstract_state.model_state["student"]) == {"batch_stats"}
 
@@ -119,7 +119,11 @@ def test_dual_path_consistency_objective_matches_lad():
     a = jax.random.normal(jax.random.key(0), (2, 4, 4, 3))
     b = jax.random.normal(jax.random.key(1), (2, 4, 4, 3))
     got = losses.get("dual_path_consistency")(student=(a, b), temperature=4.0)
-    np.testing.assert_allclose(got, lad.consistency_loss(a, b, temperature=4.0), rtol=1e-6)
+    sg = jax.lax.stop_gradient
+    want = losses.cwd(student=a, teacher=sg(b), temperature=4.0) + losses.cwd(
+        student=b, teacher=sg(a), temperature=4.0
+    )
+    np.testing.assert_allclose(got, want, rtol=1e-6)
     assert float(losses.get("dual_path_consistency")(student=(a, a))) == pytest.approx(0.0)
 
 
@@ -186,4 +190,4 @@ def test_unknown_evaluator_is_clear(tmp_path):
         cfg.stage_order = ("teacher",)
         cfg.stages.teacher.steps = 0
     with pytest.raises(ValueError, match="Unknown evaluator 'segmentaton'"):
-        train.run(cfg, os.path.join(str(tmp_path), "w"))
+        runner.run(cfg, os.path.join(str(tmp_path), "w"))

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from kd_jax import train
+from kd_jax import teacher as teacher_lib
 from kd_jax.models import check_shapes, deeplab, pretrained, segformer, segformer_loading
+from kd_jax.trainers import kd
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
 MIT_FILE = os.path.join(FIX, "segformer_tiny.safetensors")
@@ -165,13 +166,13 @@ def test_resnet18_v1b_round_trip_and_graft(tmp_path):
     np.testing.assert_array_equal(four["kernel"][:, :, :3], p["stem_conv1"]["kernel"])
     assert four["kernel"].shape[2] == 4 and 0.02 < np.std(four["kernel"][:, :, 3]) < 0.3
 
-    # train._graft_pretrained puts params and batch_stats into the "backbone" sub-tree of
+    # kd.graft_pretrained puts params and batch_stats into the "backbone" sub-tree of
     # every seed and leaves the rest of the student alone.
     seeds = 2
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
     rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     stack = lambda t: jax.tree.map(lambda v: jnp.stack([v] * seeds), t)  # noqa: E731
-    state = train.TrainState(
+    state = kd.TrainState(
         step=jnp.zeros(seeds, jnp.int32),
         params={"student": stack(want["params"])},
         opt_state=None,
@@ -183,7 +184,7 @@ def test_resnet18_v1b_round_trip_and_graft(tmp_path):
         model_state={"student": jax.tree.map(lambda _: rep, state.model_state["student"])},
     )
     stage = types.SimpleNamespace(cfg=types.SimpleNamespace(num_seeds=seeds), state_shardings=shard)
-    new = train._graft_pretrained(stage, state, f"pretrained:resnet18_v1b:{path}")
+    new = kd.graft_pretrained(stage, state, f"pretrained:resnet18_v1b:{path}")
     np.testing.assert_array_equal(
         new.params["student"]["backbone"]["layer3_0"]["conv1"]["kernel"][1],
         p["layer3_0"]["conv1"]["kernel"],
@@ -209,7 +210,7 @@ def test_mit_graft_into_segformer():
     model = segformer.SegFormer(variant="tiny", num_classes=3, heads=TINY["heads"])
     v = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
     loaded = pretrained.load(f"mit:{MIT_FILE}")
-    # The file fits exactly the "encoder" sub-tree (what train._graft_pretrained looks for).
+    # The file fits exactly the "encoder" sub-tree (what kd.graft_pretrained looks for).
     check_shapes(v["params"]["encoder"], loaded, "encoder")
     assert [k for k, sub in v["params"].items() if not check_shapes_bad(sub, loaded)] == ["encoder"]
 
@@ -221,17 +222,12 @@ def check_shapes_bad(want, got):
 
 
 def test_params_only_bn_teacher_gets_init_batch_stats():
-    # train._init_missing_collections: a BatchNorm teacher loaded from a params-only file.
+    # teacher._init_missing: a BatchNorm teacher loaded from a params-only file.
     model = deeplab.DeepLabV3(num_classes=3, stem_widths=STEM, widths=WIDTHS, aspp_features=8)
-    data = types.SimpleNamespace(
-        example_batch=lambda: {"image": np.zeros((2, 16, 16, 3), np.float32)},
-        name="x",
-        global_batch=2,
-    )
-    stage = types.SimpleNamespace(data=data, teacher_inputs=("image",), teacher=model)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((2, 16, 16, 3)))
+    example = (jax.ShapeDtypeStruct((2, 16, 16, 3), jnp.float32),)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), *example)
     params = jax.tree.map(lambda a: np.ones(a.shape, a.dtype), shapes["params"])
-    out = train._init_missing_collections(stage, {"params": params}, "some/params/file")
+    out = teacher_lib._init_missing(model, {"params": params}, shapes, example, "some/file")
     assert set(out) == {"params", "batch_stats"} and out["params"] is params
     bs = out["batch_stats"]["backbone"]["stem_bn1"]["bn"]
     np.testing.assert_array_equal(bs["mean"], 0.0)

@@ -12,6 +12,7 @@ import pytest
 
 from kd_jax.losses import sequence
 from kd_jax.losses.sequence import forward_kl, generalized_jsd, reverse_kl, vocab_check
+from tests.helpers import registered_in
 
 B, T, V = 2, 5, 11
 FNS = {
@@ -176,8 +177,8 @@ def test_vocab_mismatch_errors():
 
 
 def test_objectives_table_is_keyword_only():
-    assert set(sequence.OBJECTIVES) == {"forward_kl", "reverse_kl", "generalized_jsd"}
-    for fn in sequence.OBJECTIVES.values():
+    assert set(registered_in(sequence)) == {"forward_kl", "reverse_kl", "generalized_jsd"}
+    for fn in registered_in(sequence).values():
         params = inspect.signature(fn).parameters.values()
         assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params)
         assert {"student", "teacher", "mask", "reduction", "temperature"} <= {

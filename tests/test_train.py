@@ -8,7 +8,10 @@ import jax
 import numpy as np
 import pytest
 
-from kd_jax import train
+from kd_jax import checkpoint as ckpt_lib
+from kd_jax import config as config_lib
+from kd_jax import sharding
+from kd_jax.trainers import kd
 from tests import helpers
 
 
@@ -28,9 +31,9 @@ def test_sharded_equals_single_device(tmp_path):
             helpers.student_params(single, tmp_path / "one", stage, devices=jax.devices()[:1]),
         )
     # FSDP rules really sharded the student's kernels over the fsdp axis.
-    stage = train.build_stage(
-        train.config_lib.stage_config(sharded, "kd"),
-        train.sharding.make_mesh(sharded.mesh),
+    stage = kd.build_stage(
+        config_lib.stage_config(sharded, "kd"),
+        sharding.make_mesh(sharded.mesh),
         str(tmp_path),
     )
     spec = stage.state_shardings.params["student"]["dense0"]["kernel"].spec
@@ -78,11 +81,11 @@ def test_checkpoint_excludes_teacher_and_records_identity(tmp_path):
     ident = res["kd"]["teacher"]
     assert ident["init"] == "stage:teacher" and ident["source_step"] == 2
     assert len(ident["fingerprint"]) == 16
-    ckptr = train.ckpt_lib.Checkpointer(str(tmp_path / "kd" / "checkpoints"), async_save=False)
+    ckptr = ckpt_lib.Checkpointer(str(tmp_path / "kd" / "checkpoints"), async_save=False)
     assert ckptr.read_meta()["teacher"]["fingerprint"] == ident["fingerprint"]
     ckptr.close()
-    stage = train.build_stage(
-        train.config_lib.stage_config(cfg, "kd"), train.sharding.make_mesh(cfg.mesh), str(tmp_path)
+    stage = kd.build_stage(
+        config_lib.stage_config(cfg, "kd"), sharding.make_mesh(cfg.mesh), str(tmp_path)
     )
     assert set(stage.abstract_state.params) == {"student", "aux"}
     n_student = sum(x.size for x in jax.tree.leaves(stage.abstract_state.params))
@@ -130,9 +133,7 @@ def test_nonfinite_loss_names_step_and_checkpoint(tmp_path):
     cfg = helpers.kd_config(
         steps=8, teacher_steps=8, **{"data.kwargs.corrupt_index": 5, "checkpoint_every": 1}
     )
-    with pytest.raises(
-        train.NonFiniteLossError, match=r"at step \d+.*Last good checkpoint: step \d"
-    ):
+    with pytest.raises(kd.NonFiniteLossError, match=r"at step \d+.*Last good checkpoint: step \d"):
         helpers.run(cfg, tmp_path / "stop")
     skip = helpers.kd_config(
         steps=8, teacher_steps=8, **{"data.kwargs.corrupt_index": 5, "skip_nonfinite": True}
@@ -156,8 +157,8 @@ def test_mixed_precision_keeps_float32_params(tmp_path):
     assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype("float32")}
     assert np.isfinite(res["kd"]["eval/loss"]).all()
     # Activations really are bfloat16.
-    stage = train.build_stage(
-        train.config_lib.stage_config(cfg, "kd"), train.sharding.make_mesh(cfg.mesh), str(tmp_path)
+    stage = kd.build_stage(
+        config_lib.stage_config(cfg, "kd"), sharding.make_mesh(cfg.mesh), str(tmp_path)
     )
     x = np.zeros((2, 8, 8, 1), np.float32)
     logits, _ = stage.student.apply({"params": jax.tree.map(lambda p: p[0], params)}, x)

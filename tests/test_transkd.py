@@ -20,6 +20,7 @@ from kd_jax.models.transkd import (
     nearest_resize,
     stages,
 )
+from tests.helpers import registered_in
 
 B0 = (32, 64, 160, 256)
 B2 = (64, 128, 320, 512)
@@ -224,9 +225,9 @@ def test_pixel_kd_zero_nonneg_ignore():
 
 
 def test_objectives_are_keyword_only():
-    assert set(seg.OBJECTIVES) == {"seg_ce", "pixel_kd", "hcl", "pea", "dual_path_consistency"}
+    assert set(registered_in(seg)) == {"seg_ce", "pixel_kd", "hcl", "pea", "dual_path_consistency"}
     assert len(seg.ERFNET_CITYSCAPES_WEIGHTS) == 20 and seg.ERFNET_CITYSCAPES_WEIGHTS[19] == 0
-    for fn in seg.OBJECTIVES.values():
+    for fn in registered_in(seg).values():
         params = inspect.signature(fn).parameters.values()
         assert all(p.kind == inspect.Parameter.KEYWORD_ONLY for p in params)
         assert {"student", "mask", "reduction"} <= accepts(fn)

@@ -6,7 +6,7 @@ on held-out ShareGPT conversations, prints the markdown table (experiments/minil
 The defaults are the measured setting (100 steps, batch 32, length 32, 2 seeds, 1000 fit + 500
 eval held-out pairs); the evaluation metrics are defined in kd_jax/evaluators/embedding.py.
 
-`--phase=train` or `--phase=eval` runs one half; a finished run is skipped (train.run returns
+`--phase=train` or `--phase=eval` runs one half; a finished run is skipped (runner.run returns
 the stored result), so the script can be rerun to resume. Every run trains `--seeds` replicas in
 one jitted step (num_seeds) on the same batches.
 """
@@ -57,14 +57,14 @@ def overrides(args) -> list[str]:
 
 def train_all(args) -> dict:
     from kd_jax import config as C
-    from kd_jax import train
+    from kd_jax import runner
 
     out = {}
     for name in args.runs:
         spec, extra, _, _ = RUNS[name]
         cfg = C.load(os.path.join(ROOT, "configs/minilm", spec), overrides(args) + list(extra))
         t0 = time.time()
-        res = train.run(cfg, os.path.join(args.workdir, name))
+        res = runner.run(cfg, os.path.join(args.workdir, name))
         out[name] = {k: v.get("train_seconds") for k, v in res.items()}
         logging.info("%s trained in %.0f s: %s", name, time.time() - t0, out[name])
     return out
@@ -92,9 +92,10 @@ def evaluate_all(args) -> dict:
     import jax
 
     from kd_jax import config as C
-    from kd_jax import models, sharding, train
+    from kd_jax import models, sharding
     from kd_jax.evaluators import embedding as E
     from kd_jax.models import pretrained
+    from kd_jax.trainers import kd
 
     data = E.heldout_pairs(
         args.fit_pairs, args.eval_pairs, skip_turns=args.train_turns, max_length=args.max_length
@@ -147,7 +148,7 @@ def evaluate_all(args) -> dict:
         cfg = C.stage_config(config, None if names == [None] else stage)
         stage_dir = os.path.join(args.workdir, run, stage if names != [None] else "")
         mesh = sharding.make_mesh(config.mesh, None)
-        params, step = train.restore_student(cfg, mesh, stage_dir)
+        params, step = kd.restore_student(cfg, mesh, stage_dir)
         model = models.build(cfg.student)
         seeds = [
             E.evaluate(run_model(model, p), t_emb, data) for p in _seed_params(params, args.seeds)

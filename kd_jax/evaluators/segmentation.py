@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from kd_jax.evaluators import EvalContext, register
 from kd_jax.losses.segmentation import resize_bilinear
 
 
@@ -82,43 +84,31 @@ def summary(conf) -> dict[str, jax.Array]:
     return {"miou": miou(conf), "pixel_acc": pixel_accuracy(conf), "iou": per_class_iou(conf)}
 
 
-# ----------------------------------------------------------------------------- trainer hook
-def make_eval_step(stage, t_axis):
-    """Jitted per-seed confusion matrices [S, C, C] of the student on one global eval batch
-    (config.evaluator = "segmentation"); `t_axis` is unused (kept for the evaluator interface)."""
-    from kd_jax import sharding
-    from kd_jax.models import batch_inputs
-    from kd_jax.replicas import over_seeds
-
-    del t_axis
-    ignore = stage.cfg.data.kwargs.get("ignore_index", 255)
+# ----------------------------------------------------------------------------- evaluator
+@register("segmentation")
+def segmentation(ctx: EvalContext):
+    """{"eval/miou", "eval/pixel_acc"}: one value per seed, from the confusion matrix summed over
+    the whole eval split (padding excluded). Setting: `ignore_index` (default 255)."""
+    ignore = ctx.settings.get("ignore_index", 255)
 
     def one_seed(variables, batch):
-        logits, _ = stage.student.apply(
-            variables, *batch_inputs(batch, stage.student_inputs), train=False
-        )
-        return confusion_from_logits(
+        logits, _ = ctx.student_predict(variables, batch)
+        conf = confusion_from_logits(
             logits, batch["label"], ignore_index=ignore, mask=batch["example_mask"]
         )
+        return {"conf": conf}
 
-    step = over_seeds(one_seed, (0, None), stage.cfg.seeds_in_step)
-    return jax.jit(step, out_shardings=sharding.replicated(stage.mesh))
+    step = ctx.jit_sums(one_seed)
 
+    def evaluate(variables, t_vars) -> dict:
+        del t_vars
+        conf = 0
+        for batch in ctx.batches():
+            conf = conf + np.asarray(jax.device_get(step(variables, batch)["conf"]), np.int64)
+        res = [summary(c) for c in conf]
+        return {
+            "eval/miou": np.asarray([float(r["miou"]) for r in res]),
+            "eval/pixel_acc": np.asarray([float(r["pixel_acc"]) for r in res]),
+        }
 
-def evaluate(stage, eval_step, variables, t_vars) -> dict:
-    """{"eval/miou", "eval/pixel_acc"}: one value per seed, from the confusion matrix summed over
-    the whole eval split (padding excluded)."""
-    import numpy as np
-
-    from kd_jax import sharding
-
-    del t_vars
-    conf = 0
-    for local in stage.data.eval_batches():
-        batch = sharding.make_global(stage.mesh, local, stage.data.eval_batch)
-        conf = conf + np.asarray(jax.device_get(eval_step(variables, batch)), np.int64)
-    res = [summary(c) for c in conf]
-    return {
-        "eval/miou": np.asarray([float(r["miou"]) for r in res]),
-        "eval/pixel_acc": np.asarray([float(r["pixel_acc"]) for r in res]),
-    }
+    return evaluate

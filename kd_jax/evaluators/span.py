@@ -14,19 +14,10 @@ Sums run inside jit over global arrays, as in `classification`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-import jax
 import jax.numpy as jnp
 
-from kd_jax import sharding
-from kd_jax.evaluators.classification import eval_sums
+from kd_jax.evaluators import EvalContext, register
 from kd_jax.losses.span import span_ce
-from kd_jax.models import batch_inputs as _inputs
-from kd_jax.replicas import over_seeds
-
-if TYPE_CHECKING:
-    from kd_jax.train import Stage
 
 MAX_ANSWER_TOKENS = 30
 
@@ -53,12 +44,10 @@ def span_f1(ps, pe, gs, ge):
     return jnp.where(p_null | g_null, (p_null & g_null).astype(jnp.float32), f1)
 
 
-def make_eval_step(stage: Stage, t_axis):
-    student = stage.student
-
-    def one_seed(variables, t_vars, batch):
-        del t_vars  # no teacher in fine-tuning
-        logits, _ = student.apply(variables, *_inputs(batch, stage.student_inputs), train=False)
+@register("span")
+def span(ctx: EvalContext):
+    def one_seed(variables, batch):
+        logits, _ = ctx.student_predict(variables, batch)
         m = batch["example_mask"]
         gs, ge = batch["start_position"], batch["end_position"]
         ps, pe = best_span(logits)
@@ -72,19 +61,18 @@ def make_eval_step(stage: Stage, t_axis):
             "count": m.sum(),
         }
 
-    return jax.jit(
-        over_seeds(one_seed, (0, t_axis, None), stage.cfg.seeds_in_step),
-        out_shardings=sharding.replicated(stage.mesh),
-    )
+    step = ctx.jit_sums(one_seed)
 
+    def evaluate(variables, t_vars) -> dict:
+        del t_vars  # no teacher in fine-tuning
+        sums = ctx.sums(step, variables)
+        count = sums.pop("count")
+        return {
+            "eval/span_accuracy": sums["span"] / count,
+            "eval/start_accuracy": sums["start"] / count,
+            "eval/end_accuracy": sums["end"] / count,
+            "eval/token_f1": sums["f1"] / count,
+            "eval/loss": sums["loss"] / count,
+        }
 
-def evaluate(stage: Stage, eval_step, variables, t_vars) -> dict:
-    sums = eval_sums(stage, eval_step, variables, t_vars)
-    count = sums.pop("count")
-    return {
-        "eval/span_accuracy": sums["span"] / count,
-        "eval/start_accuracy": sums["start"] / count,
-        "eval/end_accuracy": sums["end"] / count,
-        "eval/token_f1": sums["f1"] / count,
-        "eval/loss": sums["loss"] / count,
-    }
+    return evaluate

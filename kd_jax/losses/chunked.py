@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kd_jax.losses.reduce import _align_mask
+from kd_jax.losses.registry import register
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "generalized_jsd", "none")
 TAILS = ("renormalize", "bucket")
@@ -361,6 +362,7 @@ def _pair(x, who: str):
     return x
 
 
+@register("chunked_kd", token_level=True)
 def chunked_kd(
     *,
     student,
@@ -402,6 +404,7 @@ def chunked_kd(
     )
 
 
+@register("chunked_topk_kl", token_level=True)
 def chunked_topk_kl(
     *,
     student,
@@ -430,6 +433,3 @@ def chunked_topk_kl(
         reduction=reduction,
         chunk_size=chunk_size,
     )
-
-
-OBJECTIVES = {"chunked_kd": chunked_kd, "chunked_topk_kl": chunked_topk_kl}

@@ -29,6 +29,13 @@ def check_temperature(temperature) -> None:
         raise ValueError(f"temperature must be > 0, got {temperature}.")
 
 
+def kl_divergence(log_p, log_q):
+    """sum_v p (log p - log q) over the last axis, from log-probabilities; entries with p = 0
+    contribute exactly 0 (the `where` keeps -inf - (-inf) = NaN out of value and gradient)."""
+    p = jnp.exp(log_p)
+    return jnp.sum(p * jnp.where(p > 0, log_p - log_q, 0.0), axis=-1)
+
+
 def _check_labels(logits, labels) -> None:
     if tuple(labels.shape) != tuple(logits.shape[:-1]):
         raise ValueError(
@@ -91,9 +98,9 @@ def hinton_kd(*, student, teacher, mask=None, reduction: str = "mean", temperatu
     check_temperature(temperature)
     log_ps = jax.nn.log_softmax(s / temperature, axis=-1)
     log_pt = jax.nn.log_softmax(t / temperature, axis=-1)
-    # log_softmax of finite logits is finite, so p_t = 0 entries contribute exactly 0 (no NaN).
-    kl = jnp.sum(jnp.exp(log_pt) * (log_pt - log_ps), axis=-1)
-    return reduce_loss(kl * temperature**2, mask=mask, reduction=reduction)
+    return reduce_loss(
+        kl_divergence(log_pt, log_ps) * temperature**2, mask=mask, reduction=reduction
+    )
 
 
 def _masked_logsumexp(z, keep):

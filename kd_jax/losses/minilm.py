@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from kd_jax.losses.reduce import reduce_loss
+from kd_jax.losses.registry import register
 
 # Replaces the logits of padded keys. Any finite value works: those entries are also dropped by
 # `where` in the KL, it only keeps the softmax of an all-padded row finite.
@@ -143,6 +144,7 @@ def _self_relation_loss(
     return _finish(summed, mask, sh.shape[1], reduction)
 
 
+@register("minilm_attention")
 def minilm_attention(
     *, student, teacher, mask=None, reduction: str = "mean", chunk_size: int | None = None
 ):
@@ -175,6 +177,7 @@ def minilm_attention(
     return _finish(summed, mask, s.shape[1], reduction)
 
 
+@register("minilm_value_relation")
 def minilm_value_relation(
     *,
     student,
@@ -219,6 +222,7 @@ def minilm_value_relation(
     )
 
 
+@register("minilmv2_relation")
 def minilmv2_relation(
     *,
     student,
@@ -256,10 +260,3 @@ def minilmv2_relation(
         reduction=reduction,
         chunk_size=chunk_size,
     )
-
-
-OBJECTIVES = {
-    "minilm_attention": minilm_attention,
-    "minilm_value_relation": minilm_value_relation,
-    "minilmv2_relation": minilmv2_relation,
-}

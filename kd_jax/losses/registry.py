@@ -1,52 +1,41 @@
-"""Name -> objective registry, so configs can refer to objectives by string.
+"""The objective registry, so configs refer to objectives by string.
 
-The composer (`kd_jax.objective`) looks objectives up with `get(name)` and uses `accepts(fn)` to
-pass only the standard arguments (`student`, `teacher`, `labels`, `mask`) a function declares.
+`@register("hinton_kd")` adds a function; `@register("forward_kl", token_level=True)` marks an
+objective that compares next-token distributions over one vocabulary (teacher vs student), whose
+vocabulary sizes and tokenizer names the trainer checks before training. The composer
+(`kd_jax.objective`) looks objectives up with `get(name)` and uses `accepts(fn)` to pass only the
+standard arguments (`student`, `teacher`, `labels`, `mask`) a function declares.
 """
 
 from __future__ import annotations
 
-import difflib
 import inspect
 from collections.abc import Callable
 
-_REGISTRY: dict[str, Callable] = {}
+from kd_jax.registry import Registry
+
+OBJECTIVES: Registry[Callable] = Registry("objective")
 
 
-def register(name: str) -> Callable[[Callable], Callable]:
-    """Decorator: `@register("hinton_kd")` adds the function under `name` and returns it unchanged.
-
-    Raises `ValueError` on a duplicate name (a silent overwrite would make configs ambiguous).
-    """
-
-    def deco(fn: Callable) -> Callable:
-        if name in _REGISTRY and _REGISTRY[name] is not fn:
-            raise ValueError(f"Objective '{name}' is already registered ({_REGISTRY[name]!r}).")
-        _REGISTRY[name] = fn
-        return fn
-
-    return deco
+def register(name: str, *, token_level: bool = False) -> Callable[[Callable], Callable]:
+    """Decorator: adds the function under `name` and returns it unchanged. Raises ValueError on
+    a duplicate name."""
+    return OBJECTIVES.register(name, token_level=token_level)
 
 
 def get(name: str) -> Callable:
-    """The objective registered as `name`; `KeyError` listing valid names (and the closest)."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        close = difflib.get_close_matches(str(name), list(_REGISTRY), n=1, cutoff=0.4)
-        # Prefix matches ("hinton" -> "hinton_kd") are the most common typo and difflib's ratio
-        # can miss them for short names, so check them first.
-        prefix = [n for n in sorted(_REGISTRY) if name and n.startswith(str(name))]
-        hint = (prefix or close)[:1]
-        msg = f"Unknown objective '{name}'. Valid names: {', '.join(names())}."
-        if hint:
-            msg += f" Did you mean '{hint[0]}'?"
-        raise KeyError(msg) from None
+    """The objective registered as `name`; a KeyError listing valid names (and the closest)."""
+    return OBJECTIVES.get(name)
 
 
 def names() -> list[str]:
     """All registered objective names, sorted."""
-    return sorted(_REGISTRY)
+    return OBJECTIVES.names()
+
+
+def token_level(fn: Callable) -> bool:
+    entry = OBJECTIVES.find(fn)
+    return bool(entry and entry.meta.get("token_level"))
 
 
 def accepts(fn: Callable) -> set[str]:
@@ -63,16 +52,3 @@ def optional(fn: Callable, name: str) -> bool:
     """True when `fn`'s parameter `name` has a default (the composer may leave it out)."""
     param = inspect.signature(fn).parameters.get(name)
     return param is not None and param.default is not inspect.Parameter.empty
-
-
-# Objectives that compare next-token distributions over one vocabulary (teacher vs student):
-# the trainer checks their vocabulary sizes and tokenizer names before training.
-_TOKEN_LEVEL: set[str] = set()
-
-
-def mark_token_level(*names: str) -> None:
-    _TOKEN_LEVEL.update(names)
-
-
-def token_level(fn: Callable) -> bool:
-    return any(_REGISTRY.get(n) is fn for n in _TOKEN_LEVEL)

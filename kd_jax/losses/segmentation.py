@@ -6,7 +6,7 @@ Shared conventions (see `kd_jax.losses`): keyword-only arguments, float32 inside
 0/1 `mask` over the leading dims. Multi-stage objectives (`hcl`, `pea`) take a sequence of arrays
 (shallow -> deep) or a mapping (values taken in sorted-key order) and give a per-example loss [B].
 
-The registry is filled by the integrator from `OBJECTIVES` (this module registers nothing).
+Each objective registers itself under its function name (`kd_jax.losses.registry`).
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kd_jax.losses.features import cwd
 from kd_jax.losses.logits import check_temperature
 from kd_jax.losses.reduce import REDUCTIONS, reduce_loss
+from kd_jax.losses.registry import register
 
 HCL_LEVELS = (4, 2, 1)
 PEA_WEIGHTS = (0.1, 0.1, 0.5, 1.0)
@@ -91,6 +93,7 @@ def _ignore_valid(labels, num_classes: int, ignore_index):
     return valid, jnp.clip(labels, 0, num_classes - 1)
 
 
+@register("seg_ce")
 def seg_ce(
     *,
     student,
@@ -153,6 +156,7 @@ def seg_ce(
 
 
 # -------------------------------------------------------------------------- distillation
+@register("pixel_kd")
 def pixel_kd(
     *,
     student,
@@ -226,6 +230,7 @@ def _per_example_mse(a, b):
     return jnp.mean(jnp.square(a - b).reshape(a.shape[0], -1), axis=-1)
 
 
+@register("hcl")
 def hcl(*, student, teacher, mask=None, reduction: str = "mean", levels=HCL_LEVELS):
     """Hierarchical context loss (ReviewKD; TransKD `CSF.py:hcl`), summed over stages.
 
@@ -256,6 +261,7 @@ def hcl(*, student, teacher, mask=None, reduction: str = "mean", levels=HCL_LEVE
     return reduce_loss(total, mask=mask, reduction=reduction)
 
 
+@register("pea")
 def pea(*, student, teacher, mask=None, reduction: str = "mean", weights=PEA_WEIGHTS):
     """TransKD patch-embedding alignment loss: sum_i w_i * MSE(e~_s,i, e_t,i).
 
@@ -277,6 +283,7 @@ def pea(*, student, teacher, mask=None, reduction: str = "mean", weights=PEA_WEI
     return reduce_loss(total, mask=mask, reduction=reduction)
 
 
+@register("dual_path_consistency")
 def dual_path_consistency(*, student, mask=None, reduction: str = "mean", temperature=4.0):
     """LAD's dual-path consistency: CWD(l1, sg(l2)) + CWD(l2, sg(l1)) at T (default 4).
 
@@ -289,8 +296,6 @@ def dual_path_consistency(*, student, mask=None, reduction: str = "mean", temper
     Returns:
       float32 scalar ('mean'/'sum') or [B] ('none'); 0 when both passes agree.
     """
-    from kd_jax.losses.features import cwd
-
     pair = _as_list(student, "student")
     if len(pair) != 2:
         raise ValueError(f"dual_path_consistency needs 2 logit maps, got {len(pair)}.")
@@ -298,12 +303,3 @@ def dual_path_consistency(*, student, mask=None, reduction: str = "mean", temper
     sg = jax.lax.stop_gradient
     kw = dict(mask=mask, reduction=reduction, temperature=temperature)
     return cwd(student=a, teacher=sg(b), **kw) + cwd(student=b, teacher=sg(a), **kw)
-
-
-OBJECTIVES = {
-    "dual_path_consistency": dual_path_consistency,
-    "seg_ce": seg_ce,
-    "pixel_kd": pixel_kd,
-    "hcl": hcl,
-    "pea": pea,
-}

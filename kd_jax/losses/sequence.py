@@ -12,7 +12,7 @@ All three divergences are taken between softmax(logits / temperature) and multip
 temperature^2 (Hinton's gradient-scale correction), so T = 1 gives the plain divergence. Logits
 may contain -inf (e.g. padded vocabulary entries): a zero-probability term contributes 0.
 
-Not registered here: `OBJECTIVES` at the bottom maps names to functions for the registry.
+Each registers itself as a token-level objective (`kd_jax.losses.registry`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kd_jax.losses.logits import kl_divergence
 from kd_jax.losses.reduce import reduce_loss
+from kd_jax.losses.registry import register
 
 
 def vocab_check(
@@ -62,16 +64,7 @@ def _log_probs(student, teacher, temperature):
     )
 
 
-def _kl(log_p, log_q):
-    """sum_v p (log p - log q) over the last axis; entries with p = 0 contribute exactly 0.
-
-    The `where` keeps -inf - (-inf) = NaN out of both the value and the gradient.
-    """
-    p = jnp.exp(log_p)
-    diff = jnp.where(p > 0, log_p - log_q, 0.0)
-    return jnp.sum(p * diff, axis=-1)
-
-
+@register("forward_kl", token_level=True)
 def forward_kl(*, student, teacher, mask=None, reduction: str = "mean", temperature: float = 1.0):
     """T^2 * KL(p_teacher || p_student) per token (mode-covering; the classic KD / SFT-on-logits).
 
@@ -84,18 +77,24 @@ def forward_kl(*, student, teacher, mask=None, reduction: str = "mean", temperat
     Returns: float32 scalar, or [B, T] for 'none'.
     """
     log_ps, log_pt = _log_probs(student, teacher, temperature)
-    return reduce_loss(_kl(log_pt, log_ps) * temperature**2, mask=mask, reduction=reduction)
+    return reduce_loss(
+        kl_divergence(log_pt, log_ps) * temperature**2, mask=mask, reduction=reduction
+    )
 
 
+@register("reverse_kl", token_level=True)
 def reverse_kl(*, student, teacher, mask=None, reduction: str = "mean", temperature: float = 1.0):
     """T^2 * KL(p_student || p_teacher) per token (mode-seeking; MiniLLM, GKD at beta=1).
 
     Same arguments and reduction as `forward_kl`.
     """
     log_ps, log_pt = _log_probs(student, teacher, temperature)
-    return reduce_loss(_kl(log_ps, log_pt) * temperature**2, mask=mask, reduction=reduction)
+    return reduce_loss(
+        kl_divergence(log_ps, log_pt) * temperature**2, mask=mask, reduction=reduction
+    )
 
 
+@register("generalized_jsd", token_level=True)
 def generalized_jsd(
     *,
     student,
@@ -125,9 +124,9 @@ def generalized_jsd(
         raise ValueError(f"beta must be a Python number in [0, 1], got {beta!r}.")
     log_ps, log_pt = _log_probs(student, teacher, temperature)
     if beta == 0.0:
-        per = _kl(log_pt, log_ps)
+        per = kl_divergence(log_pt, log_ps)
     elif beta == 1.0:
-        per = _kl(log_ps, log_pt)
+        per = kl_divergence(log_ps, log_pt)
     else:
         # log M in log space (stable when both probabilities underflow in linear space). Where
         # both are exactly 0 (-inf logits), logaddexp(-inf, -inf) would put NaN in the gradient.
@@ -137,12 +136,5 @@ def generalized_jsd(
             jnp.where(none, 0.0, log_ps + jnp.log1p(-beta)),
         )
         log_m = jnp.where(none, -jnp.inf, log_m)
-        per = beta * _kl(log_pt, log_m) + (1.0 - beta) * _kl(log_ps, log_m)
+        per = beta * kl_divergence(log_pt, log_m) + (1.0 - beta) * kl_divergence(log_ps, log_m)
     return reduce_loss(per * temperature**2, mask=mask, reduction=reduction)
-
-
-OBJECTIVES = {
-    "forward_kl": forward_kl,
-    "reverse_kl": reverse_kl,
-    "generalized_jsd": generalized_jsd,
-}

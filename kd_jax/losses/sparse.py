@@ -31,8 +31,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kd_jax.losses.chunked import scatter_last
+from kd_jax.losses.chunked import topk_kl_and_grad
 from kd_jax.losses.reduce import reduce_loss
+from kd_jax.losses.registry import register
 
 TOPK_IDX, TOPK_LOGPROB = "teacher_topk_idx", "teacher_topk_logprob"
 
@@ -69,30 +70,14 @@ def sparse_kl(
     if not isinstance(temperature, int | float) or temperature <= 0:
         raise ValueError(f"temperature must be a Python number > 0, got {temperature!r}.")
     ls = jax.nn.log_softmax(z / temperature, axis=-1)
-    ls_k = jnp.take_along_axis(ls, idx, axis=-1)
-    if tail == "renormalize":
-        lt = jax.nn.log_softmax(lp / temperature, axis=-1)
-        pt = jnp.exp(lt)
-        per = jnp.sum(jnp.where(pt > 0, pt * (lt - ls_k), 0.0), axis=-1)
-    elif tail == "bucket":
-        if temperature != 1:
-            raise ValueError("tail='bucket' needs temperature=1 (the tail mass is at T=1).")
-        pt = jnp.exp(lp)
-        in_k = scatter_last(z.shape, idx, jnp.ones_like(pt)) > 0
-        has_tail = ~jnp.all(in_k, axis=-1)
-        p_tail = jnp.where(has_tail, jnp.clip(1.0 - jnp.sum(pt, -1), 0.0, 1.0), 0.0)
-        lq_tail = jax.nn.logsumexp(
-            jnp.where(has_tail[..., None], jnp.where(in_k, -jnp.inf, ls), ls), axis=-1
-        )
-        safe_tail = jnp.log(jnp.maximum(p_tail, 1e-38))
-        per = jnp.sum(jnp.where(pt > 0, pt * (lp - ls_k), 0.0), axis=-1) + jnp.where(
-            p_tail > 0, p_tail * (safe_tail - lq_tail), 0.0
-        )
-    else:
-        raise ValueError(f"Unknown tail '{tail}'; use 'renormalize' or 'bucket'.")
+    if tail == "bucket" and temperature != 1:
+        raise ValueError("tail='bucket' needs temperature=1 (the tail mass is at T=1).")
+    # One formula with the chunked loss; its gradient output is unused here (XLA drops it).
+    per, _ = topk_kl_and_grad(tail, ls, idx, lp, temperature)
     return reduce_loss(per * temperature**2, mask=mask, reduction=reduction)
 
 
+@register("topk_kl", token_level=True)
 def topk_kl(
     *,
     student,
@@ -118,6 +103,3 @@ def topk_kl(
         temperature=temperature,
         tail=tail,
     )
-
-
-OBJECTIVES = {"topk_kl": topk_kl}

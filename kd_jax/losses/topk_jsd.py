@@ -19,7 +19,7 @@ from kd_jax.losses.reduce import reduce_loss
 from kd_jax.losses.registry import register
 
 
-@register("topk_jsd")
+@register("topk_jsd", token_level=True)
 def topk_jsd(
     *,
     student,

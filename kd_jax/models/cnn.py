@@ -8,6 +8,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from kd_jax.models.registry import register
+
 
 class CNN(nn.Module):
     """Conv(3x3)+ReLU+MaxPool blocks, an optional hidden dense layer, a classifier.
@@ -59,3 +61,7 @@ class MLP(nn.Module):
         logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
         feats["logits"] = logits
         return logits, feats
+
+
+register("cnn", CNN)
+register("mlp", MLP)

@@ -26,6 +26,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kd_jax.models.registry import register
+
 # Backbone convs: kaiming_normal(fan_out, relu), as in the reference ResNetV1b.
 _kaiming = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
@@ -199,3 +201,6 @@ def widen_input_kernel(params, key, in_channels: int = 4, std: float = 0.1):
     new = jnp.concatenate([old, extra.astype(old.dtype)], axis=2)
     stem = {**params["backbone"]["stem_conv1"], "kernel": new}
     return {**params, "backbone": {**params["backbone"], "stem_conv1": stem}}
+
+
+register("deeplabv3", DeepLabV3)

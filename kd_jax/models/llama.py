@@ -21,6 +21,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kd_jax.models.registry import preset_fields, register
+
 # Added to the attention logits of keys a query may not see. Finite, so a row with no visible key
 # (a padding query) gives a uniform distribution rather than NaN; exp() of it is exactly 0.
 MASK_VALUE = -1e9
@@ -324,3 +326,18 @@ class PackedLlama(Llama):
         return super().__call__(
             input_ids, positions=positions, segment_ids=segment_ids, train=train, **kwargs
         )
+
+
+def _config(preset: str, kwargs: dict) -> LlamaConfig:
+    return LlamaConfig(**{**(preset_fields(preset) if preset else {}), **kwargs})
+
+
+@register("llama", inputs=("input_ids",))
+def llama(dtype=jnp.float32, preset: str = "", skip_logits: bool = False, **kwargs) -> Llama:
+    """`preset` (e.g. "smollm2-135m-instruct") fills the architecture; kwargs override it."""
+    return Llama(_config(preset, kwargs), dtype=dtype, skip_logits=skip_logits)
+
+
+@register("llama_packed", inputs=("input_ids", "positions", "segment_ids"))
+def llama_packed(dtype=jnp.float32, preset: str = "", skip_logits: bool = False, **kwargs):
+    return PackedLlama(_config(preset, kwargs), dtype=dtype, skip_logits=skip_logits)

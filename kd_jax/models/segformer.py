@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kd_jax.models.registry import register
+
 # embed dims, depths, heads, spatial-reduction ratios, MLP ratios per stage; decoder width.
 MIT_CONFIGS: dict[str, dict[str, Any]] = {
     "b0": dict(dims=(32, 64, 160, 256), depths=(2, 2, 2, 2), decoder_dim=256),
@@ -315,3 +317,6 @@ class SegFormer(nn.Module):
 def encoder_param_count(params) -> int:
     """Number of parameters under params["encoder"] (the MiT backbone alone)."""
     return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params["encoder"]))
+
+
+register("segformer", SegFormer)

@@ -21,8 +21,10 @@ from __future__ import annotations
 import os
 
 import numpy as np
+from safetensors.numpy import load_file
 
 from kd_jax.models import segformer
+from kd_jax.models.registry import WEIGHT_FILES, WeightFile
 
 
 def read_tensors(path: str) -> dict[str, np.ndarray]:
@@ -30,8 +32,6 @@ def read_tensors(path: str) -> dict[str, np.ndarray]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No weights file '{path}'.")
     if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
-
         raw = load_file(path)
     elif path.endswith(".npz"):
         with np.load(path) as f:
@@ -325,3 +325,7 @@ def load_resnet18_v1b(path: str, in_channels: int = 3, seed: int = 0) -> dict:
             params[f"layer{li + 1}_{k}"], stats[f"layer{li + 1}_{k}"] = p, s
             c_prev = planes
     return {"params": params, "batch_stats": stats}
+
+
+WEIGHT_FILES.register("mit", WeightFile(lambda path: {"params": load_mit(path)}))
+WEIGHT_FILES.register("resnet18_v1b", WeightFile(load_resnet18_v1b))

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kd_jax.adapters import ADAPTERS
 from kd_jax.models.segformer import MIT_CONFIGS, OverlapPatchEmbed
 
 # kaiming_uniform(a=1) == U(+-sqrt(3 / fan_in)); PyTorch's default Linear/Conv init is
@@ -316,3 +317,14 @@ class EmbedAlign(nn.Module):
             )
             proj = AssistFuse(name="fuse")(proj, assist)
         return proj
+
+
+def _widths(teacher) -> tuple[int, ...]:
+    return tuple(int(v.shape[-1]) for v in jax.tree.leaves(teacher))
+
+
+# TransKD's training-only modules as objective adapters, built from the teacher's stage widths.
+ADAPTERS.register("csf", lambda t: CSFAdapter(_widths(t)))  # student stages -> teacher maps
+ADAPTERS.register("pea", lambda t: EmbedAlign("base", _widths(t)))  # TransKD-Base PEA
+ADAPTERS.register("pea_gl", lambda t: EmbedAlign("gl", _widths(t)))  # + GL-Mixer on stage 4
+ADAPTERS.register("pea_ea", lambda t: EmbedAlign("ea", _widths(t)))  # + Embedding Assistant

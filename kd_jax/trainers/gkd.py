@@ -1,6 +1,8 @@
-"""GKD's on-policy mode (Agarwal et al., ICLR 2024): the student samples, the teacher scores.
+"""Stage kind "gkd": GKD's on-policy distillation (Agarwal et al., ICLR 2024, arXiv:2306.13649):
+the student samples, the teacher scores. The standard loop (`kd_jax.trainers.kd`) with its step
+replaced: both branches are `kd.make_seed_step`, the on-policy one with a batch transform.
 
-Config (`config.on_policy`, per stage like any top-level key):
+Config (`config.on_policy`, read by this kind only; per stage like any top-level key):
   fraction: lambda, the probability that a step is on-policy (0 = off, 1 = always). Drawn once
     per step from (config.seed, step), the same for every seed replica; both branches live in
     one compiled step (`lax.cond`), so the step compiles once and runs only the branch drawn.
@@ -29,6 +31,7 @@ import numpy as np
 
 from kd_jax.config import ON_POLICY_DEFAULTS
 from kd_jax.models.generate import generate, left_align
+from kd_jax.trainers import kd, register
 
 DEFAULTS = ON_POLICY_DEFAULTS  # config.on_policy's keys and defaults.
 
@@ -121,3 +124,33 @@ def choose(cfg, step, run, args):
         return run(True)(*args)
     key = jax.random.fold_in(jax.random.key(int(cfg.seed) + 7919), jnp.ravel(step)[0])
     return jax.lax.cond(jax.random.uniform(key) < fraction, run(True), run(False), *args)
+
+
+def make_train_step(stage, t_axis, cached: bool):
+    """The jitted GKD step: an off-policy and an on-policy branch of the standard seed step."""
+    s = settings(stage.cfg)
+    check(stage, cached)
+
+    def on_policy(state, batch, rng):
+        batch = student_batch(
+            stage.student, state.params["student"], batch, jax.random.fold_in(rng, 2), s
+        )
+        return batch, {"on_policy": jnp.float32(1), "on_policy_tokens": jnp.sum(batch["mask"])}
+
+    def off_policy(state, batch, rng):
+        return batch, {"on_policy": jnp.float32(0), "on_policy_tokens": jnp.float32(0)}
+
+    branches = {
+        flag: kd.over_batch_seeds(stage, kd.make_seed_step(stage, cached, fn), t_axis)
+        for flag, fn in ((True, on_policy), (False, off_policy))
+    }
+
+    def step(state, t_params, batch):
+        return choose(stage.cfg, state.step, branches.__getitem__, (state, t_params, batch))
+
+    return kd.jit_step(stage, step)
+
+
+@register("gkd", settings=("on_policy",))
+def train(cfg, ctx):
+    return kd.train_stage(cfg, ctx, make_step=make_train_step)

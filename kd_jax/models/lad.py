@@ -11,23 +11,24 @@ ignore pixels take the extra value C (so C + 1 code values). The student sees ze
 `scale` = 100 matches the reference's unscaled, mean-subtracted BGR images (range ~ +-128); for
 images in [0, 1] (kd_jax's sources) scale it down accordingly, e.g. 100 / 255.
 
-Teacher objective (dual path): two independently noised passes of the same teacher,
+Teacher objective (dual path), composed in configs/lad/lad.py from registered objectives:
+two independently noised passes of the same teacher ("logits" and "logits_2"),
   L_T = sum_p [CE(out_p) + 0.4 CE(aux_p)] + 5 [CWD(out_1, sg(out_2)) + CWD(out_2, sg(out_1))]
-with CWD at T = 4 (`kd_jax.losses.features.cwd`). Student: CE + 0.02 CE(aux) + 3 CWD(s, sg(t)).
-Everything here is jit-able and takes explicit PRNG keys.
+with CWD at T = 4 (`seg_ce`, `dual_path_consistency`). Student: CE + 0.02 CE(aux) +
+3 CWD(s, sg(t)). Everything here is jit-able and takes explicit PRNG keys.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kd_jax.losses.features import cwd
-from kd_jax.losses.segmentation import seg_ce
+from kd_jax.models.deeplab import DeepLabV3
+from kd_jax.models.registry import register
 
 CODES = ("random", "fixed")
 DEFAULT_NOISE_STD = {"random": 0.03, "fixed": 0.02}
@@ -97,91 +98,6 @@ def student_input(image):
     return jnp.concatenate([image, jnp.zeros((*image.shape[:-1], 1), image.dtype)], axis=-1)
 
 
-def _logits_aux(out):
-    if isinstance(out, Mapping):
-        return out["logits"], out.get("aux")
-    if isinstance(out, tuple | list):
-        return out[0], (out[1] if len(out) > 1 else None)
-    return out, None
-
-
-def consistency_loss(logits1, logits2, *, temperature: float = 4.0, mask=None):
-    """CWD(l1, sg(l2)) + CWD(l2, sg(l1)): symmetric in its arguments, 0 when they are equal.
-
-    Each direction is T^2 * KL(softmax_HW(target / T) || softmax_HW(input / T)) averaged over
-    channels and the batch (the reference's sum / (N * C)); the target side is stop-gradient.
-    """
-    sg = jax.lax.stop_gradient
-    return cwd(student=logits1, teacher=sg(logits2), temperature=temperature, mask=mask) + cwd(
-        student=logits2, teacher=sg(logits1), temperature=temperature, mask=mask
-    )
-
-
-def dual_path_loss(
-    *,
-    out1,
-    out2,
-    labels,
-    mask=None,
-    aux_weight: float = 0.4,
-    consistency_weight: float = 5.0,
-    temperature: float = 4.0,
-    ignore_index: int | None = 255,
-    align_corners: bool = True,
-):
-    """LAD teacher loss for two noised passes of the same teacher.
-
-    Args:
-      out1, out2: each a features dict with "logits" (and optionally "aux") as DeepLabV3 returns,
-        or a (logits, aux) tuple, or bare logits [B, h, w, C].
-      labels: int [B, H, W]; CE resizes logits to this size (bilinear, `align_corners` as in the
-        reference's `SegCrossEntropyLoss`) and skips `ignore_index`.
-      mask: optional 0/1 per-example [B].
-
-    Returns:
-      (total float32 scalar, metrics dict with "ce", "aux_ce", "consistency", "loss").
-    """
-    ce_kw = dict(labels=labels, mask=mask, ignore_index=ignore_index, align_corners=align_corners)
-    ce, aux_ce = jnp.float32(0.0), jnp.float32(0.0)
-    logits = []
-    for out in (out1, out2):
-        lg, aux = _logits_aux(out)
-        logits.append(lg)
-        ce = ce + seg_ce(student=lg, **ce_kw)
-        if aux is not None and aux_weight:
-            aux_ce = aux_ce + seg_ce(student=aux, **ce_kw)
-    cons = consistency_loss(*logits, temperature=temperature, mask=mask)
-    total = ce + aux_weight * aux_ce + consistency_weight * cons
-    return total, {"ce": ce, "aux_ce": aux_ce, "consistency": cons, "loss": total}
-
-
-def student_loss(
-    *,
-    student,
-    teacher,
-    labels,
-    mask=None,
-    aux_weight: float = 0.02,
-    kd_weight: float = 3.0,
-    temperature: float = 4.0,
-    ignore_index: int | None = 255,
-    align_corners: bool = True,
-):
-    """LAD student loss: CE + 0.02 CE(aux) + 3 CWD(student, sg(teacher)) at T = 4.
-
-    `student` / `teacher` as `out1` in `dual_path_loss` (the teacher's aux output is unused).
-    Returns (total, metrics dict with "ce", "aux_ce", "kd", "loss").
-    """
-    lg, aux = _logits_aux(student)
-    t_lg, _ = _logits_aux(teacher)
-    ce_kw = dict(labels=labels, mask=mask, ignore_index=ignore_index, align_corners=align_corners)
-    ce = seg_ce(student=lg, **ce_kw)
-    aux_ce = seg_ce(student=aux, **ce_kw) if aux is not None else jnp.float32(0.0)
-    kd = cwd(student=lg, teacher=jax.lax.stop_gradient(t_lg), temperature=temperature, mask=mask)
-    total = ce + aux_weight * aux_ce + kd_weight * kd
-    return total, {"ce": ce, "aux_ce": aux_ce, "kd": kd, "loss": total}
-
-
 class LabelAssistedDeepLab(nn.Module):
     """LAD's teacher as a model: DeepLabV3 (`kd_jax.models.deeplab`) on concat(image, label
     channel), registered as "lad_teacher" with inputs ("image", "label").
@@ -213,8 +129,6 @@ class LabelAssistedDeepLab(nn.Module):
 
     @nn.compact
     def __call__(self, image, label, *, train: bool = False):
-        from kd_jax.models.deeplab import DeepLabV3
-
         net = DeepLabV3(
             self.num_classes,
             image.shape[-1] + 1,
@@ -246,3 +160,7 @@ class LabelAssistedDeepLab(nn.Module):
             if "aux" in feats_2:
                 feats["aux_2"] = feats_2["aux"]
         return logits, feats
+
+
+# LAD's label-assisted teacher reads the ground-truth label map as a second input.
+register("lad_teacher", LabelAssistedDeepLab, inputs=("image", "label"))

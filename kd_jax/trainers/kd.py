@@ -1,21 +1,23 @@
-"""The standard distillation loop: Mesh -> Input -> Models -> Shard -> Step -> Checkpoint ->
-Evals -> Loop, run once per stage of a config.
+"""The standard distillation loop (stage kind "kd"): Mesh -> Input -> Models -> Shard -> Step ->
+Checkpoint -> Evals -> Loop.
 
 Every state leaf carries a leading seed axis of size `config.num_seeds`: independent replicas
-(init, dropout, teacher) train in one jitted, vmapped step on the same batches.
+(init, dropout, teacher) train in one jitted step on the same batches (`kd_jax.replicas`).
+Other kinds reuse the loop through its two hooks: `train_stage(..., make_step=...)` replaces the
+jitted step (GKD), and `make_seed_step(..., transform_batch=...)` rewrites a seed's batch inside
+the step before the forward passes.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import hashlib
 import json
 import logging
 import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import flax
@@ -23,15 +25,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm.auto import tqdm
 
 from kd_jax import checkpoint as ckpt_lib
-from kd_jax import config as config_lib
 from kd_jax import data as data_lib
-from kd_jax import gkd, models, optim, sharding, teacher_gen
+from kd_jax import evaluators, models, optim, sharding
+from kd_jax import teacher as teacher_lib
 from kd_jax.metric_writer import MetricWriter
-from kd_jax.models import batch_inputs as _inputs
-from kd_jax.objective import Objective, lookup
+from kd_jax.models import batch_inputs
+from kd_jax.objective import Objective
 from kd_jax.replicas import over_seeds
+from kd_jax.trainers import RunContext, read_result, register, write_result
 
 log = logging.getLogger("kd_jax")
 _STOP = threading.Event()
@@ -70,8 +74,11 @@ class Stage:
     student_inputs: tuple[str, ...]  # batch keys each model reads, in call order
     teacher_inputs: tuple[str, ...]
 
+    def sample_inputs(self, keys) -> tuple:
+        return sample_inputs(self.data, keys)
 
-def _sample_inputs(data: data_lib.Data, keys) -> tuple:
+
+def sample_inputs(data: data_lib.Data, keys) -> tuple:
     """Abstract global-batch inputs for the batch `keys` a model reads."""
     batch = data.example_batch()
     missing = [k for k in keys if k not in batch]
@@ -99,6 +106,7 @@ def _check_batch(mesh, size: int, key: str) -> None:
 
 
 def build_stage(cfg, mesh, workdir: str) -> Stage:
+    del workdir  # a stage's files are written by the loop; building it writes nothing.
     if cfg.student.init and not cfg.student.init.startswith(("stage:", "pretrained:")):
         raise NotImplementedError(
             "student.init supports 'stage:<name>' (continue from that stage's student, e.g. "
@@ -126,13 +134,13 @@ def build_stage(cfg, mesh, workdir: str) -> Stage:
     tx, schedule = optim.make_optimizer(cfg)
     s_keys = models.input_keys(cfg.student)
     t_keys = models.input_keys(cfg.teacher) if teacher is not None else ()
-    x = _sample_inputs(data, s_keys)
+    x = sample_inputs(data, s_keys)
     s_feats = jax.eval_shape(
         lambda v, x: student.apply(v, *x)[1], jax.eval_shape(student.init, jax.random.key(0), *x), x
     )
     t_feats = {}
     if teacher is not None:
-        t_x = _sample_inputs(data, t_keys)
+        t_x = sample_inputs(data, t_keys)
         t_vars = jax.eval_shape(teacher.init, jax.random.key(0), *t_x)
         t_feats = jax.eval_shape(lambda v, x: teacher.apply(v, *x)[1], t_vars, t_x)
         # Token-level terms: one vocabulary and tokenizer, checked here, before any step.
@@ -141,7 +149,7 @@ def build_stage(cfg, mesh, workdir: str) -> Stage:
         )
 
     example = data.example_batch()
-    image = _sample_inputs(data, ("image",))[0] if "image" in example else None
+    image = sample_inputs(data, ("image",))[0] if "image" in example else None
 
     def init_one(rng):
         r_student, r_aux, r_state = jax.random.split(rng, 3)
@@ -179,138 +187,28 @@ def build_stage(cfg, mesh, workdir: str) -> Stage:
     )
 
 
-# -------------------------------------------------------------------- Teacher
-def _fingerprint(params) -> str:
-    leaves = [np.asarray(jax.device_get(v), np.float64).sum() for v in jax.tree.leaves(params)]
-    return hashlib.sha1(np.asarray(leaves).tobytes()).hexdigest()[:16]
+def restore_state(cfg, mesh, stage_dir: str, step: int | None = None) -> TrainState:
+    """The whole TrainState (student, adapters, their state, optimizer) of a stage's checkpoint,
+    typed as the stage builds it (for notebooks and analysis; restoring only the student needs
+    no stage: `restore_student_variables`)."""
+    stage = build_stage(cfg, mesh, stage_dir)
+    ckptr = ckpt_lib.Checkpointer(os.path.join(stage_dir, "checkpoints"), async_save=False)
+    try:
+        abstract = ckpt_lib.abstract(stage.abstract_state, stage.state_shardings)
+        return ckptr.restore(abstract, step)[0]
+    finally:
+        ckptr.close()
 
 
-def _source_stage(key: str, init: str, root: str, stages_cfg):
-    """`init` = "stage:<name>" -> (name, that stage's resolved config)."""
-    src = init.split(":", 1)[1]
-    if src not in stages_cfg:
-        raise KeyError(f"{key}='{init}' names no stage; stages: {sorted(stages_cfg)}.")
-    src_cfg = config_lib.stage_config(stages_cfg["__root__"], src)
-    teacher_gen.resolve_workdir(src_cfg, root)
-    return src, src_cfg
-
-
-def load_teacher(stage: Stage, root: str, stages_cfg) -> tuple[Any, int | None, dict]:
-    """-> (teacher variables {"params", + "batch_stats" for BatchNorm models}, seed axis (0 or
-    None), identity metadata)."""
-    cfg, mesh = stage.cfg, stage.mesh
-    init = cfg.teacher.init
-    ident = {"model": cfg.teacher.model, "kwargs": cfg.teacher.kwargs.to_dict(), "init": init}
-    if init.startswith("stage:"):
-        src, src_cfg = _source_stage("teacher.init", init, root, stages_cfg)
-        if (
-            src_cfg.student.model != cfg.teacher.model
-            or src_cfg.student.kwargs.to_dict() != cfg.teacher.kwargs.to_dict()
-        ):
-            raise ValueError(
-                f"teacher model {cfg.teacher.model}{cfg.teacher.kwargs.to_dict()} differs from "
-                f"stage '{src}' student {src_cfg.student.model}{src_cfg.student.kwargs.to_dict()}."
-            )
-        if src_cfg.num_seeds != cfg.num_seeds:
-            raise ValueError(
-                f"Stage '{src}' trained {src_cfg.num_seeds} seeds but this stage has "
-                f"num_seeds={cfg.num_seeds}; they must match."
-            )
-        params, ident["source_step"] = restore_student_variables(
-            src_cfg, mesh, os.path.join(root, src)
-        )
-        axis = 0
-    elif init.startswith("pretrained:"):
-        from kd_jax.models import pretrained
-
-        extra = pretrained.load_variables(init.split(":", 1)[1])
-        params, axis = extra.pop("params"), None
-        models.check_shapes(
-            _abstract_params(stage),
-            params,
-            f"Teacher weights from '{init}' do not fit config.teacher (set teacher.kwargs to "
-            "the checkpoint's architecture, e.g. kwargs.preset)",
-        )
-    elif init:
-        params, axis, extra = ckpt_lib.load_params(init, _abstract_params(stage)), None, {}
-    else:
-        raise ValueError(
-            "config.teacher.model is set but teacher.init is empty; use "
-            "'stage:<name>' or a path to an orbax params checkpoint."
-        )
-    if not init.startswith("stage:"):  # weights files hold params (+ pretrained: BN stats).
-        params = _init_missing_collections(stage, {**extra, "params": params}, init)
-    placement = cfg.teacher.placement
-    if placement in ("replicated", "cache"):
-        shard = jax.tree.map(lambda _: sharding.replicated(mesh), params)
-    elif placement == "sharded":
-        shard = sharding.tree_shardings(
-            params, mesh, ((".*", "fsdp"),), leading=1 if axis == 0 else 0
-        )
-    else:
-        raise ValueError(
-            f"Unknown teacher.placement '{placement}'; use replicated, sharded or cache."
-        )
-    # One jitted re-layout for the whole tree (device_put would compile a slice per shard).
-    params = jax.jit(lambda p: p, out_shardings=shard)(params)
-    ident["fingerprint"] = _fingerprint(params)
-    ident["placement"] = placement
-    return params, axis, ident
-
-
-def _init_missing_collections(stage: Stage, variables: dict, init: str) -> dict:
-    """A teacher whose module has collections besides params (BatchNorm "batch_stats") but whose
-    weights file has none: they start from the module's init (running mean 0, var 1), with a
-    warning, since eval-mode BatchNorm then normalises with those statistics."""
-    x = _sample_inputs(stage.data, stage.teacher_inputs)
-    shapes = jax.eval_shape(stage.teacher.init, jax.random.key(0), *x)
-    missing = [c for c in shapes if c not in variables]
-    if not missing:
-        return variables
-    log.warning(
-        "teacher.init='%s' has no %s; they start from the module's init (BatchNorm: mean 0, "
-        "var 1), so the frozen teacher may not match the network that was trained.",
-        init,
-        missing,
-    )
-    # Only the missing collections leave the jit, so XLA drops the params' initialisers.
-    fresh = jax.jit(lambda k, *z: {c: stage.teacher.init(k, *z)[c] for c in missing})(
-        jax.random.key(0), *(jnp.zeros(a.shape, a.dtype) for a in x)
-    )
-    for c in missing:
-        models.check_shapes(shapes[c], fresh[c], c)
-    return {**variables, **fresh}
-
-
-def _abstract_params(stage: Stage):
-    x = _sample_inputs(stage.data, stage.teacher_inputs)
-    return jax.eval_shape(stage.teacher.init, jax.random.key(0), *x)["params"]
+def restore_student_variables(cfg, mesh, stage_dir: str, step: int | None = None):
+    """-> (exported student {"params", + e.g. "batch_stats"} stacked over seeds, step)."""
+    return teacher_lib.stage_student(cfg, mesh, stage_dir, step)
 
 
 def restore_student(cfg, mesh, stage_dir: str, step: int | None = None):
     """-> (student params stacked over seeds, step) from a stage's checkpoint directory."""
-    variables, step = restore_student_variables(cfg, mesh, stage_dir, step)
+    variables, step = teacher_lib.stage_student(cfg, mesh, stage_dir, step)
     return variables["params"], step
-
-
-def restore_student_variables(cfg, mesh, stage_dir: str, step: int | None = None):
-    """-> (exported student {"params", + e.g. "batch_stats"} stacked over seeds, step). The
-    training-only adapters (params["aux"] and their state) are left out."""
-    state = restore_state(cfg, mesh, stage_dir, step)
-    return student_variables(state), int(jax.device_get(state.step)[0])
-
-
-def restore_state(cfg, mesh, stage_dir: str, step: int | None = None) -> TrainState:
-    """The whole TrainState (student, adapters, their state, optimizer) of a stage's checkpoint."""
-    stage = build_stage(cfg, mesh, stage_dir)
-    ckptr = ckpt_lib.Checkpointer(os.path.join(stage_dir, "checkpoints"), async_save=False)
-    try:
-        state, _, _ = ckptr.restore(
-            ckpt_lib.abstract(stage.abstract_state, stage.state_shardings), step
-        )
-        return state
-    finally:
-        ckptr.close()
 
 
 def student_variables(state: TrainState) -> dict:
@@ -318,67 +216,28 @@ def student_variables(state: TrainState) -> dict:
     return {"params": state.params["student"], **state.model_state.get("student", {})}
 
 
-def teacher_forward(stage: Stage, t_params, batch):
-    """Teacher features in eval mode, outside any gradient."""
-    _, feats = stage.teacher.apply(t_params, *_inputs(batch, stage.teacher_inputs), train=False)
-    return jax.lax.stop_gradient(
-        {p: lookup(feats, p, "teacher") for p in stage.objective.teacher_paths}
-    )
-
-
-def build_teacher_cache(stage: Stage, t_params, t_axis, path: str) -> dict[str, np.ndarray]:
-    """Offline cache: teacher features for every training record, [N, S, ...] per path."""
-    if os.path.exists(path):
-        with np.load(path) as f:
-            return {k: f[k] for k in f.files}
-    n, b = stage.data.num_train, stage.data.global_batch
-    if t_axis is None:  # one teacher for every seed: compute once, repeat along the seed axis.
-        s = stage.cfg.num_seeds
-        fwd = jax.jit(
-            lambda p, x: jax.tree.map(
-                lambda v: jnp.broadcast_to(v, (s, *v.shape)), teacher_forward(stage, p, x)
-            )
-        )
-    else:
-        fwd = jax.jit(
-            over_seeds(
-                lambda p, x: teacher_forward(stage, p, x), (0, None), stage.cfg.seeds_in_step
-            )
-        )
-    train_src = stage.data.train_source
-    out: dict[str, list] = {}
-    for start in range(0, n, b):
-        idx = np.minimum(np.arange(start, start + b), n - 1)
-        feats = jax.device_get(fwd(t_params, train_src.gather(idx)))
-        for k, v in feats.items():
-            out.setdefault(k, []).append(np.moveaxis(v, 0, 1)[: min(b, n - start)])
-    cache = {k: np.concatenate(v) for k, v in out.items()}
-    if jax.process_index() == 0:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        np.savez(path + ".tmp.npz", **cache)
-        os.replace(path + ".tmp.npz", path)
-    return cache
-
-
 # -------------------------------------------------------------------- Step
-def make_train_step(stage: Stage, t_axis, cached: bool):
+def make_seed_step(stage: Stage, cached: bool, transform_batch: Callable | None = None):
+    """One seed's step `(state, teacher_vars, batch) -> (state, metrics)`.
+
+    `transform_batch(state, batch, rng) -> (batch, metrics)` (optional) rewrites the batch
+    inside the step, before the teacher and student run on it (GKD's on-policy samples)."""
     cfg, student, objective, tx = stage.cfg, stage.student, stage.objective, stage.tx
     skip = bool(cfg.skip_nonfinite)
-    gkd_cfg = gkd.settings(cfg)
-    if gkd_cfg["fraction"] > 0:
-        gkd.check(stage, cached)
+    t_paths = objective.teacher_paths
 
-    def one_seed(state: TrainState, t_params, batch, on_policy: bool = False):
+    def one_seed(state: TrainState, t_params, batch):
         rng, dropout_rng = jax.random.split(state.rng)
-        if on_policy:  # GKD: the student continues the prompts, the teacher scores its tokens.
-            batch = gkd.student_batch(
-                student, state.params["student"], batch, jax.random.fold_in(dropout_rng, 2), gkd_cfg
-            )
-        x = _inputs(batch, stage.student_inputs)
+        extra = {}
+        if transform_batch is not None:
+            batch, extra = transform_batch(state, batch, dropout_rng)
+        x = batch_inputs(batch, stage.student_inputs)
         if cached:
             t_feats = batch["teacher"]
         elif stage.teacher is not None and objective.needs_teacher:
-            t_feats = teacher_forward(stage, t_params, batch)
+            t_feats = teacher_lib.forward(
+                stage.teacher, stage.teacher_inputs, t_paths, t_params, batch
+            )
         else:
             t_feats = {}
 
@@ -419,20 +278,27 @@ def make_train_step(stage: Stage, t_axis, cached: bool):
                 (state.params, state.opt_state, state.model_state),
             )
         metrics.update(grad_norm=grad_norm, finite=finite, lr=stage.schedule(state.step))
-        if gkd_cfg["fraction"] > 0:
-            metrics["on_policy"] = jnp.float32(on_policy)
-            metrics["on_policy_tokens"] = jnp.sum(batch["mask"]) if on_policy else jnp.float32(0)
+        metrics.update(extra)
         return TrainState(state.step + 1, params, opt_state, rng, model_state), metrics
+
+    return one_seed
+
+
+def over_batch_seeds(stage: Stage, one_seed, t_axis):
+    """`one_seed` mapped over the seed axis: state and (per-seed) teacher on axis 0, the batch
+    shared, except a cached teacher's features ([B, S, ...])."""
 
     def step(state, t_params, batch):
         batch_axes = {k: (1 if k == "teacher" else None) for k in batch}
+        return over_seeds(one_seed, (0, t_axis, batch_axes), stage.cfg.seeds_in_step)(
+            state, t_params, batch
+        )
 
-        def run(on_policy: bool):
-            fn = functools.partial(one_seed, on_policy=on_policy)
-            return over_seeds(fn, (0, t_axis, batch_axes), cfg.seeds_in_step)
+    return step
 
-        return gkd.choose(cfg, state.step, run, (state, t_params, batch))
 
+def jit_step(stage: Stage, step):
+    """The one jitted step over the mesh: donated state, metrics replicated on every host."""
     return jax.jit(
         step,
         donate_argnums=(0,),
@@ -440,33 +306,21 @@ def make_train_step(stage: Stage, t_axis, cached: bool):
     )
 
 
-# -------------------------------------------------------------------- Loop
-def _evaluator(name: str):
-    """The evaluator module (`make_eval_step`, `evaluate`) for config.evaluator."""
-    from kd_jax.evaluators import classification, lm, segmentation, span
-
-    known = {
-        "classification": classification,
-        "segmentation": segmentation,
-        "lm": lm,
-        "span": span,
-        "none": None,
-    }
-    if name not in known:
-        raise ValueError(f"Unknown evaluator '{name}'; use one of {sorted(known)}.")
-    return known[name]
+def make_train_step(stage: Stage, t_axis, cached: bool):
+    return jit_step(stage, over_batch_seeds(stage, make_seed_step(stage, cached), t_axis))
 
 
-def _warm_start(stage: Stage, state: TrainState, root: str, stages_cfg) -> TrainState:
+# -------------------------------------------------------------------- Student init
+def _warm_start(stage: Stage, state: TrainState, ctx: RunContext) -> TrainState:
     """student.init = "stage:<name>": the student starts from that stage's final student
-    (optimizer state and step start fresh). "pretrained:<name>" (kd_jax.models.pretrained, e.g.
-    pretrained:hf_bert:/dir): those weights for every seed, replacing the whole student or else
-    the one top-level sub-tree they fit (the "encoder" of an encoder + head model)."""
+    (optimizer state and step start fresh). "pretrained:<name>" (e.g. pretrained:hf_bert:/dir):
+    those weights for every seed, replacing the whole student or else the one top-level
+    sub-tree they fit (the "encoder" of an encoder + head model)."""
     init = stage.cfg.student.init
     if init.startswith("pretrained:"):
-        return _graft_pretrained(stage, state, init)
-    src, src_cfg = _source_stage("student.init", init, root, stages_cfg)
-    variables, _ = restore_student_variables(src_cfg, stage.mesh, os.path.join(root, src))
+        return graft_pretrained(stage, state, init)
+    src, src_cfg = teacher_lib.source_stage("student.init", init, ctx.stages)
+    variables, _ = teacher_lib.stage_student(src_cfg, stage.mesh, os.path.join(ctx.root, src))
     models.check_shapes(
         state.params["student"],
         variables["params"],
@@ -481,10 +335,8 @@ def _warm_start(stage: Stage, state: TrainState, root: str, stages_cfg) -> Train
     )
 
 
-def _graft_pretrained(stage: Stage, state: TrainState, init: str) -> TrainState:
-    from kd_jax.models import pretrained
-
-    variables = pretrained.load_variables(init.split(":", 1)[1])
+def graft_pretrained(stage: Stage, state: TrainState, init: str) -> TrainState:
+    variables = models.registry.load_pretrained(init.split(":", 1)[1])
     one = variables["params"]
     student = jax.tree.map(lambda v: v[0], state.params["student"])
 
@@ -518,23 +370,53 @@ def _graft_pretrained(stage: Stage, state: TrainState, init: str) -> TrainState:
     return state.replace(params={**state.params, "student": new}, model_state=model_state)
 
 
+# -------------------------------------------------------------------- Loop
+def eval_context(stage: Stage, t_axis) -> evaluators.EvalContext:
+    def predict(module, keys):
+        return lambda v, batch: module.apply(v, *batch_inputs(batch, keys), train=False)
+
+    def batches():
+        for local in stage.data.eval_batches():
+            yield sharding.make_global(stage.mesh, local, stage.data.eval_batch)
+
+    return evaluators.EvalContext(
+        mesh=stage.mesh,
+        student_predict=predict(stage.student, stage.student_inputs),
+        teacher_predict=predict(stage.teacher, stage.teacher_inputs) if stage.teacher else None,
+        batches=batches,
+        seeds_in_step=stage.cfg.seeds_in_step,
+        teacher_axis=t_axis,
+        settings=dict(stage.cfg.evaluator_kwargs),
+    )
+
+
 def _install_sigterm():
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda *_: _STOP.set())
 
 
-def train_stage(cfg, mesh, workdir: str, root: str, stages_cfg) -> dict:
+def clear_stop() -> None:
+    _STOP.clear()
+
+
+def train_stage(cfg, ctx: RunContext, make_step: Callable = make_train_step) -> dict:
+    """Trains one stage in `ctx.stage_dir`; resumes from its latest checkpoint. `make_step`
+    `(stage, teacher_axis, cached) -> jitted step` is the hook other stage kinds replace."""
+    mesh, workdir = ctx.mesh, ctx.stage_dir
     stage = build_stage(cfg, mesh, workdir)
     name, data = stage.name, stage.data
-    result_path = os.path.join(workdir, "result.json")
     ckptr = ckpt_lib.Checkpointer(
         os.path.join(workdir, "checkpoints"),
         keep=cfg.keep_checkpoints,
         async_save=cfg.async_checkpointing,
     )
-    t_params, t_axis, t_ident = (None, None, {})
+    teacher = None
     if stage.teacher is not None:
-        t_params, t_axis, t_ident = load_teacher(stage, root, stages_cfg)
+        example = sample_inputs(data, stage.teacher_inputs)
+        teacher = teacher_lib.load(cfg, mesh, example, ctx.stages, ctx.root)
+    t_params = teacher.variables if teacher else None
+    t_axis = teacher.axis if teacher else None
+    t_ident = teacher.ident if teacher else {}
     meta = {
         "stage": name,
         "teacher": t_ident,
@@ -551,37 +433,36 @@ def train_stage(cfg, mesh, workdir: str, root: str, stages_cfg) -> dict:
     else:
         state, data_state, start = stage.init_fn(cfg.seed), None, 0
         if cfg.student.init:
-            state = _warm_start(stage, state, root, stages_cfg)
-    if start >= cfg.steps and os.path.exists(result_path):
+            state = _warm_start(stage, state, ctx)
+    done = read_result(workdir)
+    if start >= cfg.steps and done is not None:
         ckptr.close()
-        with open(result_path) as f:
-            return json.load(f)
+        return done
 
     cache = None
-    if cfg.teacher.placement == "cache" and stage.teacher is not None:
-        cache = build_teacher_cache(
-            stage,
-            t_params,
-            t_axis,
+    if cfg.teacher.placement == "cache" and teacher is not None:
+        cache = teacher_lib.build_cache(
+            teacher,
+            stage.objective.teacher_paths,
+            data,
+            cfg.num_seeds,
+            cfg.seeds_in_step,
             os.path.join(workdir, f"teacher_cache_{t_ident['fingerprint']}.npz"),
         )
-    train_step = make_train_step(stage, t_axis, cached=cache is not None)
-    evaluator = _evaluator(cfg.evaluator)
-    eval_step = evaluator.make_eval_step(stage, t_axis) if evaluator else None
-    writer = MetricWriter(os.path.dirname(workdir) if name != "main" else workdir, name)
+    train_step = make_step(stage, t_axis, cache is not None)
+    evaluate = evaluators.make(cfg.evaluator, eval_context(stage, t_axis))
+    writer = MetricWriter(ctx.root if name != "main" else workdir, name)
     it = data.train_iter(data_state)
 
     def run_eval(step):
-        if evaluator is None:
+        if evaluate is None:
             return {}, {}
-        res = evaluator.evaluate(stage, eval_step, student_variables(state), t_params)
+        res = evaluate(student_variables(state), t_params)
         row = writer.write(step, res)
         return res, row
 
     bar = None
     if cfg.progress_bar and jax.process_index() == 0:
-        from tqdm.auto import tqdm
-
         bar = tqdm(
             total=cfg.steps * data.global_batch,
             initial=start * data.global_batch,
@@ -659,36 +540,10 @@ def train_stage(cfg, mesh, workdir: str, root: str, stages_cfg) -> dict:
             )
         ),
     }
-    if jax.process_index() == 0:
-        with open(result_path + ".tmp", "w") as f:
-            json.dump(result, f, indent=1)
-        os.replace(result_path + ".tmp", result_path)
+    write_result(workdir, result)
     ckptr.close()
     writer.close()
     return result
 
 
-def run(config, workdir: str, devices=None) -> dict:
-    """Runs every stage of `config` in order; returns {stage: result}."""
-    _STOP.clear()
-    mesh = sharding.make_mesh(config.mesh, devices)
-    log.info("mesh %s on %d process(es)", dict(mesh.shape), jax.process_count())
-    names = config_lib.stage_names(config)
-    stages_cfg = dict(config.stages) | {"__root__": config}
-    results = {}
-    for name in names:
-        cfg = config_lib.stage_config(config, name)
-        stage_dir = os.path.join(workdir, name) if name else workdir
-        teacher_gen.resolve_workdir(cfg, workdir)
-        if cfg.kind != "train":  # a data-writing stage: teacher generation, top-k cache.
-            results[cfg.stage_name] = teacher_gen.run_stage(cfg, stage_dir)
-            continue
-        results[cfg.stage_name] = train_stage(cfg, mesh, stage_dir, workdir, stages_cfg)
-        if results[cfg.stage_name].get("preempted"):
-            log.warning(
-                "preempted in stage %s at step %d; checkpoint saved, rerun to resume",
-                cfg.stage_name,
-                results[cfg.stage_name]["step"],
-            )
-            break
-    return results
+register("kd", train_stage)

