@@ -13,7 +13,7 @@ on the same real ShareGPT batch (tokenised with the teacher's WordPiece, padded 
            skipped (the kd_jax numbers and the memory ratio are still printed).
 Also prints the jitted step's compile time and the peak temp memory (XLA memory analysis of the
 compiled value-and-grad, `compiled.memory_analysis().temp_size_in_bytes`) of the dense vs chunked
-value-relation loss at sequence length 512.
+value-relation loss at sequence length --mem_length (512).
 
   flock /tmp/kd_bench.lock .venv/bin/python benchmarks/minilm_step.py [--batch 16 --length 128]
   python benchmarks/minilm_step.py --smoke   # tiny batch and lengths, 2 calls: does it run (CI)
