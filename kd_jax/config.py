@@ -86,13 +86,15 @@ def base_config() -> ConfigDict:
     c.data.kwargs = ConfigDict(type_safe=False)
 
     c.mesh = ConfigDict()
-    # Axis sizes; -1 takes the remaining devices. Batches are split over (data, fsdp).
+    # Axis sizes; -1 takes the remaining devices. Batches are split over (data, fsdp); the
+    # model axis holds tensor-parallel shards (rules with action "model:<dim>").
     c.mesh.data = -1
     c.mesh.fsdp = 1
     c.mesh.model = 1
-    # FSDP by rules: (regex searched in the state path, action) pairs, first match wins; the
+    # Sharding by rules: (regex searched in the state path, action) pairs, first match wins; the
     # path of a student kernel is "params/student/<module>/kernel". Actions: "fsdp" shards
-    # the largest dimension divisible by the fsdp axis size; "replicate".
+    # the largest dimension divisible by the fsdp axis size; "model:<dim>" splits that
+    # dimension over the model axis (tensor parallelism); "replicate".
     c.sharding_rules = (("student/.*", "fsdp"), (".*", "replicate"))
 
     c.optimizer = ConfigDict(type_safe=False)

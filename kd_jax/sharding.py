@@ -64,6 +64,34 @@ def _fsdp_spec(shape: Sequence[int], fsdp: int, leading: int) -> P:
     return P(*spec)
 
 
+def _model_spec(shape: Sequence[int], dim: int, model: int, leading: int, name: str) -> P:
+    # Tensor parallelism: dimension `dim` of the unstacked array (negative from the end) is split
+    # over the model axis; the leading (seed) axes stay unsharded.
+    d = dim + len(shape) if dim < 0 else dim + leading
+    if not leading <= d < len(shape):
+        raise ValueError(f"Sharding rule 'model:{dim}' for '{name}': no such dimension in {shape}.")
+    if shape[d] % model:
+        raise ValueError(
+            f"Sharding rule 'model:{dim}' for '{name}': dimension {shape[d]} of {tuple(shape)} is "
+            f"not divisible by the model axis size {model}; set mesh.model to a divisor."
+        )
+    spec = [None] * len(shape)
+    spec[d] = "model"
+    return P(*spec)
+
+
+def _check_action(action: str) -> None:
+    if action in ("fsdp", "replicate"):
+        return
+    kind, _, dim = action.partition(":")
+    if kind == "model" and dim.lstrip("-").isdigit():
+        return
+    raise ValueError(
+        f"Unknown sharding action '{action}'; use 'fsdp', 'replicate' or 'model:<dim>' "
+        "(tensor parallelism over the mesh's model axis, e.g. 'model:-1' for a kernel's outputs)."
+    )
+
+
 def tree_shardings(
     tree, mesh: Mesh, rules: Sequence[Sequence[str]], *, prefix: str = "", leading: int = 0
 ):
@@ -71,14 +99,17 @@ def tree_shardings(
 
     Rules are searched (`re.search`) in leaf paths such as "params/student/dense0/kernel" or
     "opt_state/0/mu/student/dense0/kernel", so "student/.*kernel" also shards optimizer moments.
+    Actions: "fsdp" shards the largest dimension divisible by the fsdp axis size; "model:<dim>"
+    splits dimension <dim> (of the unstacked array; negative counts from the end) over the
+    model axis (tensor parallelism: a model declares its rules, e.g. BERT's attention and MLP
+    kernels); "replicate".
 
     `leading` axes (the stacked-seed axis) are never sharded. Unmatched leaves replicate.
     """
-    fsdp = mesh.shape["fsdp"]
+    fsdp, model = mesh.shape["fsdp"], mesh.shape["model"]
     compiled = [(re.compile(r), a) for r, a in rules]
     for _, action in compiled:
-        if action not in ("fsdp", "replicate"):
-            raise ValueError(f"Unknown sharding action '{action}'; use 'fsdp' or 'replicate'.")
+        _check_action(action)
 
     def one(path, leaf):
         name = prefix + path_str(path)
@@ -86,6 +117,9 @@ def tree_shardings(
             if regex.search(name):
                 if action == "fsdp" and getattr(leaf, "ndim", 0) > leading:
                     return NamedSharding(mesh, _fsdp_spec(leaf.shape, fsdp, leading))
+                if action.startswith("model:") and getattr(leaf, "ndim", 0) > leading:
+                    dim = int(action.split(":", 1)[1])
+                    return NamedSharding(mesh, _model_spec(leaf.shape, dim, model, leading, name))
                 break
         return NamedSharding(mesh, P())
 

@@ -11,6 +11,7 @@ import pytest
 from kd_jax import checkpoint as ckpt_lib
 from kd_jax import config as config_lib
 from kd_jax import sharding
+from kd_jax.models import bert
 from kd_jax.trainers import kd
 from tests import helpers
 
@@ -163,3 +164,44 @@ def test_mixed_precision_keeps_float32_params(tmp_path):
     x = np.zeros((2, 8, 8, 1), np.float32)
     logits, _ = stage.student.apply({"params": jax.tree.map(lambda p: p[0], params)}, x)
     assert logits.dtype == jax.numpy.bfloat16
+
+
+def test_tensor_parallel_rules_shard_over_model_axis_and_match_data_parallel(tmp_path):
+    rules = (
+        ("student/dense0/kernel", "model:-1"),
+        ("student/head/kernel", "model:0"),
+        (".*", "replicate"),
+    )
+    base = helpers.kd_config(**{"mesh.data": 8})
+    helpers.run(base, tmp_path / "dp")
+    tp = helpers.kd_config(**{"mesh.data": 4, "mesh.model": 2})
+    with tp.unlocked():
+        tp.sharding_rules = rules
+    helpers.run(tp, tmp_path / "tp")
+    np.testing.assert_allclose(
+        helpers.metrics(tmp_path / "tp", "kd"), helpers.metrics(tmp_path / "dp", "kd"), rtol=1e-5
+    )
+    stage = kd.build_stage(
+        config_lib.stage_config(tp, "kd"), sharding.make_mesh(tp.mesh), str(tmp_path)
+    )
+    student = stage.state_shardings.params["student"]
+    assert tuple(student["dense0"]["kernel"].spec) == (None, None, "model")  # seed, in, out
+    assert tuple(student["head"]["kernel"].spec) == (None, "model", None)
+    # BERT declares Megatron-style rules for its attention and MLP kernels.
+
+    enc = bert.BertEncoder(
+        bert.BertConfig(
+            vocab_size=32, hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32
+        )
+    )
+    ids = jax.ShapeDtypeStruct((2, 8), np.int32)
+    shapes = jax.eval_shape(enc.init, jax.random.key(0), ids, ids, ids)["params"]
+    sh = sharding.tree_shardings(
+        {"student": shapes}, sharding.make_mesh(tp.mesh), bert.TENSOR_PARALLEL_RULES
+    )["student"]["layer_0"]
+    assert tuple(sh["attention"]["query"]["kernel"].spec) == (None, "model")
+    assert tuple(sh["attention"]["output"]["kernel"].spec) == ("model", None)
+    assert tuple(sh["intermediate"]["kernel"].spec) == (None, "model")
+    assert tuple(sh["output"]["kernel"].spec) == ("model", None)
+    with pytest.raises(ValueError, match="Unknown sharding action 'tp'"):
+        sharding.tree_shardings(shapes, sharding.make_mesh(tp.mesh), ((".*", "tp"),))

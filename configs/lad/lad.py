@@ -17,10 +17,12 @@ plain_teacher stage, which is the student's own architecture trained with CE: th
 fine-tunes a trained baseline; default baseline for voc, scratch for the CPU set),
 method=all|teachers|lad, tiny.
 
-Paper hyper-parameters (papers.md 4.4, VOC): SGD lr 1e-3 (students; teachers use the baseline
+Paper hyper-parameters (LAD, arXiv:2407.13254, and its released code; VOC): SGD lr 1e-3 (students;
+teachers use the baseline
 recipe, lr 0.01 in CIRKD), momentum 0.9, wd 1e-4, poly power 0.9, 40k iterations, batch 16,
 crop 512, random scale 0.5-2.0 and flip; images mean-subtracted BGR, label channel scale 100.
-Here images are in [0, 1], so the label channel scale is 100 / 255 (papers.md appendix B.4).
+Here images are in [0, 1], so the label channel scale is 100 / 255 (the reference scales unscaled
+BGR images by 100).
 The network's 4th input channel is dropped from the student (equivalent to feeding zeros).
 
 Commands:

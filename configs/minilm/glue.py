@@ -1,4 +1,4 @@
-r"""Fine-tuning a (distilled) BERT encoder on GLUE SST-2 or MNLI (MiniLM issue 3, downstream).
+r"""Fine-tuning a (distilled) BERT encoder on GLUE SST-2 or MNLI (downstream of MiniLM).
 
 Data: the user's prepared TFDS `glue/sst2` or `glue/mnli` (array_record), read with
 `tfds.data_source` (no TensorFlow, nothing downloaded); eval on SST-2 validation / MNLI
@@ -9,14 +9,16 @@ validation_matched. A missing dataset is an error naming the expected
   init=pretrained:hf_bert:/path/to/model    any HF BertModel directory (e.g. a released MiniLM);
   init=none                                  random init (the "no pre-training" baseline).
 `layers=..,hidden=..,heads=..` set the architecture when it is not the preset's (e.g. a random
-3 x 384). Recipe: the usual BERT fine-tuning (Devlin et al.), not from papers.md: AdamW lr 3e-5,
+3 x 384). Recipe: the usual BERT fine-tuning (Devlin et al.), not from the MiniLM papers: AdamW lr
+3e-5,
 wd 0.01, batch 32, max length 128, 10% linear warm-up then linear decay, 3 epochs.
 Not supported yet: starting from a kd_jax distillation run's checkpoint directory (export it as
 HF safetensors first). SQuAD 2.0: configs/minilm/squad.py.
 
   python -m kd_jax.main --config=configs/minilm/glue.py:task=mnli \
       --config.data.kwargs.data_dir=$HOME/tensorflow_datasets --workdir=runs/minilm_mnli
-Paper numbers (papers.md 1.5, MiniLM v1 L6xH384 from UniLMv2-base): MNLI-m 83.3, SST-2 91.5.
+Paper numbers (microsoft/unilm minilm README, MiniLM v1 L6xH384 from UniLMv2-base): MNLI-m 83.3,
+SST-2 91.5.
 Measured here: nothing (GLUE is not available on this machine); `tiny` runs on tfds mock data.
 """
 

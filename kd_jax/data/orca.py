@@ -1,7 +1,8 @@
 """Orca explanation tuning data (Mukherjee et al., 2023): <system message, user query, response>
 triples, the 16 system messages with per-collection sampling, the chat template, and packing.
 
-Packing (papers.md 5, §3.2): examples are shuffled, then greedily grouped in order into rows of
+Packing (Orca, arXiv:2306.02707, Sec. 3.2): examples are shuffled, then greedily grouped in order
+into rows of
 `seq_len` tokens (an example that does not fit starts a new row) and the row is padded. Unlike the
 paper, packed examples are isolated: `segment_ids` (1, 2, ... per example, 0 = padding) make
 attention block-diagonal in `kd_jax.models.llama` and `positions` restart at 0 per example, so a

@@ -1,4 +1,5 @@
-"""Downstream evaluation of sentence encoders (task-agnostic distillation, MiniLM issue 3).
+"""Downstream evaluation of sentence encoders (task-agnostic distillation, as MiniLM evaluates it
+downstream).
 
 Sentence embeddings are mean-pooled over valid tokens and L2-normalised (sentence-transformers
 pooling, `bert.mean_pool` + `bert.normalize`). On held-out ShareGPT (user turn, reply) pairs,

@@ -6,7 +6,8 @@ from the teacher's to the student's distribution over valid keys, teacher as the
   per-example loss = 1/(A * n) * sum_a sum_{t < n} KL(R^T_{a,t} || R^S_{a,t}),
 
 where n is the example's number of valid tokens (mask [B, T]) and A the number of (relation)
-heads; the batch reduction then averages examples ('mean'). Matching papers.md section 1 and the
+heads; the batch reduction then averages examples ('mean'). Matching the MiniLM paper (Wang et
+al., NeurIPS 2020, arXiv:2002.10957, Sec. 3) and the
 bloomberg/minilmv2.bb reduction (slice to the real length, KL summed over rows, / (heads * n)).
 
 Shared conventions: keyword-only arguments, the standard names `student`, `teacher`, `mask`,

@@ -299,6 +299,17 @@ def span_mask(attention_mask, token_type_ids):
 
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
+# Megatron-style tensor parallelism for `config.sharding_rules` with `mesh.model > 1`: Q/K/V
+# and the MLP's first layer split their outputs over the model axis, the attention output and
+# the MLP's second layer their inputs (one all-reduce each). Prepend them to the FSDP rules:
+#   c.sharding_rules = (*bert.TENSOR_PARALLEL_RULES, ("student/.*", "fsdp"), (".*", "replicate"))
+TENSOR_PARALLEL_RULES = (
+    ("student/.*attention/(query|key|value)/(kernel|bias)$", "model:-1"),
+    ("student/.*layer_[0-9]+/intermediate/(kernel|bias)$", "model:-1"),
+    ("student/.*attention/output/kernel$", "model:0"),
+    ("student/.*layer_[0-9]+/output/kernel$", "model:0"),
+)
+
 
 @register("bert", inputs=_INPUTS)
 def bert_encoder(dtype=jnp.float32, preset: str = "", **kwargs) -> BertEncoder:
