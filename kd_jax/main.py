@@ -48,18 +48,27 @@ def main(argv=None) -> int:
 
     from kd_jax import config as config_lib
     from kd_jax import report, train
+    from kd_jax.errors import UserError
 
     try:
         config = config_lib.load(args.config, overrides)
-    except (KeyError, ValueError, AttributeError, FileNotFoundError) as e:
+    except (UserError, KeyError, ValueError, AttributeError, FileNotFoundError) as e:
         # A config mistake is the user's to fix: show the message, not a traceback.
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"config error: {msg}", file=sys.stderr)
-        return 2
-    results = train.run(config, args.workdir)
+        return _user_error("config error", e)
+    try:
+        results = train.run(config, args.workdir)
+    except UserError as e:  # a bad data path, a corrupt user file, a busy workdir...
+        return _user_error("error", e)
     if jax.process_index() == 0 and not any(r.get("preempted") for r in results.values()):
         print(report.write(args.workdir, results))
     return 0
+
+
+def _user_error(what: str, e: BaseException) -> int:
+    """Prints a user's mistake as one message (no traceback) and returns exit status 2."""
+    msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+    print(f"kd_jax {what}: {msg}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":
