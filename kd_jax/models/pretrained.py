@@ -12,6 +12,8 @@ import dataclasses
 import difflib
 import os
 
+from kd_jax.errors import ConfigKeyError, ConfigValueError, UserFileNotFoundError
+
 
 def _minilm_config():
     from kd_jax.models import bert, bert_loading
@@ -48,7 +50,7 @@ def _hf_bert(directory: str):
     from kd_jax.models import bert, bert_loading
 
     if not os.path.isfile(os.path.join(directory, "config.json")):
-        raise FileNotFoundError(
+        raise UserFileNotFoundError(
             f"'{directory}' has no config.json; expected a HF BertModel "
             "directory with config.json and model.safetensors."
         )
@@ -60,7 +62,7 @@ def _hf_bert(directory: str):
 
 def _no_preset(kind: str):
     def fail():
-        raise ValueError(
+        raise ConfigValueError(
             f"'{kind}:' weights carry no architecture preset; set the model's kwargs "
             "(SegFormer: variant; DeepLabV3: stem_widths) to the checkpoint's."
         )
@@ -87,7 +89,10 @@ def _get(name: str):
     if name not in PRETRAINED:
         close = difflib.get_close_matches(name, list(PRETRAINED), n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise KeyError(f"Unknown pretrained model '{name}'.{hint} Known: {sorted(PRETRAINED)}.")
+        raise ConfigKeyError(
+            f"Unknown pretrained model '{name}'.{hint} Known: {sorted(PRETRAINED)}; user files: "
+            "'hf_bert:<dir>', 'mit:<file>', 'resnet18_v1b:<file>'."
+        )
     return PRETRAINED[name]
 
 
