@@ -171,7 +171,7 @@ def open_tfds_splits(
             f"(pip install {pkg}); {type(e).__name__}: {e}."
         ) from e
     except Exception as e:  # tfds raises several types for a missing or unprepared dataset.
-        if "FileFormat.TFRECORD" in str(e):
+        if "FileFormat.TFRECORD" in str(e) and _tfds_prepared(tfds, name, data_dir):
             raise UserFileNotFoundError(
                 f"TFDS dataset '{name}' under data_dir='{where}' is prepared as tfrecord, which "
                 f"has no random access; re{build}"
@@ -185,3 +185,10 @@ def open_tfds_splits(
             + build
         ) from e
     return train, evals
+
+
+def _tfds_prepared(tfds, name: str, data_dir: str) -> bool:
+    try:
+        return tfds.builder(name, data_dir=data_dir or None).is_prepared()
+    except Exception:
+        return False

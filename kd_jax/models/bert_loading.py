@@ -9,6 +9,7 @@ The bundled teacher is sentence-transformers all-MiniLM-L6-v2, shipped by the Py
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 
@@ -156,7 +157,7 @@ def load_bert(path: str | None = None) -> tuple[BertConfig, dict]:
         raise UserFileNotFoundError(f"no config.json next to {weights} (expected {config_path}).")
     try:
         config = BertConfig.from_hf_json(config_path)
-    except (ValueError, TypeError, KeyError) as e:  # bad JSON or fields.
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
         raise corrupt_file(config_path, "HF BERT config", e) from e
     try:
         state = load_file(weights)
