@@ -134,6 +134,8 @@ class Checkpointer:
 
     def save(self, step: int, state, *, data_state: dict, meta: dict, force: bool = False) -> bool:
         """Saves `state` (and the data iterator's state, and `meta` plus `finite`) at `step`."""
+        if not force and not self.manager.should_save(step):
+            return False
         self.manager.wait_until_finished()  # orbax would wait for the previous save anyway.
         self._rotate()
         checksums, finite = integrity(state)
