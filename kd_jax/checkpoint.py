@@ -1,71 +1,199 @@
 """Checkpoints through orbax's CheckpointManager (the only module that imports orbax).
 
-A checkpoint holds three items: "state" (student + training-only params, optimizer state, step,
-RNG), "data" (the input iterator's state, JSON) and "meta" (teacher identity, stage, config).
-The teacher's weights are never in it. Orbax writes into a temporary directory and renames it
-when complete, so a crash mid-save leaves the previous step as the latest restorable one.
+A checkpoint holds four items: "state" (student + training-only params, optimizer state, step,
+RNG), "data" (the input iterator's state, JSON), "meta" (teacher identity, stage, config, and
+`finite`: whether every float array of the state was finite when saved) and "integrity" (JSON: a
+checksum per state array). The teacher's weights are never in it. Orbax writes into a temporary
+directory and renames it when complete, so a crash mid-save leaves the previous step as the latest
+restorable one.
+
+Integrity. Each array's checksum is two position-weighted sums of its bits modulo 2**32 (every
+element's bits, widened to uint32, times an odd weight that depends on the element's flat index),
+computed on the devices by one jitted function over the whole state. Integer sums modulo 2**32 do
+not depend on the order of the reduction, so the checksum of a global array is the same however
+it is sharded and over however many hosts: on a multi-host run every process computes it on its
+own shards, XLA's collectives combine them, and every process reads the same replicated result
+(no host ever gathers a whole array). A single changed element always changes the first sum (its
+weight is odd); several changes escape both with probability about 2**-64. `restore` recomputes
+the checksums of what it read and compares; a step that is unreadable (truncated file,
+tensorstore error, bad JSON) or fails the comparison is logged as a warning naming the directory
+and step, and the next older step is tried. With no intact step left, a `CheckpointError` names
+the directory. Checkpoints written before the "integrity" item existed restore unverified.
+
+Rotation. Orbax's own `max_to_keep` is off: after each save completes this module keeps the
+newest `keep` steps plus the newest step whose state was finite, so a run that diverged can
+always go back to good weights (`latest_finite_step`). A step is deleted by renaming its
+directory to `.deleting-<step>-...` (atomic; orbax ignores the name) and then removing it, so a
+crash mid-delete never leaves a half-deleted step that looks restorable.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import shutil
+import uuid
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from kd_jax import sharding
+from kd_jax.errors import CheckpointError, UserFileNotFoundError
+
+log = logging.getLogger("kd_jax")
+
+ITEMS = ("state", "data", "meta", "integrity")
+_DELETING = ".deleting-"
+_ALGO = "wsum32x2-v1"
 
 
+# ------------------------------------------------------------------------------- checksums
+def _bits_u32(x) -> jax.Array:
+    """The array's bits as a flat uint32 vector (narrower dtypes widened, 64-bit ones split)."""
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    x = jnp.asarray(x)
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32).reshape(-1)
+    width = x.dtype.itemsize
+    if width == 8:
+        return jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)
+    unsigned = {4: jnp.uint32, 2: jnp.uint16, 1: jnp.uint8}[width]
+    return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32).reshape(-1)
+
+
+def _digest(x) -> tuple[jax.Array, jax.Array]:
+    u = _bits_u32(x)
+    i = jax.lax.iota(jnp.uint32, u.shape[0])
+    w1 = (i * jnp.uint32(0x9E3779B1)) << 1 | jnp.uint32(1)
+    w2 = ((i ^ jnp.uint32(0x5BD1E995)) * jnp.uint32(0x85EBCA77)) << 1 | jnp.uint32(1)
+    rot = (u << 13) | (u >> 19)
+    return jnp.sum(u * w1, dtype=jnp.uint32), jnp.sum(rot * w2, dtype=jnp.uint32)
+
+
+def _finite(x) -> jax.Array:
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+        return jnp.all(jnp.isfinite(x))
+    return jnp.bool_(True)
+
+
+@jax.jit
+def _integrity(leaves):
+    digests = [_digest(x) for x in leaves]
+    finite = jnp.all(jnp.stack([_finite(x) for x in leaves])) if leaves else jnp.bool_(True)
+    return digests, finite
+
+
+def _host(x) -> np.ndarray:
+    # A replicated result is readable on every process, also when not fully addressable.
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(jax.device_get(x))
+    return np.asarray(x.addressable_data(0))
+
+
+def integrity(state) -> tuple[dict[str, str], bool]:
+    """({leaf path: "dtype[shape]:checksum"}, every float leaf finite) of a state pytree."""
+    flat = jax.tree_util.tree_flatten_with_path(state)[0]
+    leaves = [x if isinstance(x, jax.Array) else jnp.asarray(x) for _, x in flat]
+    digests, finite = _integrity(leaves)
+    out = {}
+    for (path, _), x, (a, b) in zip(flat, leaves, digests):
+        dt = "key" if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x.dtype.name
+        out[jax.tree_util.keystr(path)] = (
+            f"{dt}{list(x.shape)}:{int(_host(a)):08x}{int(_host(b)):08x}"
+        )
+    return out, bool(_host(finite))
+
+
+class _Corrupt(Exception):
+    pass
+
+
+# ------------------------------------------------------------------------------- manager
 class Checkpointer:
     def __init__(self, directory: str, *, keep: int = 2, async_save: bool = True):
         self.directory = os.path.abspath(directory)
+        self.keep = max(1, int(keep))
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save, create=True
+            max_to_keep=None, enable_async_checkpointing=async_save, create=True
         )
+        # Handlers named up front, so a fresh manager can read a step's metadata
+        # (`restore_saved`) before any save or restore in this process.
+        json_items = {k: ocp.JsonCheckpointHandler() for k in ITEMS if k != "state"}
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=options,
-            item_handlers={
-                "state": ocp.StandardCheckpointHandler(),
-                "data": ocp.JsonCheckpointHandler(),
-                "meta": ocp.JsonCheckpointHandler(),
-            },
+            item_handlers={"state": ocp.StandardCheckpointHandler(), **json_items},
         )
+        self._finite: dict[int, bool | None] = {}  # step -> meta["finite"], as read or saved.
+        if jax.process_index() == 0:
+            for name in os.listdir(self.directory):
+                if name.startswith(_DELETING):  # a delete a crash interrupted.
+                    shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
     def save(self, step: int, state, *, data_state: dict, meta: dict, force: bool = False) -> bool:
+        """Saves `state` (and the data iterator's state, and `meta` plus `finite`) at `step`."""
+        if not force and not self.manager.should_save(step):
+            return False
+        self.manager.wait_until_finished()  # orbax would wait for the previous save anyway.
+        self._rotate()
+        checksums, finite = integrity(state)
+        meta = {**meta, "finite": finite}
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=ocp.args.JsonSave(data_state),
             meta=ocp.args.JsonSave(meta),
+            integrity=ocp.args.JsonSave({"algo": _ALGO, "finite": finite, "arrays": checksums}),
         )
-        return self.manager.save(step, args=args, force=force)
+        saved = self.manager.save(step, args=args, force=force)
+        if saved:
+            self._finite[step] = finite
+        return saved
 
-    def restore(self, abstract_state, step: int | None = None):
-        """-> (state, data_state, meta), placed with `abstract_state`'s shardings."""
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"No complete checkpoint in {self.directory}.")
-        out = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
-                data=ocp.args.JsonRestore(),
-                meta=ocp.args.JsonRestore(),
-            ),
+    def _has_item(self, step: int, item: str) -> bool:
+        return os.path.isdir(os.path.join(self.directory, str(step), item))
+
+    def _restore_step(self, abstract_state, step: int):
+        args = dict(
+            state=ocp.args.StandardRestore(abstract_state),
+            data=ocp.args.JsonRestore(),
+            meta=ocp.args.JsonRestore(),
         )
+        verify = self._has_item(step, "integrity")
+        if verify:
+            args["integrity"] = ocp.args.JsonRestore()
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(**args))
+        except Exception as e:  # tensorstore, orbax and json raise many types for bad files.
+            raise _Corrupt(f"unreadable ({type(e).__name__}: {_short(e)})") from e
+        if verify:
+            stored = (out["integrity"] or {}).get("arrays", {})
+            got, _ = integrity(out["state"])
+            bad = [p for p, c in got.items() if p in stored and stored[p] != c]
+            if bad:
+                raise _Corrupt(
+                    f"{len(bad)} array(s) fail their checksum (first: {bad[0]}: stored "
+                    f"{stored[bad[0]]}, read {got[bad[0]]})"
+                )
         return out["state"], out["data"], out["meta"]
 
     def restore_saved(self, mesh, rules, step: int | None = None) -> dict:
         """The saved state as a plain dict tree, shaped by the checkpoint's own metadata (no
         model, data or optimizer needed), laid out on `mesh` by the sharding `rules` (the
         leading axis of each leaf is the seed axis)."""
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"No complete checkpoint in {self.directory}.")
-        tree = self.manager.item_metadata(step)["state"].tree
+        newest = self.latest_step() if step is None else step
+        if newest is None:
+            raise UserFileNotFoundError(f"No complete checkpoint in {self.directory}.")
+        tree = self.manager.item_metadata(newest)["state"].tree
         shapes = jax.tree.map(
             lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype),
             tree,
@@ -74,18 +202,116 @@ class Checkpointer:
         target = abstract(shapes, sharding.tree_shardings(shapes, mesh, rules, leading=1))
         return self.restore(target, step)[0]
 
+    def restore(self, abstract_state, step: int | None = None):
+        """-> (state, data_state, meta), placed with `abstract_state`'s shardings.
+
+        `step=None`: the newest intact step; a corrupt newer step is skipped with a warning.
+        An explicit `step` that is corrupt is a CheckpointError."""
+        if step is not None:
+            try:
+                return self._restore_step(abstract_state, step)
+            except _Corrupt as e:
+                raise CheckpointError(
+                    f"Checkpoint step {step} in {self.directory} is corrupt: {e}."
+                ) from e
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        if not steps:
+            raise UserFileNotFoundError(f"No complete checkpoint in {self.directory}.")
+        errors = []
+        for s in steps:
+            try:
+                out = self._restore_step(abstract_state, s)
+            except _Corrupt as e:
+                log.warning(
+                    "checkpoint %s step %d is corrupt (%s); trying an older step",
+                    self.directory,
+                    s,
+                    e,
+                )
+                errors.append((s, e))
+                continue
+            if errors:
+                log.warning("checkpoint %s: restored step %d instead", self.directory, s)
+            return out
+        s, e = errors[0]
+        raise CheckpointError(
+            f"No intact checkpoint in {self.directory}: all {len(steps)} step(s) {steps} fail to "
+            f"restore (newest, step {s}: {e}). If the model or config changed since they were "
+            "written, use a new workdir; otherwise delete the directory to start over."
+        )
+
     def read_meta(self, step: int | None = None) -> dict:
-        step = self.latest_step() if step is None else step
-        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
-            "meta"
-        ]
+        """The meta of `step` (default: the newest step whose meta is readable)."""
+        steps = [step] if step is not None else sorted(self.manager.all_steps(), reverse=True)
+        err = None
+        for s in steps:
+            try:
+                return self.manager.restore(
+                    s, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+                )["meta"]
+            except Exception as e:
+                log.warning("checkpoint %s step %d: unreadable meta (%s)", self.directory, s, e)
+                err = e
+        raise CheckpointError(f"No readable checkpoint meta in {self.directory} ({err}).")
+
+    def is_finite(self, step: int) -> bool | None:
+        """meta["finite"] of `step`: True/False, or None when unknown (an older checkpoint)."""
+        if step not in self._finite:
+            try:
+                self._finite[step] = self.read_meta(step).get("finite")
+            except CheckpointError:
+                self._finite[step] = None
+        return self._finite[step]
+
+    def latest_finite_step(self) -> int | None:
+        """The newest step whose state was all finite when saved, or None."""
+        self.manager.wait_until_finished()
+        for s in sorted(self.manager.all_steps(), reverse=True):
+            if self.is_finite(s):
+                return s
+        return None
+
+    def _rotate(self) -> None:
+        """Deletes all but the newest `keep` steps and the newest finite one (saves finished)."""
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        if len(steps) <= self.keep:
+            return
+        keep = set(steps[: self.keep])
+        if not any(self.is_finite(s) for s in keep):
+            finite = next((s for s in steps if self.is_finite(s)), None)
+            if finite is not None:
+                keep.add(finite)
+        doomed = [s for s in steps if s not in keep]
+        if not doomed:
+            return
+        if jax.process_index() == 0:
+            for s in doomed:
+                src = os.path.join(self.directory, str(s))
+                dst = os.path.join(self.directory, f"{_DELETING}{s}-{uuid.uuid4().hex[:8]}")
+                with contextlib.suppress(FileNotFoundError):
+                    os.rename(src, dst)  # atomic: the step is gone or whole, never half.
+                    shutil.rmtree(dst, ignore_errors=True)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"kd_jax_ckpt_rotate_{self.directory}")
+        for s in doomed:
+            self._finite.pop(s, None)
+        self.manager.reload()
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
+        self._rotate()
 
     def close(self) -> None:
         self.manager.wait_until_finished()
+        self._rotate()
         self.manager.close()
+
+
+def _short(e: BaseException, n: int = 300) -> str:
+    text = " ".join(str(e).split()).split(" See full TensorStore details")[0]
+    return text if len(text) <= n else text[:n] + "..."
 
 
 def abstract(tree, shardings):
@@ -95,14 +321,18 @@ def abstract(tree, shardings):
     )
 
 
-def save_params(path: str, params) -> None:
-    """Exports a params pytree (e.g. a trained teacher) as a standalone orbax checkpoint."""
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.abspath(path), params)
-
-
 def load_params(path: str, abstract_params):
+    """Params from a standalone orbax checkpoint (e.g. a trained teacher exported elsewhere)."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"Params checkpoint '{path}' not found.")
-    with ocp.StandardCheckpointer() as ckptr:
-        return ckptr.restore(os.path.abspath(path), abstract_params)
+        raise UserFileNotFoundError(
+            f"Params checkpoint '{path}' not found. teacher.init / student.init take '', "
+            "'stage:<name>', 'pretrained:<name>' (e.g. 'pretrained:hf_bert:<dir>') or the path "
+            "of an orbax params checkpoint."
+        )
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            return ckptr.restore(os.path.abspath(path), abstract_params)
+    except Exception as e:
+        raise CheckpointError(
+            f"Params checkpoint '{path}' cannot be restored ({type(e).__name__}: {_short(e)})."
+        ) from e

@@ -20,6 +20,13 @@ from typing import Any
 
 import ml_collections
 
+from kd_jax.errors import (
+    ConfigKeyError,
+    ConfigLockedError,
+    ConfigValueError,
+    UserFileNotFoundError,
+)
+
 ConfigDict = ml_collections.ConfigDict
 
 # Free-form sub-trees: their keys are user-defined (model kwargs, objective terms, stages).
@@ -188,10 +195,10 @@ def _literal(text: str) -> Any:
         return text
 
 
-def unknown_key_error(key: str, valid: Sequence[str], where: str) -> KeyError:
+def unknown_key_error(key: str, valid: Sequence[str], where: str) -> ConfigKeyError:
     close = difflib.get_close_matches(key.split(".")[-1], list(valid), n=1, cutoff=0.5)
     hint = f" Did you mean '{close[0]}'?" if close else ""
-    return KeyError(f"Unknown config key '{where}'.{hint} Valid keys here: {sorted(valid)}.")
+    return ConfigKeyError(f"Unknown config key '{where}'.{hint} Valid keys here: {sorted(valid)}.")
 
 
 def _validate(cfg: ConfigDict, schema: ConfigDict, prefix: str = "") -> None:
@@ -221,7 +228,7 @@ def validate(config: ConfigDict) -> ConfigDict:
                     raise unknown_key_error(key, TERM_KEYS, f"{scope}objective.{tname}.{key}")
     for name in config.stage_order:
         if name not in config.stages:
-            raise KeyError(
+            raise ConfigKeyError(
                 f"stage_order names '{name}' but config.stages has {sorted(config.stages.keys())}."
             )
     return config
@@ -236,39 +243,111 @@ def apply_override(config: ConfigDict, dotted: str, value: str) -> None:
         free = parent.endswith("kwargs") or parent.startswith(("objective", "stages", "generate"))
         if i == len(keys) - 1 and isinstance(node, ConfigDict) and key not in node and free:
             with node.unlocked():
-                node[key] = _literal(value)
+                node[key] = _typed(dotted, None, value)
             return
         if not isinstance(node, ConfigDict) or key not in node:
             valid = list(node.keys()) if isinstance(node, ConfigDict) else []
             raise unknown_key_error(key, valid, ".".join(keys[: i + 1]))
         if i < len(keys) - 1:
             node = node[key]
-    old, new = node[keys[-1]], _literal(value)
-    if isinstance(old, bool) or isinstance(new, bool):
-        pass
-    elif isinstance(old, float) and isinstance(new, int):
-        new = float(new)
-    elif isinstance(old, str) and not isinstance(new, str):
-        new = value
-    elif isinstance(old, tuple) and isinstance(new, list):
-        new = tuple(new)
+    new = _typed(dotted, node[keys[-1]], value)
     with node.unlocked():
         node[keys[-1]] = new
+
+
+def _schema_value(dotted: str):
+    """(True, default) of a field the schema (`base_config`) types, else (False, None): free-form
+    sub-trees have no schema. A stage override `stages.<name>.a.b` is typed as `a.b`."""
+    keys = dotted.split(".")
+    if keys[0] == "stages" and len(keys) > 2:
+        keys = keys[2:]
+    for i in range(1, len(keys) + 1):
+        if ".".join(keys[:i]) in _FREE_FORM or keys[0] in ("objective", "stages"):
+            return False, None
+    node = base_config()
+    for key in keys:
+        if not isinstance(node, ConfigDict) or key not in node:
+            return False, None
+        node = node[key]
+    return True, node
+
+
+_BOOL_WORDS = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
+
+
+def _typed(dotted: str, old: Any, text: str) -> Any:
+    """The override `dotted=text` as a value of the field's type: the schema's type where the
+    schema has one (a mismatch is a ConfigValueError naming key, value and type), else the lenient
+    coercions of a free-form field (int -> float, list -> tuple, anything -> str)."""
+    new = _literal(text)
+    typed, ref = _schema_value(dotted)
+    if not typed:
+        if isinstance(old, bool) or isinstance(new, bool):
+            return new
+        if isinstance(old, float) and isinstance(new, int):
+            return float(new)
+        if isinstance(old, str) and not isinstance(new, str):
+            return text
+        if isinstance(old, tuple) and isinstance(new, list):
+            return tuple(new)
+        return new
+
+    def bad(expected: str):
+        return ConfigValueError(
+            f"--config.{dotted}={text}: expected {expected} (default {ref!r}), got "
+            f"{type(new).__name__} {new!r}."
+        )
+
+    if ref is None:
+        return new
+    if isinstance(ref, ConfigDict):
+        raise ConfigValueError(
+            f"--config.{dotted}={text}: '{dotted}' is a group of settings "
+            f"({sorted(ref.keys())}); set one field, e.g. --config.{dotted}.<field>=<value>."
+        )
+    if isinstance(ref, bool):
+        if isinstance(new, bool):
+            return new
+        if text.strip().lower() in _BOOL_WORDS:
+            return _BOOL_WORDS[text.strip().lower()]
+        raise bad("a bool (True/False)")
+    if isinstance(ref, int):
+        if isinstance(new, int) and not isinstance(new, bool):
+            return new
+        if isinstance(new, float) and new.is_integer():
+            return int(new)
+        raise bad("an int")
+    if isinstance(ref, float):
+        if isinstance(new, (int, float)) and not isinstance(new, bool):
+            return float(new)
+        raise bad("a float")
+    if isinstance(ref, str):
+        return new if isinstance(new, str) else text
+    if isinstance(ref, tuple):
+        if isinstance(new, (list, tuple)):
+            return tuple(new)
+        raise bad("a tuple, e.g. (1, 2) or ('a',)")
+    return new
 
 
 def load(spec: str, overrides: Sequence[str] = ()) -> ConfigDict:
     """Loads `path/to/config.py[:arg]`, applies `key=value` overrides, validates, locks."""
     path, _, arg = spec.partition(":")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"Config file '{path}' not found (from --config={spec}).")
+        raise UserFileNotFoundError(f"Config file '{path}' not found (from --config={spec}).")
     module_spec = importlib.util.spec_from_file_location("kd_jax_config", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
-    config = module.get_config(arg or None)
+    try:
+        config = module.get_config(arg or None)
+    except AttributeError as e:
+        if "locked" not in str(e):
+            raise
+        raise ConfigLockedError(f"{path}: {e}") from e
     for item in overrides:
         dotted, eq, value = item.partition("=")
         if not eq:
-            raise ValueError(f"Override '{item}' must look like key.path=value.")
+            raise ConfigValueError(f"Override '{item}' must look like key.path=value.")
         apply_override(config, dotted.removeprefix("config."), value)
     validate(config)
     config.lock()

@@ -7,6 +7,12 @@ import argparse
 import logging
 import sys
 
+import jax
+
+from kd_jax import config as config_lib
+from kd_jax import report, runner
+from kd_jax.errors import UserError
+
 
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__)
@@ -38,28 +44,32 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     # orbax logs every file rename through absl at INFO; keep the console for our own lines.
     logging.getLogger("absl").setLevel(logging.WARNING)
-    import jax
-
+    # Flags take effect before the first computation initialises a backend.
     if args.cpu_devices:
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     if args.distributed:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
 
-    from kd_jax import config as config_lib
-    from kd_jax import report, runner
-
     try:
         config = config_lib.load(args.config, overrides)
-    except (KeyError, ValueError, AttributeError, FileNotFoundError) as e:
+    except (UserError, KeyError, ValueError, AttributeError, FileNotFoundError) as e:
         # A config mistake is the user's to fix: show the message, not a traceback.
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"config error: {msg}", file=sys.stderr)
-        return 2
-    results = runner.run(config, args.workdir)
+        return _user_error("config error", e)
+    try:
+        results = runner.run(config, args.workdir)
+    except UserError as e:  # a bad data path, a corrupt user file, a busy workdir...
+        return _user_error("error", e)
     if jax.process_index() == 0 and not any(r.get("preempted") for r in results.values()):
         print(report.write(args.workdir, results))
     return 0
+
+
+def _user_error(what: str, e: BaseException) -> int:
+    """Prints a user's mistake as one message (no traceback) and returns exit status 2."""
+    msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+    print(f"kd_jax {what}: {msg}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

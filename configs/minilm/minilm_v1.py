@@ -86,7 +86,7 @@ def get_config(arg=None):
     if arg.paper:
         preset = f"hf_bert:{arg.teacher_dir or '/path/to/bert-base-uncased'}"
         c.teacher = C.model("bert", preset=preset)
-        c.teacher.init = preset
+        c.teacher.init = f"pretrained:{preset}"
         c.data.kwargs = {"max_length": 512, "limit": 10**9, "num_eval": 1000}
         c.data.batch_size, c.optimizer.learning_rate = 1024, 5e-4
         c.steps, c.schedule.warmup_steps = 400_000, 4000

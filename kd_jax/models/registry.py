@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kd_jax.errors import ConfigValueError
 from kd_jax.registry import Registry
 
 MODELS: Registry[Callable] = Registry("model")
@@ -92,7 +93,7 @@ def preset_fields(name: str) -> dict:
     if split:
         kind = WEIGHT_FILES.get(split[0])
         if kind.config is None:
-            raise ValueError(
+            raise ConfigValueError(
                 f"'{split[0]}:' weights carry no architecture preset; set the model's kwargs "
                 "(SegFormer: variant; DeepLabV3: stem_widths) to the checkpoint's."
             )

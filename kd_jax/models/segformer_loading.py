@@ -23,6 +23,7 @@ import os
 import numpy as np
 from safetensors.numpy import load_file
 
+from kd_jax.errors import UserFileNotFoundError, corrupt_file
 from kd_jax.models import segformer
 from kd_jax.models.registry import WEIGHT_FILES, WeightFile
 
@@ -30,12 +31,18 @@ from kd_jax.models.registry import WEIGHT_FILES, WeightFile
 def read_tensors(path: str) -> dict[str, np.ndarray]:
     """All tensors of a .safetensors or .npz file as float32 numpy arrays."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"No weights file '{path}'.")
+        raise UserFileNotFoundError(f"No weights file '{path}'.")
     if path.endswith(".safetensors"):
-        raw = load_file(path)
+        try:
+            raw = load_file(path)
+        except Exception as e:  # safetensors raises its own SafetensorError for a bad file.
+            raise corrupt_file(path, "safetensors weights", e) from e
     elif path.endswith(".npz"):
-        with np.load(path) as f:
-            raw = {k: f[k] for k in f.files}
+        try:
+            with np.load(path) as f:
+                raw = {k: f[k] for k in f.files}
+        except Exception as e:  # BadZipFile, EOFError, ValueError...
+            raise corrupt_file(path, "npz weights", e) from e
     else:
         raise ValueError(
             f"'{path}': expected a .safetensors or .npz file (convert a torch .pth/.bin with "

