@@ -76,6 +76,12 @@ def base_config() -> ConfigDict:
     c.keep_checkpoints = 2
     c.async_checkpointing = True
     c.skip_nonfinite = False  # True: a step with a non-finite loss/grad leaves params unchanged.
+    # A stage stops (exit 2) when a seed's loss exceeds this multiple of its running median; 0: off.
+    c.divergence_factor = 1e4
+    # Resume a stage whose config or teacher differs from its checkpoints' (recorded in them).
+    c.allow_resume_changes = False
+    # Check every stage (names, feature paths, shapes) before the first one trains.
+    c.preflight = True
     c.compute_dtype = "float32"  # params stay float32; activations use this dtype.
     c.progress_bar = True
     # A registered evaluator (kd_jax.evaluators): "classification" (accuracy/CE/teacher

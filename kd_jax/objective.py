@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from kd_jax import losses
 from kd_jax.adapters import make_adapter
+from kd_jax.errors import ConfigKeyError, ConfigValueError
 
 
 def lookup(features: Mapping[str, Any], path: str, who: str):
@@ -37,7 +38,7 @@ def lookup(features: Mapping[str, Any], path: str, who: str):
     for part in path.split("/"):
         if not isinstance(node, Mapping) or part not in node:
             avail = sorted(node) if isinstance(node, Mapping) else []
-            raise KeyError(f"{who} feature '{path}' not found; available: {avail}.")
+            raise ConfigKeyError(f"{who} feature '{path}' not found; available: {avail}.")
         node = node[part]
     return node
 
@@ -46,7 +47,7 @@ def _source(path: str) -> str:
     """Where a target path reads: "teacher" (default), "batch" or "student" (all parts alike)."""
     kinds = {p.strip().split(":", 1)[0] if ":" in p else "teacher" for p in path.split(",")}
     if len(kinds) > 1 or not kinds <= {"teacher", "batch", "student"}:
-        raise ValueError(
+        raise ConfigValueError(
             f"Target path '{path}': every part must read one source: teacher features "
             "(plain paths), 'batch:<key>' or 'student:<feature>'."
         )
@@ -72,7 +73,7 @@ def batch_lookup(batch: Mapping[str, Any], path: str):
     keys = _strip(path).split(",")
     missing = [k for k in keys if k not in batch]
     if missing:
-        raise KeyError(f"path '{path}': batch has no {missing}; batch keys: {sorted(batch)}.")
+        raise ConfigKeyError(f"path '{path}': batch has no {missing}; batch keys: {sorted(batch)}.")
     return batch[keys[0]] if len(keys) == 1 else tuple(batch[k] for k in keys)
 
 
@@ -97,7 +98,9 @@ def schedule_factor(spec: str | None, step) -> jax.Array:
         return jnp.clip((step - start) / max(end - start, 1.0), 0.0, 1.0)
     if kind == "after":
         return (step >= float(args[0])).astype(jnp.float32)
-    raise ValueError(f"Unknown weight schedule '{spec}'; use 'linear:start:end' or 'after:N'.")
+    raise ConfigValueError(
+        f"Unknown weight schedule '{spec}'; use 'linear:start:end' or 'after:N'."
+    )
 
 
 @dataclass(frozen=True)
@@ -117,7 +120,7 @@ class Objective:
 
     def __init__(self, terms_cfg: Mapping[str, Any]):
         if not terms_cfg:
-            raise ValueError(
+            raise ConfigValueError(
                 "config.objective has no terms; add e.g. objective.ce = kd_jax.config.term('ce')."
             )
         self.terms = []
@@ -164,9 +167,9 @@ class Objective:
             try:
                 losses.vocab_check(sv, tv, *names)
             except ValueError as e:
-                raise ValueError(f"Objective term '{t.name}': {e}") from None
+                raise ConfigValueError(f"Objective term '{t.name}': {e}") from None
             if student_tokenizer and teacher_tokenizer and student_tokenizer != teacher_tokenizer:
-                raise ValueError(
+                raise ConfigValueError(
                     f"Objective term '{t.name}': student tokenizer '{student_tokenizer}' "
                     f"(vocabulary size {sv}) differs from teacher tokenizer "
                     f"'{teacher_tokenizer}' (vocabulary size {tv}). Token-level distillation "
@@ -184,7 +187,9 @@ class Objective:
             if not t.adapter:
                 continue
             if not t.teacher:
-                raise ValueError(f"Objective term '{t.name}' has an adapter but no teacher path.")
+                raise ConfigValueError(
+                    f"Objective term '{t.name}' has an adapter but no teacher path."
+                )
             s = lookup(student_feats, t.student, "student")
             tt = target(
                 t.teacher, student_feats=student_feats, teacher_feats=teacher_feats, batch={}
@@ -239,7 +244,7 @@ class Objective:
                 value = t.fn(**args, **t.kwargs)
             except (ValueError, TypeError) as e:
                 tshape = _shapes(args["teacher"]) if "teacher" in args else None
-                raise ValueError(
+                raise ConfigValueError(
                     f"Objective term '{t.name}' ({t.fn.__name__}): student feature "
                     f"'{t.student}' {_shapes(s)} vs teacher feature '{t.teacher}' {tshape}: {e}"
                 ) from e

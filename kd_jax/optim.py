@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import optax
 
+from kd_jax.errors import ConfigValueError
+
 
 def _after_warmup(lr: float, warm: int, schedule: optax.Schedule) -> optax.Schedule:
     """A linear warm-up from 0 to `lr` over `warm` steps, then `schedule` (counted from there)."""
@@ -29,7 +31,7 @@ def make_schedule(cfg) -> optax.Schedule:
         return _after_warmup(lr, warm, decay)
     if s.name == "step":
         return optax.piecewise_constant_schedule(lr, {int(b): float(s.decay) for b in s.boundaries})
-    raise ValueError(
+    raise ConfigValueError(
         f"Unknown schedule '{s.name}'; use constant, warmup_cosine, warmup_linear, poly or step."
     )
 
@@ -48,7 +50,7 @@ def make_optimizer(cfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
     elif o.name == "lamb":
         tx = optax.lamb(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
     else:
-        raise ValueError(f"Unknown optimizer '{o.name}'; use adamw, adam, sgd or lamb.")
+        raise ConfigValueError(f"Unknown optimizer '{o.name}'; use adamw, adam, sgd or lamb.")
     if o.grad_clip_norm:
         tx = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), tx)
     return tx, schedule

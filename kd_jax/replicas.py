@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kd_jax.errors import ConfigValueError
+
 
 def over_seeds(fn, in_axes, mode: str):
     """Maps `fn` over the seed axis: "vmap", or "unroll" (one traced copy per seed in the same
@@ -14,7 +16,7 @@ def over_seeds(fn, in_axes, mode: str):
     if mode == "vmap":
         return jax.vmap(fn, in_axes=in_axes)
     if mode != "unroll":
-        raise ValueError(f"Unknown seeds_in_step '{mode}'; use 'vmap' or 'unroll'.")
+        raise ConfigValueError(f"Unknown seeds_in_step '{mode}'; use 'vmap' or 'unroll'.")
 
     def take(arg, axis, i):
         if isinstance(axis, dict):

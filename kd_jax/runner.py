@@ -9,6 +9,7 @@ import os
 
 from kd_jax import config as config_lib
 from kd_jax import lock, sharding, trainers
+from kd_jax.errors import ConfigValueError
 from kd_jax.trainers import kd
 
 log = logging.getLogger("kd_jax")
@@ -33,7 +34,7 @@ def resolve(config, workdir: str) -> dict:
         for other, entry in trainers.TRAINERS.items():
             for key in set(entry.meta["settings"]) - own:
                 if key in cfg and cfg[key].to_dict() != defaults[key].to_dict():
-                    raise ValueError(
+                    raise ConfigValueError(
                         f"Stage '{cfg.stage_name}' (kind '{cfg.kind}') sets config.{key}, which "
                         f"only kind '{other}' reads; set kind='{other}' or remove config.{key}."
                     )
@@ -51,10 +52,25 @@ def run(config, workdir: str, devices=None) -> dict:
         return _run_stages(config, stages, mesh, workdir)
 
 
-def _run_stages(config, stages, mesh, workdir: str) -> dict:
-    results = {}
+def _contexts(config, stages, mesh, workdir: str):
     for (name, cfg), raw in zip(stages.items(), config_lib.stage_names(config)):
-        ctx = trainers.RunContext(mesh, workdir, stage_dir(workdir, raw), stages)
+        yield name, cfg, trainers.RunContext(mesh, workdir, stage_dir(workdir, raw), stages)
+
+
+def preflight(config, stages, mesh, workdir: str) -> None:
+    """Every stage's checks (`trainers.register(preflight=...)`) before any stage trains, so a
+    mistake in the last stage fails at once, not after hours of the first ones."""
+    for _, cfg, ctx in _contexts(config, stages, mesh, workdir):
+        check = trainers.TRAINERS.meta(cfg.kind).get("preflight")
+        if check is not None and trainers.read_result(ctx.stage_dir) is None:
+            check(cfg, ctx)
+
+
+def _run_stages(config, stages, mesh, workdir: str) -> dict:
+    if config.preflight:
+        preflight(config, stages, mesh, workdir)
+    results = {}
+    for name, cfg, ctx in _contexts(config, stages, mesh, workdir):
         results[name] = trainers.TRAINERS.get(cfg.kind)(cfg, ctx)
         if results[name].get("preempted"):
             log.warning(

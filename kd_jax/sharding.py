@@ -10,6 +10,8 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from kd_jax.errors import ConfigValueError
+
 AXES = ("data", "fsdp", "model")
 # Batches are split over every axis that is not model-parallel.
 BATCH_AXES = ("data", "fsdp")
@@ -20,16 +22,16 @@ def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
     devices = list(devices if devices is not None else jax.devices())
     sizes = [int(mesh_cfg[a]) for a in AXES]
     if sizes.count(-1) > 1:
-        raise ValueError(f"At most one mesh axis may be -1, got {dict(zip(AXES, sizes))}.")
+        raise ConfigValueError(f"At most one mesh axis may be -1, got {dict(zip(AXES, sizes))}.")
     known = int(np.prod([s for s in sizes if s != -1]))
     if -1 in sizes:
         if len(devices) % known:
-            raise ValueError(
+            raise ConfigValueError(
                 f"{len(devices)} devices do not divide into mesh {dict(zip(AXES, sizes))}."
             )
         sizes[sizes.index(-1)] = len(devices) // known
     if int(np.prod(sizes)) != len(devices):
-        raise ValueError(
+        raise ConfigValueError(
             f"Mesh {dict(zip(AXES, sizes))} needs {int(np.prod(sizes))} devices but "
             f"{len(devices)} are available; set config.mesh sizes (one may be -1)."
         )
@@ -69,9 +71,11 @@ def _model_spec(shape: Sequence[int], dim: int, model: int, leading: int, name: 
     # over the model axis; the leading (seed) axes stay unsharded.
     d = dim + len(shape) if dim < 0 else dim + leading
     if not leading <= d < len(shape):
-        raise ValueError(f"Sharding rule 'model:{dim}' for '{name}': no such dimension in {shape}.")
+        raise ConfigValueError(
+            f"Sharding rule 'model:{dim}' for '{name}': no such dimension in {shape}."
+        )
     if shape[d] % model:
-        raise ValueError(
+        raise ConfigValueError(
             f"Sharding rule 'model:{dim}' for '{name}': dimension {shape[d]} of {tuple(shape)} is "
             f"not divisible by the model axis size {model}; set mesh.model to a divisor."
         )
@@ -86,7 +90,7 @@ def _check_action(action: str) -> None:
     kind, _, dim = action.partition(":")
     if kind == "model" and dim.lstrip("-").isdigit():
         return
-    raise ValueError(
+    raise ConfigValueError(
         f"Unknown sharding action '{action}'; use 'fsdp', 'replicate' or 'model:<dim>' "
         "(tensor parallelism over the mesh's model axis, e.g. 'model:-1' for a kernel's outputs)."
     )
@@ -134,7 +138,7 @@ def host_batch_slice(mesh: Mesh, global_batch: int) -> slice:
     stops = [idx[0].stop if idx[0].stop is not None else global_batch for idx in index_map.values()]
     start, stop = min(starts), max(stops)
     if stop - start != global_batch // jax.process_count():
-        raise ValueError(
+        raise ConfigValueError(
             "This process's devices do not hold a contiguous block of the batch; "
             "build the mesh from jax.devices() in process order."
         )

@@ -31,6 +31,7 @@ import numpy as np
 
 from kd_jax import checkpoint as ckpt_lib
 from kd_jax import models, sharding
+from kd_jax.errors import ConfigKeyError, ConfigValueError
 from kd_jax.models.registry import WEIGHT_FILES, load_pretrained
 from kd_jax.objective import lookup
 from kd_jax.replicas import over_seeds
@@ -58,7 +59,7 @@ def source_stage(key: str, init: str, stages: Mapping[str, Any]):
     """`init` = "stage:<name>" -> (name, that stage's resolved config)."""
     src = init.split(":", 1)[1]
     if src not in stages:
-        raise KeyError(f"{key}='{init}' names no stage; stages: {sorted(stages)}.")
+        raise ConfigKeyError(f"{key}='{init}' names no stage; stages: {sorted(stages)}.")
     return src, stages[src]
 
 
@@ -120,12 +121,12 @@ def load(cfg, mesh, example: Sequence, stages: Mapping[str, Any], root: str) -> 
             src_cfg.student.model != cfg.teacher.model
             or src_cfg.student.kwargs.to_dict() != cfg.teacher.kwargs.to_dict()
         ):
-            raise ValueError(
+            raise ConfigValueError(
                 f"teacher model {cfg.teacher.model}{cfg.teacher.kwargs.to_dict()} differs from "
                 f"stage '{src}' student {src_cfg.student.model}{src_cfg.student.kwargs.to_dict()}."
             )
         if src_cfg.num_seeds != cfg.num_seeds:
-            raise ValueError(
+            raise ConfigValueError(
                 f"Stage '{src}' trained {src_cfg.num_seeds} seeds but this stage has "
                 f"num_seeds={cfg.num_seeds}; they must match."
             )
@@ -147,13 +148,13 @@ def load(cfg, mesh, example: Sequence, stages: Mapping[str, Any], root: str) -> 
             variables = {"params": ckpt_lib.load_params(init, abstract["params"])}
         variables, axis = _init_missing(module, variables, abstract, example, init), None
     else:
-        raise ValueError(
+        raise ConfigValueError(
             "config.teacher.model is set but teacher.init is empty; use 'stage:<name>', "
             "'pretrained:<name>' or a path to an orbax params checkpoint."
         )
     placement = cfg.teacher.placement
     if placement not in PLACEMENTS:
-        raise ValueError(f"Unknown teacher.placement '{placement}'; use one of {PLACEMENTS}.")
+        raise ConfigValueError(f"Unknown teacher.placement '{placement}'; use one of {PLACEMENTS}.")
     if placement == "sharded":
         shard = sharding.tree_shardings(
             variables, mesh, ((".*", "fsdp"),), leading=1 if axis == 0 else 0

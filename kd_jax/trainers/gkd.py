@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kd_jax.config import ON_POLICY_DEFAULTS
+from kd_jax.errors import ConfigKeyError, ConfigValueError
 from kd_jax.models.generate import generate, left_align
 from kd_jax.trainers import kd, register
 
@@ -41,11 +42,13 @@ def settings(cfg) -> dict:
     s = dict(DEFAULTS, **dict(cfg.get("on_policy") or {}))
     unknown = set(s) - set(DEFAULTS)
     if unknown:
-        raise KeyError(f"Unknown on_policy keys {sorted(unknown)}; valid: {sorted(DEFAULTS)}.")
+        raise ConfigKeyError(
+            f"Unknown on_policy keys {sorted(unknown)}; valid: {sorted(DEFAULTS)}."
+        )
     if not 0.0 <= float(s["fraction"]) <= 1.0:
-        raise ValueError(f"on_policy.fraction must be in [0, 1], got {s['fraction']}.")
+        raise ConfigValueError(f"on_policy.fraction must be in [0, 1], got {s['fraction']}.")
     if float(s["fraction"]) > 0 and int(s["max_new_tokens"]) < 1:
-        raise ValueError("on_policy.max_new_tokens must be >= 1.")
+        raise ConfigValueError("on_policy.max_new_tokens must be >= 1.")
     return s
 
 
@@ -53,9 +56,9 @@ def check(stage, cached: bool) -> None:
     """Fails before training when an on-policy stage cannot run."""
     name = stage.name
     if not hasattr(stage.student, "config") or not hasattr(stage.student.config, "num_kv_heads"):
-        raise ValueError(f"Stage '{name}': on_policy needs a decoder student ('llama').")
+        raise ConfigValueError(f"Stage '{name}': on_policy needs a decoder student ('llama').")
     if stage.teacher is None or not stage.objective.needs_teacher or cached:
-        raise ValueError(
+        raise ConfigValueError(
             f"Stage '{name}': on_policy needs a live teacher model to score the student's "
             "samples (teacher.model set, placement not 'cache', and a term reading teacher "
             "features, not a cached top-k from the batch)."
@@ -63,7 +66,7 @@ def check(stage, cached: bool) -> None:
     example = stage.data.example_batch()
     missing = [k for k in ("input_ids", "prompt_mask") if k not in example]
     if missing:
-        raise KeyError(
+        raise ConfigKeyError(
             f"Stage '{name}': on_policy needs batch keys {missing} (prompt_mask = 1 on prompt "
             f"tokens); dataset '{stage.data.name}' gives {sorted(example)}."
         )
@@ -151,6 +154,13 @@ def make_train_step(stage, t_axis, cached: bool):
     return kd.jit_step(stage, step)
 
 
-@register("gkd", settings=("on_policy",))
 def train(cfg, ctx):
     return kd.train_stage(cfg, ctx, make_step=make_train_step)
+
+
+def preflight(cfg, ctx):
+    settings(cfg)
+    kd.preflight(cfg, ctx, make_step=make_train_step)
+
+
+register("gkd", train, settings=("on_policy",), preflight=preflight)

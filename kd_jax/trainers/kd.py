@@ -10,6 +10,7 @@ the step before the forward passes.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
@@ -27,10 +28,11 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from kd_jax import adapters, evaluators, models, optim, sharding
 from kd_jax import checkpoint as ckpt_lib
 from kd_jax import data as data_lib
-from kd_jax import evaluators, models, optim, sharding
 from kd_jax import teacher as teacher_lib
+from kd_jax.errors import ConfigKeyError, ConfigValueError, UserError
 from kd_jax.metric_writer import MetricWriter
 from kd_jax.models import batch_inputs
 from kd_jax.objective import Objective
@@ -41,8 +43,8 @@ log = logging.getLogger("kd_jax")
 _STOP = threading.Event()
 
 
-class NonFiniteLossError(FloatingPointError):
-    pass
+class NonFiniteLossError(UserError, FloatingPointError):
+    """A non-finite or diverging loss: the user's to fix (learning rate, clipping, data)."""
 
 
 @flax.struct.dataclass
@@ -83,7 +85,7 @@ def sample_inputs(data: data_lib.Data, keys) -> tuple:
     batch = data.example_batch()
     missing = [k for k in keys if k not in batch]
     if missing:
-        raise KeyError(
+        raise ConfigKeyError(
             f"Model reads batch keys {list(keys)} but dataset '{data.name}' gives "
             f"{sorted(batch)}; missing {missing}."
         )
@@ -98,7 +100,7 @@ def sample_inputs(data: data_lib.Data, keys) -> tuple:
 def _check_batch(mesh, size: int, key: str) -> None:
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if size % shards or size % jax.process_count():
-        raise ValueError(
+        raise ConfigValueError(
             f"{key}={size} must be divisible by the {shards} batch shards of mesh "
             f"{dict(mesh.shape)} and by {jax.process_count()} process(es); "
             f"use a multiple of {shards * jax.process_count()}."
@@ -108,7 +110,7 @@ def _check_batch(mesh, size: int, key: str) -> None:
 def build_stage(cfg, mesh, workdir: str) -> Stage:
     del workdir  # a stage's files are written by the loop; building it writes nothing.
     if cfg.student.init and not cfg.student.init.startswith(("stage:", "pretrained:")):
-        raise NotImplementedError(
+        raise ConfigValueError(
             "student.init supports 'stage:<name>' (continue from that stage's student, e.g. "
             "Orca's progressive learning) and 'pretrained:<name>' (e.g. fine-tuning a pretrained "
             f"encoder), got '{cfg.student.init}'."
@@ -127,7 +129,7 @@ def build_stage(cfg, mesh, workdir: str) -> Stage:
     teacher = models.build(cfg.teacher, dtype=cfg.compute_dtype) if cfg.teacher.model else None
     objective = Objective(cfg.objective)
     if objective.needs_teacher and teacher is None:
-        raise ValueError(
+        raise ConfigValueError(
             f"Stage '{cfg.stage_name}': objective reads teacher features "
             f"{objective.teacher_paths} but config.teacher.model is not set."
         )
@@ -399,6 +401,100 @@ def clear_stop() -> None:
     _STOP.clear()
 
 
+# Keys a resumed stage may change: how long it runs and how it logs, evaluates and saves.
+RESUMABLE_KEYS = (
+    "steps",
+    "log_every",
+    "eval_every",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "async_checkpointing",
+    "progress_bar",
+    "allow_resume_changes",
+    "divergence_factor",
+    "preflight",
+)
+
+
+def _flat(tree, prefix="") -> dict:
+    out = {}
+    for k, v in (tree or {}).items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_resume(cfg, ckptr, meta: dict) -> list[str]:
+    """Before a stage resumes: its effective config and teacher must be the ones its checkpoint
+    was written with (`RESUMABLE_KEYS` may change). A difference is a UserError naming the keys,
+    unless `allow_resume_changes`; then the differing keys are returned, to be recorded in the
+    new checkpoints' metadata."""
+    saved = ckptr.read_meta()
+    old, new = _flat(saved.get("config")), _flat(meta["config"])
+    ignore = set(RESUMABLE_KEYS) | {"stage_name"}
+    diff = sorted(
+        k for k in set(old) | set(new) if k.split(".")[0] not in ignore and old.get(k) != new.get(k)
+    )
+    old_fp = (saved.get("teacher") or {}).get("fingerprint")
+    new_fp = (meta.get("teacher") or {}).get("fingerprint")
+    if old_fp != new_fp:
+        diff.append(f"teacher weights (fingerprint {old_fp} -> {new_fp})")
+    if not diff:
+        return list(saved.get("resume_changes", []))
+    if cfg.allow_resume_changes:
+        log.warning("stage %s resumes with changed %s (allowed)", cfg.stage_name, diff)
+        return sorted(set(saved.get("resume_changes", [])) | set(diff))
+    shown = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" if k in old or k in new else k for k in diff]
+    raise ConfigValueError(
+        f"Stage '{cfg.stage_name}' has checkpoints in {ckptr.directory} written with another "
+        f"config; it differs in {'; '.join(shown[:8])}{'; ...' if len(shown) > 8 else ''}. "
+        "Use a new --workdir to train with the new settings, or pass "
+        "--config.allow_resume_changes=True to resume anyway (recorded in the checkpoints)."
+    )
+
+
+class FiniteGuard:
+    """Stops a stage whose loss is non-finite or diverges: per seed, loss > `divergence_factor`
+    x the median of its last 100 finite losses (0 disables it). With `skip_nonfinite`,
+    non-finite steps were already skipped inside the step and only divergence stops the stage."""
+
+    def __init__(self, cfg, name: str, ckptr):
+        self.cfg, self.name, self.ckptr = cfg, name, ckptr
+        self.history: collections.deque = collections.deque(maxlen=100)  # recent losses
+
+    def check(self, step: int, metrics) -> None:
+        finite, loss = jax.device_get((metrics["finite"], metrics["loss"]))
+        loss = np.asarray(loss, np.float64).reshape(-1)
+        bad = None
+        if not self.cfg.skip_nonfinite and not np.all(finite):
+            bad = "non-finite loss or gradient"
+        factor = float(self.cfg.divergence_factor)
+        ok = np.isfinite(loss)
+        if bad is None and factor > 0 and self.history:
+            median = np.median(np.stack(self.history), axis=0)
+            scale = np.maximum(np.abs(median), 1e-6)
+            if np.any(ok & (np.abs(loss) > factor * scale)):
+                bad = f"diverging loss (above {factor:g} x its running median {median.tolist()})"
+        if bad is None:
+            if np.all(ok):
+                self.history.append(loss)
+            return
+        self.ckptr.wait()
+        good = self.ckptr.latest_finite_step()
+        where = (
+            f"Last good checkpoint: step {good} in {self.ckptr.directory}."
+            if good is not None
+            else f"No verified-finite checkpoint in {self.ckptr.directory} yet."
+        )
+        raise NonFiniteLossError(
+            f"Stage '{self.name}': {bad} at step {step} (loss per seed {loss.tolist()}). {where} "
+            "Lower the learning rate, enable optimizer.grad_clip_norm, set skip_nonfinite=True, "
+            "or raise divergence_factor (0 turns the divergence check off)."
+        )
+
+
 def train_stage(cfg, ctx: RunContext, make_step: Callable = make_train_step) -> dict:
     """Trains one stage in `ctx.stage_dir`; resumes from its latest checkpoint. `make_step`
     `(stage, teacher_axis, cached) -> jitted step` is the hook other stage kinds replace."""
@@ -427,6 +523,7 @@ def train_stage(cfg, ctx: RunContext, make_step: Callable = make_train_step) -> 
     # ---------------------------------------------------------------- Checkpoint (resume)
     abstract = ckpt_lib.abstract(stage.abstract_state, stage.state_shardings)
     if ckptr.latest_step() is not None:
+        meta["resume_changes"] = check_resume(cfg, ckptr, meta)
         state, data_state, _ = ckptr.restore(abstract)
         start = int(jax.device_get(state.step)[0])
         log.info("stage %s: resumed from step %d", name, start)
@@ -474,20 +571,10 @@ def train_stage(cfg, ctx: RunContext, make_step: Callable = make_train_step) -> 
         )
     _install_sigterm()
     last_saved = ckptr.latest_step()
-    pending = None  # (step, metrics) of the previous step, checked one step behind.
+    pending = None  # (step count, metrics) of the previous step, checked one step behind.
     t0, steps_done, preempted = time.time(), 0, False
 
-    def check(prev):
-        step_i, m = prev
-        if not cfg.skip_nonfinite and not np.all(jax.device_get(m["finite"])):
-            ckptr.wait()
-            raise NonFiniteLossError(
-                f"Stage '{name}': non-finite loss or gradient at step {step_i} "
-                f"(loss per seed {np.asarray(jax.device_get(m['loss'])).tolist()}). Last good "
-                f"checkpoint: step {ckptr.latest_step()} in {ckptr.directory}. Lower the "
-                "learning rate, enable optimizer.grad_clip_norm, or set skip_nonfinite=True."
-            )
-
+    guard = FiniteGuard(cfg, name, ckptr)
     for step in range(start, cfg.steps):
         local = next(it)
         if cache is not None:
@@ -495,8 +582,8 @@ def train_stage(cfg, ctx: RunContext, make_step: Callable = make_train_step) -> 
         batch = sharding.make_global(mesh, local, data.global_batch)
         state, metrics = train_step(state, t_params, batch)
         if pending is not None:
-            check(pending)
-        pending = (step, metrics)
+            guard.check(*pending)
+        pending = (step + 1, metrics)
         steps_done += 1
         if bar is not None:
             bar.update(data.global_batch)
@@ -507,13 +594,15 @@ def train_stage(cfg, ctx: RunContext, make_step: Callable = make_train_step) -> 
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
             run_eval(step + 1)
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+            guard.check(*pending)  # a state is saved only once its step is known finite.
+            pending = None
             ckptr.save(step + 1, state, data_state=it.get_state(), meta=meta)
             last_saved = step + 1
         if _STOP.is_set():
             preempted = True
             break
     if pending is not None:
-        check(pending)
+        guard.check(*pending)
     final_step = int(jax.device_get(state.step)[0])
     if last_saved != final_step:
         ckptr.save(final_step, state, data_state=it.get_state(), meta=meta, force=True)
@@ -546,4 +635,52 @@ def train_stage(cfg, ctx: RunContext, make_step: Callable = make_train_step) -> 
     return result
 
 
-register("kd", train_stage)
+def _depends_on_earlier_stage(cfg, ctx: RunContext) -> list[str]:
+    """data.kwargs paths inside the run's workdir that do not exist yet (an earlier stage of
+    this run writes them)."""
+    root = os.path.abspath(ctx.root)
+    return [
+        v
+        for v in dict(cfg.data.kwargs).values()
+        if isinstance(v, str)
+        and os.path.abspath(v.split(":", 1)[-1]).startswith(root)
+        and not os.path.exists(v.split(":", 1)[-1])
+    ]
+
+
+def preflight(cfg, ctx: RunContext, make_step: Callable = make_train_step) -> None:
+    """Checks a stage before any stage of the run trains: every registered name (models,
+    objectives, adapters, evaluator, dataset), and, by tracing one step abstractly
+    (`jax.eval_shape`), every feature path, adapter shape and loss shape. Stages whose data an
+    earlier stage writes are checked by name only."""
+    models.entry(cfg.student.model)
+    if cfg.teacher.model:
+        models.entry(cfg.teacher.model)
+    objective = Objective(cfg.objective)
+    for t in objective.terms:
+        if t.adapter:
+            adapters.ADAPTERS.entry(t.adapter)
+    if cfg.evaluator != "none":
+        evaluators.EVALUATORS.entry(cfg.evaluator)
+    data_lib.SOURCES.entry(cfg.data.name)
+    if _depends_on_earlier_stage(cfg, ctx):
+        log.info("preflight %s: data written by an earlier stage; names checked", cfg.stage_name)
+        return
+    stage = build_stage(cfg, ctx.mesh, ctx.stage_dir)
+    batch = dict(
+        zip(stage.data.example_batch(), sample_inputs(stage.data, stage.data.example_batch()))
+    )
+    t_vars, t_axis = None, None
+    if stage.teacher is not None:
+        t_vars = jax.eval_shape(
+            stage.teacher.init, jax.random.key(0), *sample_inputs(stage.data, stage.teacher_inputs)
+        )
+        if cfg.teacher.init.startswith("stage:"):
+            t_axis = 0
+            t_vars = jax.tree.map(
+                lambda a: jax.ShapeDtypeStruct((cfg.num_seeds, *a.shape), a.dtype), t_vars
+            )
+    jax.eval_shape(make_step(stage, t_axis, False), stage.abstract_state, t_vars, batch)
+
+
+register("kd", train_stage, preflight=preflight)

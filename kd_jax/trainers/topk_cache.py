@@ -16,8 +16,9 @@ import numpy as np
 
 from kd_jax import data as data_lib
 from kd_jax.data import records
+from kd_jax.errors import ConfigKeyError, ConfigValueError
 from kd_jax.trainers import register
-from kd_jax.trainers._shards import load_teacher, run_shards, run_stage, settings
+from kd_jax.trainers._shards import load_teacher, preflight, run_shards, run_stage, settings
 
 
 def topk_fn(module, k: int):
@@ -40,13 +41,13 @@ def topk_cache_stage(cfg, ctx) -> dict:
     rows = train_src.arrays
     for key in ("input_ids", "positions", "segment_ids"):
         if key not in rows:
-            raise KeyError(
+            raise ConfigKeyError(
                 f"topk_cache needs packed rows with '{key}'; '{cfg.data.name}' has {sorted(rows)}."
             )
     module, variables, ident = load_teacher(cfg, ctx)
     vocab, k, n = module.config.vocab_size, int(s["k"]), len(rows["input_ids"])
     if not 1 <= k <= vocab:
-        raise ValueError(f"generate.k={k} must be in [1, vocab={vocab}].")
+        raise ConfigValueError(f"generate.k={k} must be in [1, vocab={vocab}].")
     idx_dtype = np.uint16 if vocab <= 1 << 16 else np.int32
     lp_dtype = np.dtype(s["logprob_dtype"])
     per = int(s["rows_per_shard"])
@@ -101,6 +102,6 @@ def topk_cache_stage(cfg, ctx) -> dict:
     return out
 
 
-@register("topk_cache", settings=("generate",))
+@register("topk_cache", settings=("generate",), preflight=preflight)
 def train(cfg, ctx) -> dict:
     return run_stage(topk_cache_stage, cfg, ctx)
