@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kd_jax import capture
+from kd_jax.models import capture
 
 
 class Block(nn.Module):
@@ -58,3 +58,24 @@ def test_captured_adapter_gives_logits_and_features():
     variables = wrapped.init(jax.random.key(1), x)
     logits, feats = wrapped.apply(variables, x)
     assert logits.shape == (3, 4) and set(feats) == {"block_1", "logits"}
+
+
+def test_captured_model_from_a_config_feeds_an_objective_term(tmp_path):
+    from kd_jax import config as C
+    from kd_jax import runner
+    from tests import helpers
+
+    c = helpers.kd_config(steps=6)
+    c.stages.kd.student = C.model(
+        "captured", base="mlp", patterns=("dense0",), base_kwargs={"widths": (16,)}
+    )
+    c.stages.kd.objective.hint = C.term(
+        "mse", 1.0, student="dense0", teacher="hidden0", adapter="dense"
+    )
+    res = runner.run(C.validate(c), str(tmp_path))
+    assert res["kd"]["step"] == 6
+    hint = helpers.metrics(tmp_path, "kd", "loss/hint")
+    assert hint[-1] < hint[0]  # the captured intermediate is trained towards the teacher's
+    c.stages.kd.student.kwargs.patterns = ("dense9",)
+    with pytest.raises(KeyError, match=r"\['dense9'\] matched no submodule of MLP"):
+        runner.run(C.validate(c), str(tmp_path / "typo"))

@@ -61,9 +61,10 @@ def load_pretrained(name: str) -> dict:
     return {"params": PRESETS.get(name).params()}
 
 
-def register(name: str, ctor: Callable | None = None, inputs: tuple[str, ...] = ("image",)):
-    """Adds a constructor `(dtype=..., **kwargs) -> Module`; decorator form without `ctor`."""
-    return MODELS.register(name, ctor, inputs=tuple(inputs))
+def register(name: str, ctor: Callable | None = None, inputs=("image",)):
+    """Adds a constructor `(dtype=..., **kwargs) -> Module`; decorator form without `ctor`.
+    `inputs`: the batch keys it reads, or a function of its kwargs giving them."""
+    return MODELS.register(name, ctor, inputs=inputs if callable(inputs) else tuple(inputs))
 
 
 def names() -> list[str]:
@@ -75,7 +76,10 @@ def entry(name: str):
 
 
 def input_keys(model_cfg) -> tuple[str, ...]:
-    return MODELS.meta(model_cfg.model)["inputs"]
+    """The batch keys a model reads, in call order; an entry may compute them from its kwargs
+    (a wrapper reads its base model's)."""
+    inputs = MODELS.meta(model_cfg.model)["inputs"]
+    return tuple(inputs(dict(model_cfg.kwargs)) if callable(inputs) else inputs)
 
 
 def build(model_cfg, *, dtype: str = "float32"):

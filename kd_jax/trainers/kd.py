@@ -10,7 +10,6 @@ the step before the forward passes.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import json
 import logging
@@ -32,19 +31,16 @@ from kd_jax import adapters, evaluators, models, optim, sharding
 from kd_jax import checkpoint as ckpt_lib
 from kd_jax import data as data_lib
 from kd_jax import teacher as teacher_lib
-from kd_jax.errors import ConfigKeyError, ConfigValueError, UserError
+from kd_jax.errors import ConfigKeyError, ConfigValueError
 from kd_jax.metric_writer import MetricWriter
 from kd_jax.models import batch_inputs
 from kd_jax.objective import Objective
 from kd_jax.replicas import over_seeds
 from kd_jax.trainers import RunContext, read_result, register, write_result
+from kd_jax.trainers.safety import FiniteGuard, NonFiniteLossError, check_resume
 
 log = logging.getLogger("kd_jax")
 _STOP = threading.Event()
-
-
-class NonFiniteLossError(UserError, FloatingPointError):
-    """A non-finite or diverging loss: the user's to fix (learning rate, clipping, data)."""
 
 
 @flax.struct.dataclass
@@ -401,100 +397,6 @@ def clear_stop() -> None:
     _STOP.clear()
 
 
-# Keys a resumed stage may change: how long it runs and how it logs, evaluates and saves.
-RESUMABLE_KEYS = (
-    "steps",
-    "log_every",
-    "eval_every",
-    "checkpoint_every",
-    "keep_checkpoints",
-    "async_checkpointing",
-    "progress_bar",
-    "allow_resume_changes",
-    "divergence_factor",
-    "preflight",
-)
-
-
-def _flat(tree, prefix="") -> dict:
-    out = {}
-    for k, v in (tree or {}).items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def check_resume(cfg, ckptr, meta: dict) -> list[str]:
-    """Before a stage resumes: its effective config and teacher must be the ones its checkpoint
-    was written with (`RESUMABLE_KEYS` may change). A difference is a UserError naming the keys,
-    unless `allow_resume_changes`; then the differing keys are returned, to be recorded in the
-    new checkpoints' metadata."""
-    saved = ckptr.read_meta()
-    old, new = _flat(saved.get("config")), _flat(meta["config"])
-    ignore = set(RESUMABLE_KEYS) | {"stage_name"}
-    diff = sorted(
-        k for k in set(old) | set(new) if k.split(".")[0] not in ignore and old.get(k) != new.get(k)
-    )
-    old_fp = (saved.get("teacher") or {}).get("fingerprint")
-    new_fp = (meta.get("teacher") or {}).get("fingerprint")
-    if old_fp != new_fp:
-        diff.append(f"teacher weights (fingerprint {old_fp} -> {new_fp})")
-    if not diff:
-        return list(saved.get("resume_changes", []))
-    if cfg.allow_resume_changes:
-        log.warning("stage %s resumes with changed %s (allowed)", cfg.stage_name, diff)
-        return sorted(set(saved.get("resume_changes", [])) | set(diff))
-    shown = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" if k in old or k in new else k for k in diff]
-    raise ConfigValueError(
-        f"Stage '{cfg.stage_name}' has checkpoints in {ckptr.directory} written with another "
-        f"config; it differs in {'; '.join(shown[:8])}{'; ...' if len(shown) > 8 else ''}. "
-        "Use a new --workdir to train with the new settings, or pass "
-        "--config.allow_resume_changes=True to resume anyway (recorded in the checkpoints)."
-    )
-
-
-class FiniteGuard:
-    """Stops a stage whose loss is non-finite or diverges: per seed, loss > `divergence_factor`
-    x the median of its last 100 finite losses (0 disables it). With `skip_nonfinite`,
-    non-finite steps were already skipped inside the step and only divergence stops the stage."""
-
-    def __init__(self, cfg, name: str, ckptr):
-        self.cfg, self.name, self.ckptr = cfg, name, ckptr
-        self.history: collections.deque = collections.deque(maxlen=100)  # recent losses
-
-    def check(self, step: int, metrics) -> None:
-        finite, loss = jax.device_get((metrics["finite"], metrics["loss"]))
-        loss = np.asarray(loss, np.float64).reshape(-1)
-        bad = None
-        if not self.cfg.skip_nonfinite and not np.all(finite):
-            bad = "non-finite loss or gradient"
-        factor = float(self.cfg.divergence_factor)
-        ok = np.isfinite(loss)
-        if bad is None and factor > 0 and self.history:
-            median = np.median(np.stack(self.history), axis=0)
-            scale = np.maximum(np.abs(median), 1e-6)
-            if np.any(ok & (np.abs(loss) > factor * scale)):
-                bad = f"diverging loss (above {factor:g} x its running median {median.tolist()})"
-        if bad is None:
-            if np.all(ok):
-                self.history.append(loss)
-            return
-        self.ckptr.wait()
-        good = self.ckptr.latest_finite_step()
-        where = (
-            f"Last good checkpoint: step {good} in {self.ckptr.directory}."
-            if good is not None
-            else f"No verified-finite checkpoint in {self.ckptr.directory} yet."
-        )
-        raise NonFiniteLossError(
-            f"Stage '{self.name}': {bad} at step {step} (loss per seed {loss.tolist()}). {where} "
-            "Lower the learning rate, enable optimizer.grad_clip_norm, set skip_nonfinite=True, "
-            "or raise divergence_factor (0 turns the divergence check off)."
-        )
-
-
 def train_stage(cfg, ctx: RunContext, make_step: Callable = make_train_step) -> dict:
     """Trains one stage in `ctx.stage_dir`; resumes from its latest checkpoint. `make_step`
     `(stage, teacher_axis, cached) -> jitted step` is the hook other stage kinds replace."""
@@ -684,3 +586,6 @@ def preflight(cfg, ctx: RunContext, make_step: Callable = make_train_step) -> No
 
 
 register("kd", train_stage, preflight=preflight)
+
+
+__all__ = ["NonFiniteLossError", "Stage", "TrainState", "build_stage", "train_stage"]

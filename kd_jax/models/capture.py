@@ -7,6 +7,13 @@
 `apply` returning `(logits, features)`), so it can be a teacher or student without edits.
 Patterns are regexes matched (fullmatch) against "/"-joined module paths; the captured value is
 the output of the module's `__call__` (or of `method`). Only module outputs are captured.
+
+From a config, the registered model "captured" wraps any registered model and adds the outputs
+of its submodules that match `patterns` to its feature dict (`CapturedModel`, through
+`flax.linen.intercept_methods`, so it runs inside the trainer's jitted step like any model):
+
+    c.student = C.model("captured", base="mlp", patterns=("dense0",), base_kwargs={"widths": (16,)})
+    C.term("mse", student="dense0", teacher="hidden0", adapter="dense")
 """
 
 from __future__ import annotations
@@ -16,7 +23,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
+import jax.numpy as jnp
 from flax.traverse_util import flatten_dict
+
+from kd_jax.models.registry import MODELS, register
 
 
 def _filter(patterns: Sequence[str], method: str):
@@ -100,3 +110,40 @@ class Captured:
         logits = self.logits_fn(out)
         feats["logits"] = logits
         return logits, feats
+
+
+class CapturedModel(nn.Module):
+    """A registered model whose submodule outputs matching `patterns` (paths relative to the
+    model, e.g. "dense0" or "layer_\\d+/attention") join its features."""
+
+    base: nn.Module
+    patterns: tuple[str, ...] = ()
+
+    @nn.compact
+    def __call__(self, *inputs, train: bool = False):
+        compiled = [re.compile(p) for p in self.patterns]
+        feats: dict[str, Any] = {}
+
+        def record(next_fun, args, kwargs, context):
+            out = next_fun(*args, **kwargs)
+            path = "/".join(context.module.path[len(self.path) + 1 :])
+            if context.method_name == "__call__" and any(p.fullmatch(path) for p in compiled):
+                feats[path] = out
+            return out
+
+        with nn.intercept_methods(record):
+            logits, base_feats = self.base(*inputs, train=train)
+        missing = [p.pattern for p in compiled if not any(p.fullmatch(k) for k in feats)]
+        if missing:
+            raise KeyError(
+                f"Capture patterns {missing} matched no submodule of {type(self.base).__name__}."
+            )
+        return logits, {**base_feats, **feats}
+
+
+def _captured(dtype=jnp.float32, *, base: str, patterns=(), base_kwargs=None):
+    module = MODELS.get(base)(dtype=dtype, **dict(base_kwargs or {}))
+    return CapturedModel(module, tuple(patterns))
+
+
+register("captured", _captured, inputs=lambda kwargs: MODELS.meta(kwargs["base"])["inputs"])
