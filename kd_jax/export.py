@@ -391,7 +391,12 @@ def write_hf_bert(
                 files.append(shutil.copy(os.path.join(source, name), os.path.join(out, name)))
     modules = [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {
+            "idx": 1,
+            "name": "1",
+            "path": "1_Pooling",
+            "type": "sentence_transformers.models.Pooling",
+        },
         {
             "idx": 2,
             "name": "2",

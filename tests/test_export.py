@@ -228,6 +228,7 @@ def _seg_config():
     c.data.batch_size = c.data.eval_batch_size = 8
     c.progress_bar, c.async_checkpointing, c.log_every = False, False, 1
     c.checkpoint_every, c.keep_checkpoints = 1, 5
+    c.preflight = False  # the one stage is traced by its first step anyway
     c.optimizer.learning_rate = 1e-2
     t = C.model("deeplabv3", num_classes=4, **NET)
     t.init = "random:0"
