@@ -292,7 +292,9 @@ def test_objective_terms_read_hidden_and_head_and_batch_paths():
             )
         }  # fmt: skip
     )
-    _, m = with_ce({}, student_feats=sf, teacher_feats={}, batch={**batch, "label": labels}, step=0)
+    _, m = evaluate_objective(
+        with_ce, {}, student_feats=sf, teacher_feats={}, batch={**batch, "label": labels}, step=0
+    )
     assert _rel(m["loss/kd"], ce(student=sf["logits"], labels=labels, mask=mask)) < 1e-5
     # skip_logits: the model never computes logits, the head stays available.
     skip = student.clone(skip_logits=True)

@@ -111,7 +111,9 @@ OWN_CONTRACT = {
 
 
 def test_every_registered_objective_has_a_case():
-    assert set(losses.names()) == set(CASES) | set(OWN_CONTRACT)
+    # Objectives other tests register from outside the package (tests/test_extension.py) aside.
+    builtin = {n for n in losses.names() if losses.get(n).__module__.startswith("kd_jax.")}
+    assert builtin == set(CASES) | set(OWN_CONTRACT)
 
 
 @pytest.mark.parametrize("name", ALL)
