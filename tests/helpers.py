@@ -87,3 +87,21 @@ def registered_in(module) -> dict:
 
     fns = {n: losses.get(n) for n in losses.names()}
     return {n: fn for n, fn in fns.items() if fn.__module__ == module.__name__}
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(*args: str, timeout: int = 300):
+    """`python -m kd_jax.main *args` in a subprocess, as a user runs it (CPU backend)."""
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "kd_jax.main", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"},
+        timeout=timeout,
+    )

@@ -8,6 +8,7 @@ import pytest
 
 from kd_jax import config as C
 from kd_jax import runner
+from tests import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.py"), recursive=True))
@@ -93,26 +94,14 @@ def test_every_config_tiny_runs_one_step(spec, tmp_path):
         c.steps = 1
     results = runner.run(c, str(tmp_path))
     # Data-writing stages (kind generate / topk_cache) report no step.
-    assert all(r["step"] == 1 for r in results.values() if r.get("kind", "train") == "train")
+    assert all(r["step"] == 1 for r in results.values() if r.get("kind", "kd") == "kd")
 
 
 def test_cli_typo_is_a_clear_error_without_traceback(tmp_path):
-    import subprocess
-    import sys
-
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "kd_jax.main",
-            f"--config={MNIST_KD}:tiny",
-            f"--workdir={tmp_path}",
-            "--config.optimizer.learning_rat=1e-3",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": ROOT},
+    proc = helpers.run_cli(
+        f"--config={MNIST_KD}:tiny",
+        f"--workdir={tmp_path}",
+        "--config.optimizer.learning_rat=1e-3",
     )
     assert proc.returncode == 2
     assert "Did you mean 'learning_rate'" in proc.stderr and "Traceback" not in proc.stderr

@@ -26,6 +26,7 @@ from kd_jax.errors import (
     UserFileNotFoundError,
     WorkdirBusyError,
 )
+from tests import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MNIST_KD = os.path.join(ROOT, "configs", "classic", "mnist_kd.py")
@@ -33,19 +34,10 @@ MNIST_KD = os.path.join(ROOT, "configs", "classic", "mnist_kd.py")
 
 # ------------------------------------------------------------------------------- CLI / config
 def test_cli_bad_override_value_exits_2_naming_key(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "kd_jax.main",
-            f"--config={MNIST_KD}:tiny",
-            f"--workdir={tmp_path / 'w'}",
-            "--config.steps=abc",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"},
+    proc = helpers.run_cli(
+        f"--config={MNIST_KD}:tiny",
+        f"--workdir={tmp_path / 'w'}",
+        "--config.steps=abc",
         timeout=120,
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -465,20 +457,7 @@ def test_a_typo_in_the_last_stage_fails_before_the_first_trains(tmp_path):
 
 def test_second_run_on_a_busy_workdir_exits_2_naming_the_holder(tmp_path):
     with lock.workdir_lock(str(tmp_path), process_index=0):
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "kd_jax.main",
-                f"--config={MNIST_KD}:tiny",
-                f"--workdir={tmp_path}",
-            ],
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"},
-            timeout=300,
-        )
+        proc = helpers.run_cli(f"--config={MNIST_KD}:tiny", f"--workdir={tmp_path}", timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"pid {os.getpid()}" in proc.stderr and socket.gethostname() in proc.stderr
     assert "Traceback" not in proc.stderr
