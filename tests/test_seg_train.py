@@ -12,6 +12,7 @@ from kd_jax import config as C
 from kd_jax import data as data_lib
 from kd_jax import lad, losses, train
 from kd_jax.objective import Objective
+from tests.tolerances import f32_tol
 
 B = 8
 NET = {"stem_widths": (4, 4, 8), "widths": (8, 8, 8, 8), "aspp_features": 8, "aspp_rates": (1, 2)}
@@ -108,7 +109,8 @@ def test_transkd_adapters_in_objective(pea_adapter):
         return total, (m, new)
 
     (total, (m, new)), g = jax.value_and_grad(loss, has_aux=True)(aux, state)
-    np.testing.assert_allclose(total, m["loss/hcl"] + m["loss/pea"], rtol=1e-6)
+    # The objective's total is the sum of its two (positive) terms: one rounding.
+    np.testing.assert_allclose(total, m["loss/hcl"] + m["loss/pea"], rtol=f32_tol(2))
     assert all(float(jnp.abs(x).sum()) > 0 for x in jax.tree.leaves(g["pea"]))
     before = state["hcl"]["batch_stats"]["csf"]["sk1"]["conv1_bn"]["mean"]
     after = new["hcl"]["batch_stats"]["csf"]["sk1"]["conv1_bn"]["mean"]
@@ -119,7 +121,10 @@ def test_dual_path_consistency_objective_matches_lad():
     a = jax.random.normal(jax.random.key(0), (2, 4, 4, 3))
     b = jax.random.normal(jax.random.key(1), (2, 4, 4, 3))
     got = losses.get("dual_path_consistency")(student=(a, b), temperature=4.0)
-    np.testing.assert_allclose(got, lad.consistency_loss(a, b, temperature=4.0), rtol=1e-6)
+    # The same CWD math, two call paths: softmaxes over 4 x 4 positions.
+    np.testing.assert_allclose(
+        got, lad.consistency_loss(a, b, temperature=4.0), rtol=f32_tol(4 * 4)
+    )
     assert float(losses.get("dual_path_consistency")(student=(a, a))) == pytest.approx(0.0)
 
 
