@@ -6,6 +6,9 @@ os.environ.setdefault("XLA_FLAGS", "")
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
+# Full float32 matmuls everywhere: GPUs (e.g. an H200) default float32 dots to TF32 (a 10-bit
+# mantissa, ~1e-3 relative), which the float32 tolerances of tests/helpers.f32_tol do not cover.
+jax.config.update("jax_default_matmul_precision", "highest")
 import logging  # noqa: E402
 
 logging.getLogger("absl").setLevel(logging.WARNING)

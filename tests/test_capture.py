@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from kd_jax.models import capture
+from tests.tolerances import f32_tol
 
 
 class Block(nn.Module):
@@ -31,8 +32,9 @@ def test_capture_by_path_inside_jit():
     assert sorted(feats) == ["block_0", "block_2"]
     # The captured block_0 output equals running block_0 by hand.
     h0 = Block().apply({"params": variables["params"]["block_0"]}, x)
-    np.testing.assert_allclose(feats["block_0"], h0, rtol=1e-6)
-    np.testing.assert_allclose(out, net.apply(variables, x), rtol=1e-6)
+    # The same Dense layers (5 and 6-term dots) inside and outside the capturing jit.
+    np.testing.assert_allclose(feats["block_0"], h0, rtol=f32_tol(6))
+    np.testing.assert_allclose(out, net.apply(variables, x), rtol=f32_tol(6))
     assert feats["block_2"].shape == (2, 6)
 
 

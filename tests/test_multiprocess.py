@@ -60,5 +60,5 @@ def test_two_processes_match_single_process(tmp_path):
         np.testing.assert_allclose(
             helpers.metrics(tmp_path / "multi", stage),
             helpers.metrics(tmp_path / "single", stage),
-            rtol=1e-5,
+            rtol=helpers.RUN_RTOL,  # the same batch reductions, reordered
         )

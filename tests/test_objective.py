@@ -9,6 +9,7 @@ from kd_jax import config as C
 from kd_jax import losses
 from kd_jax.objective import Objective, schedule_factor
 from tests.helpers import evaluate_objective
+from tests.tolerances import f32_tol
 
 B = 4
 STUDENT = {
@@ -35,8 +36,10 @@ def test_weighted_sum_matches_terms():
     )
     kd = losses.hinton_kd(student=s, teacher=t, temperature=2.0)
     ce = losses.ce(student=s, labels=BATCH["label"])
-    np.testing.assert_allclose(total, 0.9 * kd + 0.1 * ce, rtol=1e-6)
-    np.testing.assert_allclose(m["loss/kd"], kd, rtol=1e-6)
+    # The same 10-class losses, eager here and fused under the objective's jit: f32_tol(10);
+    # the weighted sum of two positive terms adds a rounding.
+    np.testing.assert_allclose(total, 0.9 * kd + 0.1 * ce, rtol=f32_tol(10))
+    np.testing.assert_allclose(m["loss/kd"], kd, rtol=f32_tol(10))
 
 
 def test_mismatched_features_name_both_paths_and_shapes():

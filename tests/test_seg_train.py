@@ -14,6 +14,7 @@ from kd_jax import losses, runner, sharding
 from kd_jax.models import lad
 from kd_jax.objective import Objective
 from kd_jax.trainers import kd
+from tests.tolerances import f32_tol
 
 B = 8
 NET = {"stem_widths": (4, 4, 8), "widths": (8, 8, 8, 8), "aspp_features": 8, "aspp_rates": (1, 2)}
@@ -108,7 +109,8 @@ def test_transkd_adapters_in_objective(pea_adapter):
         return total, (m, new)
 
     (total, (m, new)), g = jax.value_and_grad(loss, has_aux=True)(aux, state)
-    np.testing.assert_allclose(total, m["loss/hcl"] + m["loss/pea"], rtol=1e-6)
+    # The objective's total is the sum of its two (positive) terms: one rounding.
+    np.testing.assert_allclose(total, m["loss/hcl"] + m["loss/pea"], rtol=f32_tol(2))
     assert all(float(jnp.abs(x).sum()) > 0 for x in jax.tree.leaves(g["pea"]))
     before = state["hcl"]["batch_stats"]["csf"]["sk1"]["conv1_bn"]["mean"]
     after = new["hcl"]["batch_stats"]["csf"]["sk1"]["conv1_bn"]["mean"]
@@ -123,7 +125,8 @@ def test_dual_path_consistency_objective_matches_lad():
     want = losses.cwd(student=a, teacher=sg(b), temperature=4.0) + losses.cwd(
         student=b, teacher=sg(a), temperature=4.0
     )
-    np.testing.assert_allclose(got, want, rtol=1e-6)
+    # The same CWD math, two call paths: softmaxes over 4 x 4 positions.
+    np.testing.assert_allclose(got, want, rtol=f32_tol(4 * 4))
     assert float(losses.get("dual_path_consistency")(student=(a, a))) == pytest.approx(0.0)
 
 

@@ -25,7 +25,7 @@ def test_sharded_equals_single_device(tmp_path):
         np.testing.assert_allclose(
             helpers.metrics(tmp_path / "eight", stage),
             helpers.metrics(tmp_path / "one", stage),
-            rtol=1e-5,
+            rtol=helpers.RUN_RTOL,  # the same batch reductions, reordered
         )
         helpers.assert_trees_close(
             helpers.student_params(sharded, tmp_path / "eight", stage),
