@@ -72,9 +72,6 @@ class Stage:
     student_inputs: tuple[str, ...]  # batch keys each model reads, in call order
     teacher_inputs: tuple[str, ...]
 
-    def sample_inputs(self, keys) -> tuple:
-        return sample_inputs(self.data, keys)
-
 
 def sample_inputs(data: data_lib.Data, keys) -> tuple:
     """Abstract global-batch inputs for the batch `keys` a model reads."""
