@@ -14,6 +14,8 @@ from kd_jax.models import (  # noqa: F401  (imported to register their entries)
     segformer,
     segformer_loading,
     transkd,
+    wrappers,
+    zoo_adapters,
 )
 from kd_jax.models.registry import (
     MODELS,
