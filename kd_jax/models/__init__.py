@@ -6,6 +6,7 @@ from kd_jax.models import (  # noqa: F401  (imported to register their entries)
     bert,
     bert_loading,
     capture,
+    cifar,
     cnn,
     deeplab,
     gguf_loading,
