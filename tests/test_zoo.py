@@ -5,6 +5,7 @@ wrappers (teacher ensemble, input gradients)."""
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 
 import jax
@@ -16,6 +17,7 @@ from kd_jax import config as C
 from kd_jax import losses, models
 from kd_jax.adapters import make_adapter
 from kd_jax.objective import Objective
+from tests.test_objectives import OWN_CONTRACT
 
 # name -> shapes, hyper-parameters and contract flags. `lead`: dims the per-element loss keeps;
 # `zero`: zero when student == teacher; `nonneg`: never negative.
@@ -68,8 +70,6 @@ def lead_shape(name):
 
 
 def test_zoo_objectives_are_registered_and_covered():
-    from tests.test_objectives import OWN_CONTRACT
-
     for name in (*CASES, *OWN):
         assert name in losses.names()
         assert OWN_CONTRACT.get(name) == "tests/test_zoo.py"
@@ -81,8 +81,6 @@ def test_zoo_objectives_are_registered_and_covered():
 @pytest.mark.parametrize("name", ALL)
 def test_contract(name):
     """Reductions, sign, zero at identity, keyword-only signature, float32 from bfloat16."""
-    import inspect
-
     fn = losses.get(name)
     kinds = {p.kind for p in inspect.signature(fn).parameters.values()}
     assert kinds == {inspect.Parameter.KEYWORD_ONLY}
