@@ -3,8 +3,9 @@ regressor, TransKD's CSF/PEA). They live in `params["aux"]`, train with the stud
 exported with it.
 
 An adapter factory takes the (abstract) teacher feature of its term and returns a flax Module
-called as `(x, context, *, train)`; `context` holds the student's whole feature dict ("student")
-and the batch's "image" for adapters that need more than `x`. Register one with
+called as `(x, context, *, train)`; `context` holds the student's whole feature dict ("student"),
+the term's target ("teacher", under stop_gradient) and the batch's "image" for adapters that
+need more than `x`. Register one with
 `@ADAPTERS.register("name")` on the factory; a paper's module registers its own
 (`kd_jax.models.transkd`).
 """

@@ -9,8 +9,10 @@ Feature paths may list several features, "stage1,stage2,stage3,stage4": the term
 tuple (multi-stage objectives such as `hcl` / `pea`). A target path reads the teacher's features
 by default; "batch:<key>" reads the batch (a cached teacher top-k) and "student:<path>" reads the
 student's own features (a teaching-assistant branch inside the student network). Every target
-is under `stop_gradient`. Adapters with BatchNorm keep their running statistics in a separate
-state tree (`Objective.apply`), as the trainer does for the student.
+is under `stop_gradient`. Adapters with BatchNorm (or another non-param collection, such as
+CRD's memory queue) keep it in a separate state tree (`Objective.apply`), as the trainer does
+for the student. An adapter's `context` holds the student's features ("student"), the term's
+target ("teacher", under stop_gradient) and the batch's "image".
 """
 
 from __future__ import annotations
@@ -196,7 +198,10 @@ class Objective:
             )
             rng, sub = jax.random.split(rng)
             zeros = lambda v: jnp.zeros(v.shape, jnp.float32)  # noqa: E731
-            context = {"student": jax.tree.map(zeros, dict(student_feats))}
+            context = {
+                "student": jax.tree.map(zeros, dict(student_feats)),
+                "teacher": jax.tree.map(zeros, tt),
+            }
             if batch is not None and "image" in batch:
                 context["image"] = zeros(batch["image"])
             variables = dict(make_adapter(t.adapter, tt).init(sub, jax.tree.map(zeros, s), context))
@@ -219,12 +224,14 @@ class Objective:
                 tt = target(
                     t.teacher, student_feats=student_feats, teacher_feats=teacher_feats, batch=batch
                 )
+                # Every non-param collection is state the adapter may update: BatchNorm's
+                # "batch_stats", CRD's "memory" queue.
                 s, updates = make_adapter(t.adapter, tt).apply(
                     variables,
                     jax.tree.map(lambda v: v.astype(jnp.float32), s),
-                    context,
+                    {**context, "teacher": jax.lax.stop_gradient(tt)},
                     train=train,
-                    mutable=["batch_stats"],
+                    mutable=sorted(set(variables) - {"params"}) or ["batch_stats"],
                 )
                 if updates:
                     new_state[t.name] = dict(updates)

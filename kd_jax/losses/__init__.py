@@ -13,10 +13,13 @@ Each module below registers its objectives when imported (`@register("name")`, w
 
 from kd_jax.losses.chunked import chunked_kd, chunked_topk_kl, fused_kd_loss
 from kd_jax.losses.features import attention_transfer, cwd, fitnets, mse
+from kd_jax.losses.hints import ab, fsp, ft, jacobian_matching, nst, ofd, vid
+from kd_jax.losses.logit_variants import dist, kd_logit_std, tf_kd_reg
 from kd_jax.losses.logits import ce, dkd, dkd_parts, hinton_kd
 from kd_jax.losses.minilm import minilm_attention, minilm_value_relation, minilmv2_relation
 from kd_jax.losses.reduce import REDUCTIONS, reduce_loss
 from kd_jax.losses.registry import OBJECTIVES, accepts, get, names, optional, register, token_level
+from kd_jax.losses.relational import cc, crd, pkt, rkd, sp
 from kd_jax.losses.segmentation import dual_path_consistency, hcl, pea, pixel_kd, seg_ce
 from kd_jax.losses.sequence import forward_kl, generalized_jsd, reverse_kl, vocab_check
 from kd_jax.losses.span import span_ce
@@ -26,38 +29,53 @@ from kd_jax.losses.topk_jsd import topk_jsd
 __all__ = [
     "OBJECTIVES",
     "REDUCTIONS",
+    "ab",
     "accepts",
     "attention_transfer",
+    "cc",
     "ce",
     "chunked_kd",
     "chunked_topk_kl",
+    "crd",
     "cwd",
+    "dist",
     "dkd",
     "dkd_parts",
     "dual_path_consistency",
     "fitnets",
     "forward_kl",
+    "fsp",
+    "ft",
     "fused_kd_loss",
     "generalized_jsd",
     "get",
     "hcl",
     "hinton_kd",
+    "jacobian_matching",
+    "kd_logit_std",
     "minilm_attention",
     "minilm_value_relation",
     "minilmv2_relation",
     "mse",
     "names",
+    "nst",
+    "ofd",
     "optional",
     "pea",
     "pixel_kd",
+    "pkt",
     "reduce_loss",
     "register",
     "reverse_kl",
+    "rkd",
     "seg_ce",
+    "sp",
     "span_ce",
     "sparse_kl",
+    "tf_kd_reg",
     "token_level",
     "topk_jsd",
     "topk_kl",
+    "vid",
     "vocab_check",
 ]

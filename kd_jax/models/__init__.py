@@ -6,6 +6,7 @@ from kd_jax.models import (  # noqa: F401  (imported to register their entries)
     bert,
     bert_loading,
     capture,
+    cifar,
     cnn,
     deeplab,
     gguf_loading,
@@ -14,6 +15,8 @@ from kd_jax.models import (  # noqa: F401  (imported to register their entries)
     segformer,
     segformer_loading,
     transkd,
+    wrappers,
+    zoo_adapters,
 )
 from kd_jax.models.registry import (
     MODELS,

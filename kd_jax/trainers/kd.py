@@ -574,7 +574,7 @@ def preflight(cfg, ctx: RunContext, make_step: Callable = make_train_step) -> No
         t_vars = jax.eval_shape(
             stage.teacher.init, jax.random.key(0), *sample_inputs(stage.data, stage.teacher_inputs)
         )
-        if cfg.teacher.init.startswith("stage:"):
+        if cfg.teacher.init.startswith(("stage:", "stages:")):
             t_axis = 0
             t_vars = jax.tree.map(
                 lambda a: jax.ShapeDtypeStruct((cfg.num_seeds, *a.shape), a.dtype), t_vars
