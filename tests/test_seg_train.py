@@ -79,6 +79,10 @@ def _feats(rng, dims, hw=16, prefix=("stage", "embed")):
     return out
 
 
+def _key(seed):
+    return jax.random.key(seed, impl="unsafe_rbg")
+
+
 # "pea" (TransKD-Base) is the PEA part of both variants below.
 @pytest.mark.parametrize("pea_adapter", ["pea_gl", "pea_ea"])
 def test_transkd_adapters_in_objective(pea_adapter):
@@ -89,10 +93,12 @@ def test_transkd_adapters_in_objective(pea_adapter):
             "pea": C.term("pea", student=embeds, teacher=embeds, adapter=pea_adapter),
         }
     )
-    s = _feats(jax.random.key(0), (8, 8, 16, 16))
-    t = _feats(jax.random.key(1), (8, 16, 24, 32))
+    # RBG keys: the eager threefry code behind default keys compiles once per shape and
+    # initialiser on XLA:CPU, which was most of this test's time.
+    s = _feats(_key(0), (8, 8, 16, 16))
+    t = _feats(_key(1), (8, 16, 24, 32))
     batch = {"image": jnp.ones((2, 64, 64, 3)), "label": jnp.zeros((2, 64, 64), jnp.int32)}
-    aux, state = obj.init_aux_variables(jax.random.key(2), s, t, batch)
+    aux, state = obj.init_aux_variables(_key(2), s, t, batch)
     assert set(state) == {"hcl"} and "batch_stats" in state["hcl"]  # CSF's BatchNorm.
     csf = aux["hcl"]["params"]["csf"]
     assert csf["sk4"]["conv2"]["kernel"].shape == (3, 3, 64, 32)  # to the teacher's width
