@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import grain
 import numpy as np
 
-from kd_jax.data import orca, segmentation, sources, squad, text  # noqa: F401  (registration)
+from kd_jax.data import ncte, orca, segmentation, sources, squad, text  # noqa: F401  (registration)
 from kd_jax.data.registry import SOURCES, register
 from kd_jax.errors import ConfigValueError
 

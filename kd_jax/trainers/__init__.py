@@ -71,4 +71,4 @@ def read_result(directory: str) -> dict | None:
 
 
 # Built-in kinds register themselves on import.
-from kd_jax.trainers import generate, gkd, kd, topk_cache  # noqa: E402, F401
+from kd_jax.trainers import generate, gkd, kd, score, topk_cache  # noqa: E402, F401
