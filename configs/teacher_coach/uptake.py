@@ -35,10 +35,11 @@ def get_config(arg=None):
     arg = C.parse_arg(
         arg,
         tiny=False,
-        limit=300,  # exchanges scored per split (train and test)
-        limit_ra=60,  # RA answers (64 new tokens each) on the first N test exchanges
+        limit=96,  # test exchanges scored (DA, DA+ answers and p(score))
+        limit_train=160,  # train exchanges scored (DA p(score) only: the distillation targets)
+        limit_ra=32,  # RA answers (64 new tokens each) on the first N test exchanges
         variants="DA,DA+,RA",
-        steps=150,
+        steps=60,
         seeds=3,
         max_length=64,
     )
@@ -70,7 +71,9 @@ def get_config(arg=None):
         splits=("train", "test"),
         generate_splits=("test",),
         limit=arg.limit,
+        limit_train=arg.limit_train,
         limit_ra=arg.limit_ra,
+        max_words=50,
         items=("uptake",),
         variants=variants,
         max_new_tokens=6,
@@ -100,7 +103,13 @@ def get_config(arg=None):
         tiny_teacher.init = "random:0"
         c.stages.score.teacher = tiny_teacher
         c.stages.score.score = dict(
-            score, limit=8, limit_ra=4, batch_size=8, max_new_tokens_ra=8, bootstrap=20
+            score,
+            limit=8,
+            limit_train=8,
+            limit_ra=4,
+            batch_size=8,
+            max_new_tokens_ra=8,
+            bootstrap=20,
         )
         c.student = C.model(
             "bert_classifier",

@@ -36,7 +36,7 @@ import numpy as np
 
 from kd_jax import models, prompts
 from kd_jax.data import ncte, records
-from kd_jax.errors import ConfigKeyError, ConfigValueError
+from kd_jax.errors import ConfigKeyError, ConfigValueError, UserFileNotFoundError
 from kd_jax.evaluators import agreement
 from kd_jax.models.generate import generate as generate_tokens
 from kd_jax.models.generate import left_align
@@ -48,16 +48,21 @@ SCORE_DEFAULTS = {
     "source": "ncte_uptake",  # or "ncte" (paper-scale transcripts + CLASS/MQI ratings)
     "splits": ("test",),  # ncte_uptake: "train" | "test" | "all" (ncte: "all")
     "limit": 0,  # inputs per split (0 = all)
+    "limit_train": -1,  # the train split's limit (-1 = `limit`)
     "limit_ra": 0,  # RA (long answers) on only the first N inputs of each split (0 = limit)
+    "train_variants": ("DA",),  # variants scored on the "train" split (distillation targets)
     "generate_splits": ("test",),  # splits answered by generation; others: readout (b) only
     "test_fraction": 0.2,
     "split_seed": 0,
     "items": ("uptake",),
     "variants": ("DA",),
+    # The assistant turn starts with this text (DA/DA+: "Rating: ", RA: "Reasoning: "), so the
+    # answer and p(score) follow the label; False: the model starts the turn itself.
+    "prefill": True,
     "max_new_tokens": 6,  # DA and DA+
     "max_new_tokens_ra": 64,
     "batch_size": 16,
-    "max_words": 0,  # ncte: transcript words per segment (0 = all)
+    "max_words": 0,  # words per utterance (uptake) or per segment (ncte); 0 = all
     "tokenizer": "",  # a GGUF path ("" = the teacher's GGUF, else SmolLM2's)
     "transcripts": "",  # ncte: single_utterances.csv
     "class_ratings": "",  # ncte: class_data.csv
@@ -69,6 +74,9 @@ SCORE_DEFAULTS = {
 }
 
 
+PREFILL = {"DA": "Rating: ", "DA+": "Rating: ", "RA": "Reasoning: "}
+
+
 def settings(cfg) -> dict:
     given = dict(cfg.score) if "score" in cfg else {}
     unknown = sorted(set(given) - set(SCORE_DEFAULTS))
@@ -77,7 +85,7 @@ def settings(cfg) -> dict:
             f"Unknown config.score keys {unknown}; valid: {sorted(SCORE_DEFAULTS)}."
         )
     s = {**SCORE_DEFAULTS, **given}
-    for k in ("splits", "generate_splits", "items", "variants"):
+    for k in ("splits", "train_variants", "generate_splits", "items", "variants"):
         s[k] = tuple(s[k]) if not isinstance(s[k], str) else (s[k],)
     for v in s["variants"]:
         if v not in prompts.VARIANTS:
@@ -114,14 +122,18 @@ def inputs_for(s, item: str, split: str) -> list[dict]:
     if s["source"] == "ncte_uptake":
         if spec["input"] != "exchange":
             raise ConfigValueError(f"item '{item}' scores transcripts; use score.source='ncte'.")
+        limit = s["limit_train"] if split == "train" and s["limit_train"] >= 0 else s["limit"]
         recs = ncte.uptake_split(
-            split, test_fraction=s["test_fraction"], split_seed=s["split_seed"], limit=s["limit"]
+            split, test_fraction=s["test_fraction"], split_seed=s["split_seed"], limit=limit
         )
         return [
             {
                 "key": ncte.exchange_key(r),
                 "obs_id": r["obs_id"],
-                "fields": {"student": r["student_text"], "teacher": r["teacher_text"]},
+                "fields": {
+                    "student": _clip(r["student_text"], s["max_words"]),
+                    "teacher": _clip(r["teacher_text"], s["max_words"]),
+                },
                 "human": {
                     "uptake": r["uptake"],
                     "uptake_zscore": r["uptake_zscore"],
@@ -150,6 +162,13 @@ def inputs_for(s, item: str, split: str) -> list[dict]:
         }
         for g in segs
     ]
+
+
+def _clip(text: str, max_words: int) -> str:
+    words = text.split()
+    return (
+        text if not max_words or len(words) <= max_words else " ".join(words[:max_words]) + " ..."
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("module",))
@@ -194,6 +213,8 @@ def score_stage(cfg, ctx) -> dict:
         for variant in s["variants"]:
             templates[f"{item}/{variant}"] = prompts.template_hash(item, variant)
             for split in s["splits"]:
+                if split == "train" and variant not in s["train_variants"]:
+                    continue
                 rows = inputs_for(s, item, split)
                 if variant == "RA" and s["limit_ra"]:
                     rows = rows[: s["limit_ra"]]
@@ -207,7 +228,10 @@ def score_stage(cfg, ctx) -> dict:
             "source",
             "splits",
             "limit",
+            "limit_train",
             "limit_ra",
+            "train_variants",
+            "prefill",
             "generate_splits",
             "test_fraction",
             "split_seed",
@@ -235,8 +259,10 @@ def score_stage(cfg, ctx) -> dict:
         levels = prompts.scale(item)
         allowed = score_tokens(tok, levels)
         texts = [prompts.render(item, variant, **r["fields"]) for r in rows]
+        head = PREFILL[variant] if s["prefill"] else ""
         seqs = [
             list(tok.encode_chat([{"role": "user", "content": t}], add_generation_prompt=True)[0])
+            + tok.encode(head)
             for t in texts
         ]
         real = len(seqs)
@@ -411,9 +437,19 @@ def _paper_rows(rs, exp, arg, obs):
 
 
 def preflight(cfg, ctx) -> None:
+    """Before any stage runs: names, settings, and (source "ncte") the user's files exist."""
     del ctx
     models.entry(cfg.teacher.model)
-    settings(cfg)
+    s = settings(cfg)
+    if s["source"] == "ncte":
+        frameworks = {prompts.load(item)["framework"].lower() for item in s["items"]}
+        needed = [("transcripts", ncte.TRANSCRIPT_LAYOUT)]
+        needed += [(f"{f}_ratings", ncte.RATING_LAYOUT[f]) for f in sorted(frameworks)]
+        for key, layout in needed:
+            if not os.path.isfile(s[key]):
+                raise UserFileNotFoundError(
+                    f"score.{key}: no file at '{s[key]}'; expected {layout}."
+                )
 
 
 @register("score", settings=("score",), preflight=preflight)
