@@ -23,7 +23,9 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "tests", "fixtures", "qwen2_tiny.gguf")
-ARCH = dict(layers=2, hidden=32, heads=4, kv_heads=2, ffn=64, rope_theta=1e6, eps=1e-6, context=512)
+ARCH = dict(
+    layers=2, hidden=32, heads=4, kv_heads=2, ffn=64, rope_theta=1e6, eps=1e-6, context=2048
+)
 MERGES = ["Ġ t", "h e", "Ġt he", "e r", "i n", "a t", "Ġ s", "Ġs t"]
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
