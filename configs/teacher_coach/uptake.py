@@ -125,7 +125,7 @@ def get_config(arg=None):
         for name in ("distil", "supervised"):
             c.stages[name].data.kwargs.update(max_length=32, limit_eval=16)
         c.data.kwargs = dict(data, max_length=32, limit_eval=16)
-        c.data.batch_size, c.data.eval_batch_size = 4, 8
+        c.data.batch_size, c.data.eval_batch_size = 8, 8
         c.evaluator_kwargs = {"levels": (0, 1, 2), "bootstrap": 20}
         c.num_seeds, c.steps, c.log_every = 2, 2, 1
         c.schedule.warmup_steps = 1

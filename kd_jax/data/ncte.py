@@ -149,16 +149,19 @@ def exchange_key(r: dict) -> str:
     return f"{r['obs_id']}:{r['exchange_idx']}"
 
 
-def read_teacher_probs(directory: str, item: str = "uptake", variant: str = "DA") -> dict:
+def read_teacher_probs(
+    directory: str, item: str = "uptake", variant: str = "DA", split: str = "train"
+) -> dict:
     """{exchange key: float32 [3] p(score)} from a score stage's records (`kd_jax.trainers.
-    score`) for one (item, variant)."""
+    score`) for one (item, variant, split)."""
     out = {}
     for r in records.read_dataset(directory):
-        if r["item"] == item and r["variant"] == variant:
+        if r["item"] == item and r["variant"] == variant and r["split"] == split:
             out[r["key"]] = np.asarray(r["probs"], np.float32)
     if not out:
         raise ConfigValueError(
-            f"{directory} holds no score records for item '{item}', variant '{variant}'."
+            f"{directory} holds no score records for item '{item}', variant '{variant}', "
+            f"split '{split}'."
         )
     return out
 
