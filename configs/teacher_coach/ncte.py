@@ -83,3 +83,6 @@ def get_config(arg=None):
     c.stage_order = ("score",)
     c.progress_bar = False
     return c
+
+
+TEST_VARIANTS = ()  # tests/test_teacher_coach.py runs `tiny` (and checks its records).

@@ -130,3 +130,6 @@ def get_config(arg=None):
         c.num_seeds, c.steps, c.log_every = 2, 2, 1
         c.schedule.warmup_steps = 1
     return c
+
+
+TEST_VARIANTS = ()  # tests/test_teacher_coach.py runs `tiny` (and checks its records).
