@@ -55,7 +55,8 @@ def get_config(arg=None):
     c.student = C.model("bert_classifier", preset=MINILM, num_classes=3, pooling="mean")
     c.student.init = f"pretrained:{MINILM}"
     c.evaluator = "rating_agreement"
-    c.evaluator_kwargs = {"levels": (0, 1, 2), "bootstrap": 1000}
+    # Also on the first `limit` held-out exchanges: the ones the LLM teacher scored.
+    c.evaluator_kwargs = {"levels": (0, 1, 2), "bootstrap": 1000, "first_n": arg.limit}
     c.optimizer.learning_rate = 5e-5
     c.optimizer.weight_decay = 0.01
     c.schedule.name = "warmup_linear"
@@ -126,7 +127,7 @@ def get_config(arg=None):
             c.stages[name].data.kwargs.update(max_length=32, limit_eval=16)
         c.data.kwargs = dict(data, max_length=32, limit_eval=16)
         c.data.batch_size, c.data.eval_batch_size = 8, 8
-        c.evaluator_kwargs = {"levels": (0, 1, 2), "bootstrap": 20}
+        c.evaluator_kwargs = {"levels": (0, 1, 2), "bootstrap": 20, "first_n": 8}
         c.num_seeds, c.steps, c.log_every = 2, 2, 1
         c.schedule.warmup_steps = 1
     return c

@@ -15,7 +15,8 @@ the mean rounded half up to 0/1/2.
 Evaluator "rating_agreement" (students of configs/teacher_coach/uptake.py): the student's expected
 rating sum_s s * softmax(logits)_s and its argmax, against the batch's `uptake`,
 `uptake_zscore`, `label` and `obs_id`; settings (`config.evaluator_kwargs`): `levels` (default
-(0, 1, 2)), `bootstrap` (resamples, default 200; 0 = no intervals).
+(0, 1, 2)), `bootstrap` (resamples, default 200; 0 = no intervals), `first_n` (also report
+"eval/first<n>/..." on the first n eval exchanges: the ones a score stage with limit=n rated).
 """
 
 from __future__ import annotations
@@ -167,6 +168,7 @@ def plot_distribution(path: str, series: dict, levels, *, title: str = "") -> st
 def rating_agreement(ctx: EvalContext):
     levels = tuple(ctx.settings.get("levels", (0, 1, 2)))
     n_boot = int(ctx.settings.get("bootstrap", 200))
+    first_n = int(ctx.settings.get("first_n", 0))
     lv = jnp.asarray(levels, jnp.float32)
 
     def one_seed(variables, batch):
@@ -199,30 +201,29 @@ def rating_agreement(ctx: EvalContext):
         }
         label = np.concatenate(cols["label"])[keep]
         obs = np.concatenate(cols["obs"])[keep]
-        per_seed = []
-        for s in range(exp.shape[0]):
-            per_seed.append(
+        out = {}
+        subsets = [("eval", len(label))] + ([(f"eval/first{first_n}", first_n)] if first_n else [])
+        for prefix, n in subsets:
+            per_seed = [
                 agreement(
-                    exp[s],
-                    human,
-                    obs,
-                    pred_label=np.asarray(levels)[arg[s]],
-                    human_label=label,
+                    exp[s, :n],
+                    {k: v[:n] for k, v in human.items()},
+                    obs[:n],
+                    pred_label=np.asarray(levels)[arg[s, :n]],
+                    human_label=label[:n],
                     levels=levels,
                     bootstrap=n_boot,
                     seed=s,
                 )
-            )
-        out = {}
-        for key in per_seed[0]:
-            if key == "n":
-                continue
-            vals = [r[key] for r in per_seed]
-            if key.endswith("_ci"):
-                out[f"eval/{key}_lo"] = np.asarray([v[0] for v in vals])
-                out[f"eval/{key}_hi"] = np.asarray([v[1] for v in vals])
-            else:
-                out[f"eval/{key}"] = np.asarray(vals)
+                for s in range(exp.shape[0])
+            ]
+            for key in per_seed[0]:
+                vals = [r[key] for r in per_seed]
+                if key.endswith("_ci"):
+                    out[f"{prefix}/{key}_lo"] = np.asarray([v[0] for v in vals])
+                    out[f"{prefix}/{key}_hi"] = np.asarray([v[1] for v in vals])
+                else:
+                    out[f"{prefix}/{key}"] = np.asarray(vals, np.float64)
         return out
 
     return evaluate
