@@ -11,6 +11,9 @@ import sys
 
 import numpy as np
 
+from kd_jax.data import ncte
+from kd_jax.evaluators import agreement
+
 
 def _f(x, digits=3):
     return "–" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.{digits}f}"
@@ -90,6 +93,18 @@ def rows(workdir: str) -> list[str]:
             f"| {_f(b['spearman_uptake'])} {_ci(b.get('spearman_uptake_ci'))} "
             f"| {_f(b['spearman_zscore'])} {_ci(b.get('spearman_zscore_ci'))} | – | – |"
         )
+    test = ncte.uptake_split("test")  # the students' eval split (default split settings)
+    b = agreement.agreement(
+        [len(r["teacher_text"].split()) for r in test],
+        {"u": [r["uptake"] for r in test], "z": [r["uptake_zscore"] for r in test]},
+        [r["obs_id"] for r in test],
+        bootstrap=1000,
+    )
+    out.append(
+        f"| length only (teacher-utterance words) | {b['n']} | – "
+        f"| {_f(b['spearman_u'])} {_ci(b['spearman_u_ci'])} "
+        f"| {_f(b['spearman_z'])} {_ci(b['spearman_z_ci'])} | – | – |"
+    )
     return out
 
 

@@ -397,8 +397,9 @@ def summarize(recs: list[dict], s: dict, directory: str | None = None) -> dict:
                     bootstrap=s["bootstrap"],
                 )
             plots[f"{variant} answers"] = [r["parsed"] for r in ok]
-        plots[f"{variant} argmax p"] = list(arg)
-        if s["source"] == "ncte_uptake":
+        if split in s["generate_splits"]:  # the evaluation split(s), not distillation targets
+            plots[f"{variant} argmax p"] = list(arg)
+        if s["source"] == "ncte_uptake" and split in s["generate_splits"]:
             plots.setdefault("human", list(label))
             m["length_baseline"] = agreement.agreement(
                 [r["words"] for r in rs], human, obs, bootstrap=s["bootstrap"]
@@ -410,7 +411,7 @@ def summarize(recs: list[dict], s: dict, directory: str | None = None) -> dict:
             os.path.join(directory, "distribution.png"),
             plots,
             first_levels,
-            title="score distribution",
+            title=f"score distribution: {', '.join(s['items'])}",
         )
     return metrics
 
