@@ -279,6 +279,14 @@ def test_paper_segments_from_format_fixtures():
         ncte.paper_segments(utt, utt, "mqi")
 
 
+def test_ncte_missing_files_fail_in_preflight_naming_the_layout(tmp_path):
+    c = C.load(os.path.join(ROOT, "configs/teacher_coach/ncte.py:tiny"))
+    with c.unlocked():
+        c.stages.score.score.transcripts = str(tmp_path / "nope.csv")
+    with pytest.raises(UserFileNotFoundError, match="OBSID, turn_idx, speaker, text"):
+        runner.run(c, str(tmp_path / "run"))
+
+
 def test_ncte_tiny_config_scores_every_item_and_variant(tmp_path):
     c = C.load(os.path.join(ROOT, "configs/teacher_coach/ncte.py:tiny"))
     res = runner.run(c, str(tmp_path))
@@ -320,6 +328,9 @@ def test_feedback_parse_and_faithfulness():
     out = feedback.evaluate([answer, "no entries at all"], [TRANSCRIPT, TRANSCRIPT])
     assert out["parse_rate"] == pytest.approx(4 / 5) and out["faithful_rate"] == pytest.approx(0.5)
     assert out["wrong_line"] == 1 and out["not_in_transcript"] == 1
+    prompt = feedback.task_prompt("highlights", TRANSCRIPT, item="SMQR")
+    assert TRANSCRIPT in prompt and "Line number: <n>, Segment:" in prompt and "Reason:" in prompt
+    assert "Suggestion:" in feedback.task_prompt("suggestions", TRANSCRIPT)
     # Partial words do not count: "our" is not a quote of "Four."
     assert feedback.faithfulness({"line": 2, "segment": "our"}, lines) == "not_in_transcript"
     assert json.dumps(out)

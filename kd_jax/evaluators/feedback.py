@@ -14,12 +14,17 @@ offline; what can be measured automatically is:
                  split into `wrong_line` (the quote is on another line) and `not_in_transcript`.
 
 Transcript lines are numbered from 1, as `kd_jax.data.ncte.numbered` writes them
-("<n>. <speaker>: <text>").
+("<n>. <speaker>: <text>"). The task prompts (kd_jax's own wording) are data files in
+`kd_jax/prompts/teacher_coach_tasks/` (`task_prompt`).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
+
+from kd_jax import prompts
 
 _ENTRY = re.compile(
     r"line(?:\s*(?:number|no\.?|#))?\s*[:#]?\s*(\d+)\s*[,;.]?\s*"
@@ -28,6 +33,18 @@ _ENTRY = re.compile(
 )
 _ATTEMPT = re.compile(r"\bline(?:\s*number)?\s*[:#]?\s*\d+|\bsegment\s*:", re.I)
 _NUMBERED = re.compile(r"^\s*(\d+)\.\s?(.*)$")
+
+
+def task_prompt(task: str, transcript: str, item: str = "SMQR") -> str:
+    """The prompt of task "highlights" (B, about `item`) or "suggestions" (C)."""
+    path = os.path.join(prompts.HERE, "teacher_coach_tasks", f"{task}.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"Unknown task '{task}'; use 'highlights' or 'suggestions'.")
+    with open(path, encoding="utf-8") as f:
+        spec = json.load(f)
+    it = prompts.load(item)
+    fields = {"framework": it["framework"], "name": it["name"], "definition": it["definition"]}
+    return prompts.fill(spec["template"], {**fields, "transcript": transcript})
 
 
 def parse_entries(answer: str) -> tuple[list[dict], int]:

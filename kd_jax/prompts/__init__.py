@@ -80,6 +80,11 @@ def render(item: str, variant: str, **inputs: str) -> str:
     return _fill(text, inputs)
 
 
+def fill(text: str, fields: dict) -> str:
+    """Replaces {name} placeholders named in `fields`; other braces are left alone."""
+    return _fill(text, fields)
+
+
 def _fill(text: str, fields: dict) -> str:
     # Plain replacement of known names only: braces elsewhere in the text (or in a transcript)
     # are left alone, unlike str.format.
