@@ -371,6 +371,81 @@ SEGMENTATION = [
 ]
 
 
+TEACHER_COACH = [
+    new_markdown_cell(
+        "# Teacher coach: zero-shot scoring of classroom discourse\n\n"
+        "An LLM rates real student → teacher exchanges from NCTE elementary math lessons for "
+        "*uptake* (0 low, 1 mid, 2 high: does the teacher build on what the student said?), "
+        "as in Wang & Demszky 2023 (arXiv:2306.03090), and we compare it with the experts' "
+        "ratings shipped in kd_jax (`kd_jax/data/ncte_uptake`, MIT). The stage kind `score` "
+        "writes one checksummed record per exchange with the greedy answer (strict parser), "
+        "p(score) over the score tokens and provenance.\n\n"
+        "`KD_JAX_NOTEBOOK_TINY=1` swaps SmolLM2-135M-Instruct for a random tiny decoder with the "
+        "same tokenizer (CI runs the notebook that way); its answers are noise."
+    ),
+    install_cell(SMOLLM2),
+    new_code_cell(
+        "import json, os, tempfile, textwrap\n"
+        "from IPython.display import Image, display\n"
+        "from kd_jax import config as C, prompts, runner\n"
+        "from kd_jax.data import records\n"
+        "TINY = os.environ.get('KD_JAX_NOTEBOOK_TINY') == '1'\n"
+        "if TINY:\n"
+        "    teacher = C.model('llama', vocab_size=49152, hidden_size=16, num_layers=1,\n"
+        "                      num_heads=2, num_kv_heads=1)\n"
+        "    teacher.init = 'random:0'\n"
+        "else:\n"
+        "    teacher = C.model('llama', preset='smollm2-135m-instruct')\n"
+        "    teacher.init = 'pretrained:smollm2-135m-instruct'\n"
+        "config = C.base_config()\n"
+        "config.stages = {'score': {'kind': 'score', 'teacher': teacher, 'score': dict(\n"
+        "    splits=('test',), limit=10, batch_size=10, variants=('DA',), max_words=50,\n"
+        "    bootstrap=200)}}\n"
+        "config.stage_order = ('score',)\n"
+        "workdir = tempfile.mkdtemp()\n"
+        "result = runner.run(config, workdir)['score']"
+    ),
+    new_markdown_cell(
+        "## 1. Prompt, model answer and human rating, side by side\n\n"
+        "The prompt is the DA (direct answer) template of the item `uptake` "
+        "(`kd_jax/prompts/teacher_coach/uptake.json`); the assistant turn starts with "
+        "`Rating: `. `parsed` is the strict parse of the answer (None = unparsable, counted in "
+        "the parse rate), `E[s]` the expected rating from p(0), p(1), p(2)."
+    ),
+    new_code_cell(
+        "recs = records.read_dataset(f'{workdir}/score')\n"
+        "print(recs[0]['prompt'])\n"
+        "print('-' * 100)\n"
+        "print(f\"{'student':38s} {'teacher':38s} {'answer':8s} parsed  E[s]  human\")\n"
+        "for r in recs:\n"
+        "    student, teacher = r['prompt'].split('Student: ')[1].split('\\nTeacher: ')\n"
+        "    teacher = teacher.split('\\n')[0]\n"
+        "    parsed = r['parsed'] if r['parse_ok'] else None\n"
+        '    print(f"{textwrap.shorten(student, 38):38s} {textwrap.shorten(teacher, 38):38s} "\n'
+        "          f\"{r['answer'][:8]!r:8s} {str(parsed):6s} {r['expected']:.2f}  \"\n"
+        "          f\"{r['human']['uptake']:.2f}\")\n"
+        "assert len(recs) == 10"
+    ),
+    new_markdown_cell("## 2. Agreement with the experts and the score distribution"),
+    new_code_cell(
+        "m = result['metrics']['uptake/DA/test']\n"
+        "print('parse rate', m['parse_rate'], 'unparsable', m['unparsable'])\n"
+        "e = m['expected']\n"
+        "print('Spearman(E[s], mean rating) %.3f, 95%% CI %s' % (e['spearman_uptake'],\n"
+        "      [round(x, 3) for x in e['spearman_uptake_ci']]))\n"
+        "print('kappa (argmax p vs rounded mean) %.3f' % e['kappa'])\n"
+        "display(Image(result['metrics']['plot']))"
+    ),
+    new_markdown_cell(
+        "Ten exchanges say nothing about agreement: the measured numbers (a few hundred held-out "
+        "exchanges, DA / DA+ / RA, distilled and supervised MiniLM students, a length baseline) "
+        "are in `experiments/teacher_coach/README.md`, from\n\n"
+        "`python -m kd_jax.main --config=configs/teacher_coach/uptake.py "
+        "--workdir=runs/coach_uptake`"
+    ),
+]
+
+
 def write(cells, name: str) -> None:
     # Stable cell ids (nbformat draws random ones), so regenerating changes only what changed.
     stem = name.removesuffix(".ipynb")
@@ -390,6 +465,7 @@ def main() -> None:
     write(MINILM, "minilm.ipynb")
     write(ORCA, "orca.ipynb")
     write(SEGMENTATION, "segmentation.ipynb")
+    write(TEACHER_COACH, "teacher_coach.ipynb")
 
 
 if __name__ == "__main__":

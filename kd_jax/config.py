@@ -37,6 +37,7 @@ _FREE_FORM = (
     "stages",
     "data.kwargs",
     "generate",
+    "score",
     "evaluator_kwargs",
 )
 # config.on_policy (stage kind "gkd", kd_jax.trainers.gkd): fraction 0 = off.
@@ -145,11 +146,13 @@ def base_config() -> ConfigDict:
     c.on_policy = ConfigDict(dict(ON_POLICY_DEFAULTS))
     # Kinds "generate" and "topk_cache": settings (kd_jax.trainers._shards.GENERATE_DEFAULTS).
     c.generate = ConfigDict(type_safe=False)
+    # Kind "score" (kd_jax.trainers.score): settings (kd_jax.trainers.score.SCORE_DEFAULTS).
+    c.score = ConfigDict(type_safe=False)
     # Locked, so `c.optimizer.learnig_rate = ...` in a config file fails at once; the free-form
     # sub-trees stay open and are checked by `validate`.
     c.lock()
     free_form = (c.stages, c.objective, c.student.kwargs, c.teacher.kwargs, c.data.kwargs)
-    for sub in (*free_form, c.generate, c.evaluator_kwargs):
+    for sub in (*free_form, c.generate, c.score, c.evaluator_kwargs):
         sub.unlock()
     return c
 
@@ -246,7 +249,9 @@ def apply_override(config: ConfigDict, dotted: str, value: str) -> None:
     node = config
     for i, key in enumerate(keys):
         parent = ".".join(keys[:i])
-        free = parent.endswith("kwargs") or parent.startswith(("objective", "stages", "generate"))
+        free = parent.endswith("kwargs") or parent.startswith(
+            ("objective", "stages", "generate", "score")
+        )
         if i == len(keys) - 1 and isinstance(node, ConfigDict) and key not in node and free:
             with node.unlocked():
                 node[key] = _typed(dotted, None, value)

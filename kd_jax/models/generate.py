@@ -99,7 +99,7 @@ def _generate(params, ids, mask, rng, temperature, top_p, stops, pad_id, *, mode
         rng,
     )
     _, _, _, tokens, _, count, _ = jax.lax.while_loop(cond, body, state)
-    return tokens, count
+    return tokens, count, logits[:, -1]
 
 
 def generate(
@@ -128,7 +128,8 @@ def generate(
       pad_id: written after a row's end.
 
     Returns {"tokens": int32 [B, N], "lengths": int32 [B] (tokens generated, stop included),
-    "mask": int32 [B, N] (1 = generated)}.
+    "mask": int32 [B, N] (1 = generated), "first_logits": float32 [B, V] (the next-token logits
+    after each prompt, from which the first token was chosen)}.
     """
     prompt_ids = jnp.asarray(prompt_ids, jnp.int32)
     if prompt_mask is None:
@@ -144,7 +145,7 @@ def generate(
     # ids are padded with -1 (never a token) to a multiple of 8 so their count rarely matters.
     stops = [int(s) for s in stop_tokens]
     stops += [-1] * (-len(stops) % 8 or (8 if not stops else 0))
-    tokens, count = _generate(
+    tokens, count, first = _generate(
         params,
         prompt_ids,
         jnp.asarray(prompt_mask, jnp.int32),
@@ -157,4 +158,4 @@ def generate(
         max_new_tokens=int(max_new_tokens),
     )
     mask = (jnp.arange(tokens.shape[1])[None, :] < count[:, None]).astype(jnp.int32)
-    return {"tokens": tokens, "lengths": count, "mask": mask}
+    return {"tokens": tokens, "lengths": count, "mask": mask, "first_logits": first}

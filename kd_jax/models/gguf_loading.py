@@ -22,7 +22,7 @@ from gguf.quants import dequantize
 
 from kd_jax.errors import UserFileNotFoundError, corrupt_file
 from kd_jax.models.llama import Llama, LlamaConfig
-from kd_jax.models.registry import PRESETS, Preset, check_shapes
+from kd_jax.models.registry import PRESETS, WEIGHT_FILES, Preset, WeightFile, check_shapes
 from kd_jax.tokenizers import (
     SMOLLM2_FILE,
     SMOLLM2_PACKAGE,
@@ -46,17 +46,23 @@ _BLOCK = {
     "ffn_down": (("down_proj", "kernel"), True),
 }
 _BLOCK_NAME = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.weight$")
+# Qwen2: biases of the q/k/v projections.
+_BIAS = {"attn_q": "q_proj", "attn_k": "k_proj", "attn_v": "v_proj"}
+_BIAS_NAME = re.compile(r"^blk\.(\d+)\.(attn_[qkv])\.bias$")
+# Architectures read: llama (llama.cpp permutes q/k rows for its interleaved RoPE) and qwen2
+# (NeoX-style RoPE: rows are stored in HF order; q/k/v have biases).
+ARCHITECTURES = ("llama", "qwen2")
 # Tensors llama.cpp may store that carry no weights we use (precomputed RoPE tables).
 _IGNORED = re.compile(r"^(rope_freqs\.weight|blk\.\d+\.attn_rot_embd.*)$")
 
 
 def read_config(path: str, **overrides) -> LlamaConfig:
-    """LlamaConfig from a GGUF's `{arch}.*` metadata (llama-architecture files only)."""
+    """LlamaConfig from a GGUF's `{arch}.*` metadata (architectures `ARCHITECTURES`)."""
     reader = gguf_reader(str(path))
     arch = gguf_metadata(reader, "general.architecture")
-    if arch != "llama":
+    if arch not in ARCHITECTURES:
         raise ValueError(
-            f"only general.architecture='llama' GGUF files are supported, got {arch!r}."
+            f"only general.architecture in {ARCHITECTURES} GGUF files are supported, got {arch!r}."
         )
 
     def get(key, default=None):
@@ -86,6 +92,7 @@ def read_config(path: str, **overrides) -> LlamaConfig:
         rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")),
         tie_embeddings="output.weight" not in names,
         max_position=int(get("context_length", 2048)),
+        attention_bias=arch == "qwen2" or "blk.0.attn_q.bias" in names,
     )
     fields.update(overrides)
     return LlamaConfig(**fields)
@@ -112,7 +119,9 @@ def _dequantize(tensor) -> np.ndarray:
     return value.reshape(tuple(int(d) for d in reversed(tensor.shape)))
 
 
-def convert_gguf_tensors(tensors: dict[str, np.ndarray], config: LlamaConfig) -> dict:
+def convert_gguf_tensors(
+    tensors: dict[str, np.ndarray], config: LlamaConfig, *, arch: str = "llama"
+) -> dict:
     """{GGUF tensor name: float32 [out, in] array} -> `{"params": ...}` for `Llama(config)`.
 
     Linear weights are transposed to Flax kernels [in, out], Q/K rows un-permuted, and the
@@ -120,10 +129,12 @@ def convert_gguf_tensors(tensors: dict[str, np.ndarray], config: LlamaConfig) ->
     listing unknown tensors, missing ones, and shape mismatches.
     """
     layers: dict[str, list] = {k: [None] * config.num_layers for k in _BLOCK}
+    biases: dict[str, list] = {k: [None] * config.num_layers for k in _BIAS}
     params: dict = {}
     unknown = []
     for name, value in tensors.items():
         m = _BLOCK_NAME.match(name)
+        mb = _BIAS_NAME.match(name)
         if name == "token_embd.weight":
             params["embed_tokens"] = {"embedding": value}
         elif name == "output_norm.weight":
@@ -132,16 +143,22 @@ def convert_gguf_tensors(tensors: dict[str, np.ndarray], config: LlamaConfig) ->
             params["lm_head"] = {"kernel": np.ascontiguousarray(value.T)}
         elif m and m.group(2) in _BLOCK and int(m.group(1)) < config.num_layers:
             kind = m.group(2)
-            if kind == "attn_q":
+            if kind == "attn_q" and arch == "llama":
                 value = unpermute_qk(value, config.num_heads)
-            elif kind == "attn_k":
+            elif kind == "attn_k" and arch == "llama":
                 value = unpermute_qk(value, config.num_kv_heads)
             layers[kind][int(m.group(1))] = value.T if _BLOCK[kind][1] else value
+        elif mb and config.attention_bias and int(mb.group(1)) < config.num_layers:
+            biases[mb.group(2)][int(mb.group(1))] = value.reshape(-1)
         elif not _IGNORED.match(name):
             unknown.append(name)
     missing = [
         f"blk.{i}.{k}.weight" for k, vs in layers.items() for i, v in enumerate(vs) if v is None
     ]
+    if config.attention_bias:
+        missing += [
+            f"blk.{i}.{k}.bias" for k, vs in biases.items() for i, v in enumerate(vs) if v is None
+        ]
     expected_top = {"embed_tokens", "norm"} | ({"lm_head"} if not config.tie_embeddings else set())
     missing += sorted(expected_top - set(params))
     if unknown or missing or (config.tie_embeddings and "lm_head" in params):
@@ -155,6 +172,9 @@ def convert_gguf_tensors(tensors: dict[str, np.ndarray], config: LlamaConfig) ->
     for kind, values in layers.items():
         module, leaf = _BLOCK[kind][0]
         stacked[module] = {leaf: np.ascontiguousarray(np.stack(values))}
+    if config.attention_bias:
+        for kind, values in biases.items():
+            stacked[_BIAS[kind]]["bias"] = np.ascontiguousarray(np.stack(values))
     params["layers"] = stacked
     params = {"params": params}
     _check_shapes(params, config)
@@ -177,11 +197,13 @@ def load_gguf(path: str | None = None) -> tuple[LlamaConfig, dict]:
     if not os.path.isfile(path):
         raise UserFileNotFoundError(f"no GGUF file at {path}.")
     config = read_config(path)
+    reader = gguf_reader(path)
     try:
-        tensors = {t.name: _dequantize(t) for t in gguf_reader(path).tensors}
+        tensors = {t.name: _dequantize(t) for t in reader.tensors}
     except Exception as e:
         raise corrupt_file(path, "GGUF file", e) from e
-    return config, convert_gguf_tensors(tensors, config)
+    arch = gguf_metadata(reader, "general.architecture")
+    return config, convert_gguf_tensors(tensors, config, arch=arch)
 
 
 def load_smollm2(path: str | None = None):
@@ -197,6 +219,11 @@ def load_smollm2(path: str | None = None):
 # LLAMA_VOCAB_PRE_TYPE_SMOLLM: every digit on its own, then the GPT-2 regex (what SmolLM2's
 # tokenizer.json does with Digits(individual_digits=True) + ByteLevel).
 
+
+# A user's GGUF (llama or qwen2): kwargs.preset = init = "gguf:<file>" (init with "pretrained:").
+WEIGHT_FILES.register(
+    "gguf", WeightFile(lambda path: load_gguf(path)[1], lambda path: read_config(path))
+)
 
 PRESETS.register(
     "smollm2-135m-instruct",

@@ -1,7 +1,8 @@
-"""Llama-family decoder (Llama 2/3, SmolLM2, ...) in Flax linen, matching HF `LlamaModel`.
+"""Llama-family decoder (Llama 2/3, SmolLM2, Qwen2, ...) in Flax linen, matching HF `LlamaModel`.
 
 Pre-RMSNorm blocks, rotary positions (HF convention: `rotate_half` on the two halves of each
-head), grouped-query attention, SwiGLU MLP, no biases, tied or untied LM head. The blocks run under
+head), grouped-query attention, SwiGLU MLP, no biases (Qwen2: `attention_bias=True` adds biases
+to the q/k/v projections), tied or untied LM head. The blocks run under
 `nn.scan`, so a 30-layer model compiles one block; every block parameter has a leading layer axis
 [L, ...] (`kd_jax.models.gguf_loading` stacks checkpoint weights that way).
 
@@ -42,6 +43,7 @@ class LlamaConfig:
     rms_norm_eps: float = 1e-5
     tie_embeddings: bool = True
     max_position: int = 8192
+    attention_bias: bool = False  # biases on q/k/v projections (Qwen2)
     dtype: Any = jnp.float32
 
     def __post_init__(self):
@@ -120,10 +122,10 @@ class RMSNorm(nn.Module):
         return (y * scale).astype(self.dtype)
 
 
-def _dense(features: int, name: str, dtype) -> nn.Dense:
+def _dense(features: int, name: str, dtype, use_bias: bool = False) -> nn.Dense:
     return nn.Dense(
         features,
-        use_bias=False,
+        use_bias=use_bias,
         dtype=dtype,
         kernel_init=nn.initializers.normal(0.02),
         name=name,
@@ -142,9 +144,10 @@ class LlamaBlock(nn.Module):
         b, t, _ = x.shape
         hq, hkv, dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="attn_norm")(x)
-        q = _dense(hq * dh, "q_proj", self.dtype)(h).reshape(b, t, hq, dh)
-        k = _dense(hkv * dh, "k_proj", self.dtype)(h).reshape(b, t, hkv, dh)
-        v = _dense(hkv * dh, "v_proj", self.dtype)(h).reshape(b, t, hkv, dh)
+        bias = cfg.attention_bias
+        q = _dense(hq * dh, "q_proj", self.dtype, bias)(h).reshape(b, t, hq, dh)
+        k = _dense(hkv * dh, "k_proj", self.dtype, bias)(h).reshape(b, t, hkv, dh)
+        v = _dense(hkv * dh, "v_proj", self.dtype, bias)(h).reshape(b, t, hkv, dh)
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         new_cache = None
