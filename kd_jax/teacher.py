@@ -150,10 +150,15 @@ def load(cfg, mesh, example: Sequence, stages: Mapping[str, Any], root: str) -> 
     pretrained = _pretrained_name(init)
     if init.startswith("stage:"):
         src, src_cfg = source_stage("teacher.init", init, stages)
-        if (
-            src_cfg.student.model != cfg.teacher.model
-            or src_cfg.student.kwargs.to_dict() != cfg.teacher.kwargs.to_dict()
-        ):
+        got = (src_cfg.student.model, src_cfg.student.kwargs.to_dict())
+        kw = cfg.teacher.kwargs.to_dict()
+        # An `input_grad` teacher (Jacobian matching) reads a stage that trained its base model:
+        # the wrapper adds no params, so the base's variables move under "base".
+        wraps_base = cfg.teacher.model == "input_grad" and got == (
+            kw.get("base"),
+            dict(kw.get("base_kwargs") or {}),
+        )
+        if not wraps_base and got != (cfg.teacher.model, kw):
             raise ConfigValueError(
                 f"teacher model {cfg.teacher.model}{cfg.teacher.kwargs.to_dict()} differs from "
                 f"stage '{src}' student {src_cfg.student.model}{src_cfg.student.kwargs.to_dict()}."
@@ -164,6 +169,8 @@ def load(cfg, mesh, example: Sequence, stages: Mapping[str, Any], root: str) -> 
                 f"num_seeds={cfg.num_seeds}; they must match."
             )
         variables, ident["source_step"] = stage_student(src_cfg, mesh, os.path.join(root, src))
+        if wraps_base:
+            variables = {col: {"base": tree} for col, tree in variables.items()}
         axis = 0
     elif init.startswith("stages:"):
         variables, ident["source_steps"] = _stage_ensemble(cfg, mesh, init, stages, root)

@@ -14,8 +14,8 @@ from kd_jax.models.registry import register
 class CNN(nn.Module):
     """Conv(3x3)+ReLU+MaxPool blocks, an optional hidden dense layer, a classifier.
 
-    Features: "conv{i}" [B,H,W,C] (post-ReLU, pre-pool), "pooled" (flattened), "hidden",
-    "logits".
+    Features: "conv{i}" [B,H,W,C] (post-ReLU, pre-pool), "preact{i}" (the same map before the
+    ReLU, for AB / OFD), "pooled" (flattened), "hidden", "logits".
     """
 
     widths: Sequence[int] = (32, 64)
@@ -29,7 +29,9 @@ class CNN(nn.Module):
         feats = {}
         x = x.astype(self.dtype)
         for i, width in enumerate(self.widths):
-            x = nn.relu(nn.Conv(width, (3, 3), dtype=self.dtype, name=f"conv{i}")(x))
+            x = nn.Conv(width, (3, 3), dtype=self.dtype, name=f"conv{i}")(x)
+            feats[f"preact{i}"] = x
+            x = nn.relu(x)
             feats[f"conv{i}"] = x
             x = nn.max_pool(x, (2, 2), (2, 2))
         x = x.reshape(x.shape[0], -1)
