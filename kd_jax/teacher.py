@@ -152,12 +152,10 @@ def load(cfg, mesh, example: Sequence, stages: Mapping[str, Any], root: str) -> 
         src, src_cfg = source_stage("teacher.init", init, stages)
         got = (src_cfg.student.model, src_cfg.student.kwargs.to_dict())
         kw = cfg.teacher.kwargs.to_dict()
-        # An `input_grad` teacher (Jacobian matching) reads a stage that trained its base model:
-        # the wrapper adds no params, so the base's variables move under "base".
-        wraps_base = cfg.teacher.model == "input_grad" and got == (
-            kw.get("base"),
-            dict(kw.get("base_kwargs") or {}),
-        )
+        # A parameter-free wrapper (e.g. `input_grad` for Jacobian matching) may read a stage
+        # that trained its base model: the base's variables move under its submodule.
+        base = models.registry.wrapped_base(cfg.teacher)
+        wraps_base = base is not None and got == base[:2]
         if not wraps_base and got != (cfg.teacher.model, kw):
             raise ConfigValueError(
                 f"teacher model {cfg.teacher.model}{cfg.teacher.kwargs.to_dict()} differs from "
@@ -170,7 +168,7 @@ def load(cfg, mesh, example: Sequence, stages: Mapping[str, Any], root: str) -> 
             )
         variables, ident["source_step"] = stage_student(src_cfg, mesh, os.path.join(root, src))
         if wraps_base:
-            variables = {col: {"base": tree} for col, tree in variables.items()}
+            variables = {col: {base[2]: tree} for col, tree in variables.items()}
         axis = 0
     elif init.startswith("stages:"):
         variables, ident["source_steps"] = _stage_ensemble(cfg, mesh, init, stages, root)

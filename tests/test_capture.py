@@ -81,3 +81,20 @@ def test_captured_model_from_a_config_feeds_an_objective_term(tmp_path):
     c.stages.kd.student.kwargs.patterns = ("dense9",)
     with pytest.raises(KeyError, match=r"\['dense9'\] matched no submodule of MLP"):
         runner.run(C.validate(c), str(tmp_path / "typo"))
+
+
+def test_captured_teacher_loads_the_stage_that_trained_its_base(tmp_path):
+    from kd_jax import config as C
+    from kd_jax import runner
+    from tests import helpers
+
+    c = helpers.kd_config(steps=2)
+    teacher = C.model("captured", base="mlp", patterns=("dense0",), base_kwargs={"widths": (32,)})
+    teacher.init = "stage:teacher"  # trained as a plain "mlp": the wrapper adds no params
+    c.stages.kd.teacher = teacher
+    c.stages.kd.objective.hint = C.term(
+        "mse", 1.0, student="hidden0", teacher="dense0", adapter="dense"
+    )
+    res = runner.run(C.validate(c), str(tmp_path))
+    assert res["kd"]["step"] == 2 and res["kd"]["teacher"]["source_step"] == 4
+    assert np.all(np.isfinite(helpers.metrics(tmp_path, "kd", "loss/hint")))

@@ -146,4 +146,10 @@ def _captured(dtype=jnp.float32, *, base: str, patterns=(), base_kwargs=None):
     return CapturedModel(module, tuple(patterns))
 
 
-register("captured", _captured, inputs=lambda kwargs: MODELS.meta(kwargs["base"])["inputs"])
+register(
+    "captured",
+    _captured,
+    inputs=lambda kwargs: MODELS.meta(kwargs["base"])["inputs"],
+    # Adds no params: a stage that trained the base model can be a captured teacher's weights.
+    wraps=lambda kwargs: (kwargs["base"], dict(kwargs.get("base_kwargs") or {}), "base"),
+)

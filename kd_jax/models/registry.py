@@ -61,10 +61,21 @@ def load_pretrained(name: str) -> dict:
     return {"params": PRESETS.get(name).params()}
 
 
-def register(name: str, ctor: Callable | None = None, inputs=("image",)):
+def register(
+    name: str, ctor: Callable | None = None, inputs=("image",), *, wraps: Callable | None = None
+):
     """Adds a constructor `(dtype=..., **kwargs) -> Module`; decorator form without `ctor`.
-    `inputs`: the batch keys it reads, or a function of its kwargs giving them."""
-    return MODELS.register(name, ctor, inputs=inputs if callable(inputs) else tuple(inputs))
+    `inputs`: the batch keys it reads, or a function of its kwargs giving them. `wraps`: for a
+    wrapper that adds no params around a registered base model, `kwargs -> (base model name,
+    base kwargs, the base's submodule name)`, so weights trained for the base load into it."""
+    inputs = inputs if callable(inputs) else tuple(inputs)
+    return MODELS.register(name, ctor, inputs=inputs, wraps=wraps)
+
+
+def wrapped_base(model_cfg) -> tuple[str, dict, str] | None:
+    """(base model, base kwargs, submodule) of a parameter-free wrapper model, else None."""
+    wraps = MODELS.meta(model_cfg.model).get("wraps")
+    return wraps(dict(model_cfg.kwargs)) if wraps else None
 
 
 def names() -> list[str]:

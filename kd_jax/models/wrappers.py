@@ -100,4 +100,15 @@ def _inputs(kwargs) -> tuple:
 
 
 register("ensemble", _ensemble, inputs=_inputs)
-register("input_grad", _input_grad, inputs=lambda kwargs: (*_inputs(kwargs), "label"))
+
+
+def _wraps(kwargs) -> tuple[str, dict, str]:
+    return kwargs["base"], dict(kwargs.get("base_kwargs") or {}), "base"
+
+
+register(
+    "input_grad",
+    _input_grad,
+    inputs=lambda kwargs: (*_inputs(kwargs), "label"),
+    wraps=_wraps,  # adds no params: a stage that trained the base model can be its weights
+)
