@@ -109,3 +109,9 @@ def test_cli_typo_is_a_clear_error_without_traceback(tmp_path):
     )
     assert proc.returncode == 2
     assert "Did you mean 'learning_rate'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("data", ["cityscapes", "acdc"])
+def test_transkd_evaluator_ignores_the_datasets_void_label(data):
+    c = C.load(os.path.join(ROOT, f"configs/transkd/transkd.py:data={data}"))
+    assert c.evaluator_kwargs.ignore_index == c.data.kwargs.ignore_index == 19
