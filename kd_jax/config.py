@@ -385,5 +385,15 @@ def _merge(dst: ConfigDict, src: dict) -> None:
             dst[key] = ConfigDict(value, type_safe=False) if isinstance(value, dict) else value
 
 
+def settings(cfg: ConfigDict, key: str, defaults: dict) -> dict:
+    """A stage kind's free-form settings `cfg.<key>` over its `defaults`; an unknown key is a
+    ConfigKeyError naming the valid ones."""
+    given = dict(cfg[key]) if key in cfg and cfg[key] is not None else {}
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        raise ConfigKeyError(f"Unknown config.{key} keys {unknown}; valid: {sorted(defaults)}.")
+    return {**defaults, **given}
+
+
 def stage_names(config: ConfigDict) -> list[str | None]:
     return list(config.stage_order) or [None]

@@ -146,7 +146,6 @@ def load(cfg, mesh, example: Sequence, stages: Mapping[str, Any], root: str) -> 
     inputs = models.input_keys(cfg.teacher)
     init = cfg.teacher.init
     ident = {"model": cfg.teacher.model, "kwargs": cfg.teacher.kwargs.to_dict(), "init": init}
-    abstract = jax.eval_shape(module.init, jax.random.key(0), *example)
     pretrained = _pretrained_name(init)
     if init.startswith("stage:"):
         src, src_cfg = source_stage("teacher.init", init, stages)
@@ -178,6 +177,8 @@ def load(cfg, mesh, example: Sequence, stages: Mapping[str, Any], root: str) -> 
         zeros = [jnp.zeros(a.shape, a.dtype) for a in example]
         variables, axis = dict(jax.jit(module.init)(jax.random.PRNGKey(seed), *zeros)), None
     elif pretrained or init:
+        # Weights files are checked against (and orbax restores into) the module's shapes.
+        abstract = jax.eval_shape(module.init, jax.random.key(0), *example)
         if pretrained:
             variables = load_pretrained(pretrained)
             what = (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -9,7 +10,7 @@ import jax
 import numpy as np
 
 from kd_jax import config as C
-from kd_jax import runner, sharding
+from kd_jax import losses, runner, sharding
 from kd_jax.trainers import kd
 from tests.tolerances import f32_tol
 
@@ -115,3 +116,32 @@ def run_cli(*args: str, timeout: int = 300):
         env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"},
         timeout=timeout,
     )
+
+
+# ------------------------------------------------------------------ objective contract helpers
+def objective_inputs(case: dict, seed: int = 0, dtype=np.float32) -> dict:
+    """Random `student` (+ `teacher`, integer `labels`) arrays of an objective test case
+    {"student": shape, "teacher": shape or None, "labels": bool}."""
+    rng = np.random.default_rng(seed)
+    args = {"student": rng.normal(size=case["student"]).astype(dtype)}
+    if case["teacher"]:
+        args["teacher"] = rng.normal(size=case["teacher"]).astype(dtype)
+    if case.get("labels"):
+        shape = case["student"][:-1]
+        args["labels"] = rng.integers(0, case["student"][-1], size=shape).astype(np.int32)
+    return args
+
+
+@functools.cache
+def _jitted_objective(name, static):
+    fn, kw = losses.get(name), dict(static)
+    # All three reductions from one compile: compiling dominates these tests' runtime on CPU.
+    return jax.jit(lambda a: {r: fn(**a, reduction=r, **kw) for r in ("none", "sum", "mean")})
+
+
+def call_objective(name, args, case_kwargs, *, mask=None, reduction="mean", **kw):
+    """Objective `name` under jit (op-by-op eager dispatch is ~10x slower to compile on CPU);
+    hyper-parameters are static, arrays (and the mask) traced."""
+    arrays = dict(args) if mask is None else {**args, "mask": mask}
+    static = tuple(sorted({**case_kwargs, **kw}.items()))
+    return _jitted_objective(name, static)(arrays)[reduction]

@@ -16,6 +16,7 @@ import optax
 import pytest
 
 from kd_jax import losses
+from tests import helpers
 from tests.tolerances import f32_tol
 
 # name -> shapes and hyper-parameters for the shared contract tests. `lead` is the number of
@@ -54,29 +55,13 @@ LOGIT_LOSSES = ("ce", "hinton_kd", "dkd")
 
 
 def make_inputs(name, seed=0, dtype=np.float32):
-    c = CASES[name]
-    rng = np.random.default_rng(seed)
-    args = {"student": rng.normal(size=c["student"]).astype(dtype)}
-    if c["teacher"]:
-        args["teacher"] = rng.normal(size=c["teacher"]).astype(dtype)
-    if c["labels"]:
-        args["labels"] = rng.integers(0, c["student"][-1], size=c["student"][:-1]).astype(np.int32)
-    return args
-
-
-@functools.cache
-def _jitted(name, static):
-    fn, kw = losses.get(name), dict(static)
-    # All three reductions from one compile: compiling dominates this file's runtime on CPU.
-    return jax.jit(lambda a: {r: fn(**a, reduction=r, **kw) for r in ("none", "sum", "mean")})
+    return helpers.objective_inputs(CASES[name], seed, dtype)
 
 
 def call(name, args, *, mask=None, reduction="mean", **kw):
-    """Objective `name` under jit (op-by-op eager dispatch is ~10x slower to compile on CPU);
-    hyper-parameters are static, arrays (and the mask) traced."""
-    arrays = dict(args) if mask is None else {**args, "mask": mask}
-    static = tuple(sorted({**CASES[name]["kwargs"], **kw}.items()))
-    return _jitted(name, static)(arrays)[reduction]
+    return helpers.call_objective(
+        name, args, CASES[name]["kwargs"], mask=mask, reduction=reduction, **kw
+    )
 
 
 def lead_shape(name):

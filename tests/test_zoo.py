@@ -4,7 +4,6 @@ wrappers (teacher ensemble, input gradients)."""
 
 from __future__ import annotations
 
-import functools
 import inspect
 import math
 
@@ -17,6 +16,7 @@ from kd_jax import config as C
 from kd_jax import losses, models
 from kd_jax.adapters import make_adapter
 from kd_jax.objective import Objective
+from tests import helpers
 from tests.test_objectives import OWN_CONTRACT
 
 # name -> shapes, hyper-parameters and contract flags. `lead`: dims the per-element loss keeps;
@@ -43,26 +43,13 @@ PAIRWISE = sorted(n for n, c in CASES.items() if c["teacher"])
 
 
 def make_inputs(name, seed=0):
-    c = CASES[name]
-    rng = np.random.default_rng(seed)
-    args = {"student": rng.normal(size=c["student"]).astype(np.float32)}
-    if c["teacher"]:
-        args["teacher"] = rng.normal(size=c["teacher"]).astype(np.float32)
-    if c.get("labels"):
-        args["labels"] = rng.integers(0, c["student"][-1], size=c["student"][:-1]).astype(np.int32)
-    return args
-
-
-@functools.cache
-def _jitted(name, static):
-    fn, kw = losses.get(name), dict(static)
-    return jax.jit(lambda a: {r: fn(**a, reduction=r, **kw) for r in ("none", "sum", "mean")})
+    return helpers.objective_inputs(CASES[name], seed)
 
 
 def call(name, args, *, mask=None, reduction="mean", **kw):
-    arrays = dict(args) if mask is None else {**args, "mask": mask}
-    static = tuple(sorted({**CASES[name].get("kwargs", {}), **kw}.items()))
-    return _jitted(name, static)(arrays)[reduction]
+    return helpers.call_objective(
+        name, args, CASES[name].get("kwargs", {}), mask=mask, reduction=reduction, **kw
+    )
 
 
 def lead_shape(name):

@@ -15,10 +15,11 @@ import time
 import jax
 import jax.numpy as jnp
 
+from kd_jax import config as config_lib
 from kd_jax import models
 from kd_jax import teacher as teacher_lib
 from kd_jax.data import records
-from kd_jax.errors import ConfigKeyError, ConfigValueError
+from kd_jax.errors import ConfigValueError
 from kd_jax.trainers import read_result, write_result
 
 log = logging.getLogger("kd_jax")
@@ -51,18 +52,12 @@ class SimulatedCrash(RuntimeError):
 
 
 def settings(cfg) -> dict:
-    given = dict(cfg.generate) if "generate" in cfg else {}
-    unknown = sorted(set(given) - set(GENERATE_DEFAULTS))
-    if unknown:
-        raise ConfigKeyError(
-            f"Unknown config.generate keys {unknown}; valid: {sorted(GENERATE_DEFAULTS)}."
-        )
-    return {**GENERATE_DEFAULTS, **given}
+    return config_lib.settings(cfg, "generate", GENERATE_DEFAULTS)
 
 
 def load_teacher(cfg, ctx):
     """(module, variables, teacher id) for `config.teacher` of a data-writing stage."""
-    example = tuple(jax.ShapeDtypeStruct((1, 2), jnp.int32) for _ in range(1))
+    example = tuple(jax.ShapeDtypeStruct((1, 2), jnp.int32) for _ in models.input_keys(cfg.teacher))
     t = teacher_lib.load(cfg, ctx.mesh, example, ctx.stages, ctx.root)
     ident = {k: t.ident[k] for k in ("init", "model", "fingerprint")}
     return t.module, jax.device_get(t.variables), ident

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kd_jax import config as config_lib
 from kd_jax.config import ON_POLICY_DEFAULTS
 from kd_jax.errors import ConfigKeyError, ConfigValueError
 from kd_jax.models.generate import generate, left_align
@@ -39,12 +40,7 @@ DEFAULTS = ON_POLICY_DEFAULTS  # config.on_policy's keys and defaults.
 
 def settings(cfg) -> dict:
     """`config.on_policy` with defaults filled in, validated."""
-    s = dict(DEFAULTS, **dict(cfg.get("on_policy") or {}))
-    unknown = set(s) - set(DEFAULTS)
-    if unknown:
-        raise ConfigKeyError(
-            f"Unknown on_policy keys {sorted(unknown)}; valid: {sorted(DEFAULTS)}."
-        )
+    s = config_lib.settings(cfg, "on_policy", DEFAULTS)
     if not 0.0 <= float(s["fraction"]) <= 1.0:
         raise ConfigValueError(f"on_policy.fraction must be in [0, 1], got {s['fraction']}.")
     if float(s["fraction"]) > 0 and int(s["max_new_tokens"]) < 1:

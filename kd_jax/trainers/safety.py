@@ -8,6 +8,7 @@ import logging
 
 import jax
 import numpy as np
+from flax import traverse_util
 
 from kd_jax.errors import ConfigValueError, UserError
 
@@ -33,14 +34,8 @@ RESUMABLE_KEYS = (
 )
 
 
-def _flat(tree, prefix="") -> dict:
-    out = {}
-    for k, v in (tree or {}).items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+def _flat(tree) -> dict:
+    return traverse_util.flatten_dict(tree or {}, sep=".", keep_empty_nodes=True)
 
 
 def check_resume(cfg, ckptr, meta: dict) -> list[str]:

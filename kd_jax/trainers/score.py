@@ -34,9 +34,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kd_jax import config as config_lib
 from kd_jax import models, prompts
 from kd_jax.data import ncte, records
-from kd_jax.errors import ConfigKeyError, ConfigValueError, UserFileNotFoundError
+from kd_jax.errors import ConfigValueError, UserFileNotFoundError
 from kd_jax.evaluators import agreement
 from kd_jax.models.generate import generate as generate_tokens
 from kd_jax.models.generate import left_align
@@ -78,13 +79,7 @@ PREFILL = {"DA": "Rating: ", "DA+": "Rating: ", "RA": "Reasoning: "}
 
 
 def settings(cfg) -> dict:
-    given = dict(cfg.score) if "score" in cfg else {}
-    unknown = sorted(set(given) - set(SCORE_DEFAULTS))
-    if unknown:
-        raise ConfigKeyError(
-            f"Unknown config.score keys {unknown}; valid: {sorted(SCORE_DEFAULTS)}."
-        )
-    s = {**SCORE_DEFAULTS, **given}
+    s = config_lib.settings(cfg, "score", SCORE_DEFAULTS)
     for k in ("splits", "train_variants", "generate_splits", "items", "variants"):
         s[k] = tuple(s[k]) if not isinstance(s[k], str) else (s[k],)
     for v in s["variants"]:
