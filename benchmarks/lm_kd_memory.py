@@ -15,12 +15,23 @@ from elsewhere affects both alike. Targets: chunked peak <= 1/4 naive, time <= 1
     flock /tmp/kd_bench.lock nice -n 5 python benchmarks/lm_kd_memory.py [--tokens 8192]
         [--vocab 49152] [--hidden 576] [--chunk 1024] [--iters 3] [--divergence forward_kl]
     python benchmarks/lm_kd_memory.py --smoke   # tiniest shapes, 2 calls: does it run (CI)
+
+PyTorch baseline (when torch is importable here or by --torch_python; forward_kl only): the same
+inputs, loss and gradients in torch, naive (both [N, V] logits, autograd) and chunked (the usual
+hand-written loop: per chunk of tokens, logits, KL and `backward()` into accumulated gradients,
+so only one chunk's logits live at a time). Memory = `torch.cuda.max_memory_allocated()` on a
+GPU (not tracked on CPU); time = median wall seconds per call after a warm-up call.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import jax
@@ -40,8 +51,74 @@ def memory(compiled) -> dict:
     return out
 
 
+def torch_worker(path: str, chunk: int, iters: int) -> dict:
+    """Naive and chunked forward-KL loss + grads in PyTorch on the inputs saved at `path`."""
+    import numpy as np
+    import torch
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.backends.cuda.matmul.allow_tf32 = True  # as JAX's GPU default for float32
+    with np.load(path) as f:
+        hs, ws, ht, wt, mask = (torch.from_numpy(f[k]).to(dev) for k in ("hs", "ws", "ht", "wt", "mask"))
+    hs, ht = hs.reshape(-1, hs.shape[-1]), ht.reshape(-1, ht.shape[-1])
+    mask = mask.reshape(-1)
+    n_valid = mask.sum()
+
+    def kl_sum(h_s, w_s, h_t, m):
+        log_ps = torch.log_softmax((h_s @ w_s.to(h_s.dtype)).float(), -1)
+        with torch.no_grad():
+            log_pt = torch.log_softmax((h_t @ wt.to(h_t.dtype)).float(), -1)
+        return ((log_pt.exp() * (log_pt - log_ps)).sum(-1) * m).sum()
+
+    def naive():
+        h, w = hs.detach().requires_grad_(), ws.detach().requires_grad_()
+        loss = kl_sum(h, w, ht, mask) / n_valid
+        loss.backward()
+        return loss.detach(), h.grad, w.grad
+
+    def chunked():
+        h, w = hs.detach().requires_grad_(), ws.detach().requires_grad_()
+        total = torch.zeros((), device=dev)
+        for i in range(0, h.shape[0], chunk):
+            part = kl_sum(h[i : i + chunk], w, ht[i : i + chunk], mask[i : i + chunk]) / n_valid
+            part.backward()
+            total += part.detach()
+        return total, h.grad, w.grad
+
+    out = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "torch": torch.__version__}
+    for name, fn in (("naive", naive), ("chunked", chunked)):
+        if dev == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        loss, _, _ = fn()  # warm-up
+        times = []
+        for _ in range(iters):
+            if dev == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn()
+            if dev == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        peak = torch.cuda.max_memory_allocated() - base if dev == "cuda" else None
+        out[name] = {"loss": float(loss), "median_s": statistics.median(times), "peak_extra": peak}
+    return out
+
+
+def torch_python(candidate: str) -> str | None:
+    for python in (sys.executable, candidate):
+        if python and os.access(python, os.X_OK):
+            probe = [python, "-c", "import torch"]
+            if subprocess.run(probe, capture_output=True, check=False).returncode == 0:
+                return python
+    return None
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
+    p.add_argument("--torch_python", default="/tmp/torchenv/bin/python")
+    p.add_argument("--torch_worker", default="", help=argparse.SUPPRESS)
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--vocab", type=int, default=49152)
@@ -58,6 +135,9 @@ def main() -> None:
         help="tiniest shapes and 2 timed calls: checks that the script runs (a few s on CPU)",
     )
     args = p.parse_args()
+    if args.torch_worker:
+        print(json.dumps(torch_worker(args.torch_worker, args.chunk, args.iters)))
+        return
     if args.smoke:
         args.tokens, args.batch, args.vocab, args.chunk, args.iters = 64, 2, 256, 16, 2
         args.hidden = args.teacher_hidden = 16
@@ -130,6 +210,30 @@ def main() -> None:
     for name, v in times.items():
         print(f"{name:8s} step {med[name]:.3f} s (median of {len(v)}: {[round(s, 3) for s in v]})")
     print(f"time ratio chunked/naive (median): {med['chunked'] / med['naive']:.3f}")
+    python = torch_python(args.torch_python)
+    if python is None or args.divergence != "forward_kl":
+        print("PyTorch baseline: skipped (" + ("no torch" if python is None else "forward_kl only") + ")")
+        return
+    import numpy as np
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "inputs.npz")
+        np.savez(path, **{k: np.asarray(v, np.float32) for k, v in zip(("hs", "ws", "ht", "wt", "mask"), x)})
+        cmd = [python, os.path.abspath(__file__), f"--torch_worker={path}"]
+        cmd += [f"--chunk={args.chunk}", f"--iters={args.iters}"]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if res.returncode:
+        print(f"PyTorch baseline failed: {res.stderr.strip().splitlines()[-1][:300]}")
+        return
+    t = json.loads(res.stdout.strip().splitlines()[-1])
+    for name in ("naive", "chunked"):
+        r = t[name]
+        peak = f"{r['peak_extra'] / gib:.3f} GiB above inputs" if r["peak_extra"] is not None else "peak n/a (CPU)"
+        print(f"PyTorch {name:8s} step {r['median_s']:.3f} s, {peak}, loss {r['loss']:.6f} ({t['device']}, torch {t['torch']})")
+    print(f"time ratio kd_jax chunked / PyTorch chunked: {med['chunked'] / t['chunked']['median_s']:.3f}")
+    if t["chunked"]["peak_extra"]:
+        extra = mem["chunked"]["peak"] - mem["chunked"]["args"]
+        print(f"memory ratio kd_jax chunked / PyTorch chunked (beyond inputs): {extra / t['chunked']['peak_extra']:.3f}")
 
 
 if __name__ == "__main__":

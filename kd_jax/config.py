@@ -84,6 +84,9 @@ def base_config() -> ConfigDict:
     # Check every stage (names, feature paths, shapes) before the first one trains.
     c.preflight = True
     c.compute_dtype = "float32"  # params stay float32; activations use this dtype.
+    # The stage's PRNG (init, dropout): "" = JAX's default (threefry2x32), or "rbg"/"unsafe_rbg"
+    # (XLA's RngBitGenerator: cheaper to compile and, on CPU, to run; other random numbers).
+    c.prng_impl = ""
     c.progress_bar = True
     # A registered evaluator (kd_jax.evaluators): "classification" (accuracy/CE/teacher
     # agreement on the eval split), "segmentation", "lm", "span", or "none" (e.g. for
@@ -120,6 +123,7 @@ def base_config() -> ConfigDict:
     c.optimizer.eps = 1e-8
     c.optimizer.momentum = 0.9  # sgd only.
     c.optimizer.grad_clip_norm = 0.0  # 0 disables.
+    c.optimizer.mu_dtype = ""  # adam/adamw first-moment dtype, e.g. "bfloat16"; "" = params'.
     c.schedule = ConfigDict(type_safe=False)
     c.schedule.name = "constant"  # constant | warmup_cosine | warmup_linear | poly | step
     c.schedule.power = 0.9  # poly only.

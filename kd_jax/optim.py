@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import optax
 
 from kd_jax.errors import ConfigValueError
@@ -38,10 +39,23 @@ def make_schedule(cfg) -> optax.Schedule:
 
 def make_optimizer(cfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
     o, schedule = cfg.optimizer, make_schedule(cfg)
+    mu_dtype = jnp.dtype(o.mu_dtype) if o.mu_dtype else None
+    if mu_dtype is not None and o.name not in ("adam", "adamw"):
+        raise ConfigValueError(
+            f"optimizer.mu_dtype is an adam/adamw option; optimizer '{o.name}' has no first "
+            "moment to store in it. Remove optimizer.mu_dtype."
+        )
     if o.name == "adamw":
-        tx = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
+        tx = optax.adamw(
+            schedule,
+            b1=o.b1,
+            b2=o.b2,
+            eps=o.eps,
+            weight_decay=o.weight_decay,
+            mu_dtype=mu_dtype,
+        )
     elif o.name == "adam":
-        tx = optax.adam(schedule, b1=o.b1, b2=o.b2, eps=o.eps)
+        tx = optax.adam(schedule, b1=o.b1, b2=o.b2, eps=o.eps, mu_dtype=mu_dtype)
     elif o.name == "sgd":
         tx = optax.chain(
             optax.add_decayed_weights(o.weight_decay),

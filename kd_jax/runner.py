@@ -4,8 +4,11 @@ preempted stage (SIGTERM) stops the run; rerunning the same command resumes it."
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+
+import jax
 
 from kd_jax import config as config_lib
 from kd_jax import lock, sharding, trainers
@@ -38,6 +41,7 @@ def resolve(config, workdir: str) -> dict:
                         f"Stage '{cfg.stage_name}' (kind '{cfg.kind}') sets config.{key}, which "
                         f"only kind '{other}' reads; set kind='{other}' or remove config.{key}."
                     )
+        prng_impl(cfg)  # an unknown name fails here, before any stage runs
         out[cfg.stage_name] = cfg
     return out
 
@@ -52,6 +56,18 @@ def run(config, workdir: str, devices=None) -> dict:
         return _run_stages(config, stages, mesh, workdir)
 
 
+PRNG_IMPLS = ("", "threefry2x32", "rbg", "unsafe_rbg")
+
+
+def prng_impl(cfg):
+    """The stage's `prng_impl` as JAX's default PRNG while it runs (a context manager)."""
+    if cfg.prng_impl not in PRNG_IMPLS:
+        raise ConfigValueError(f"Unknown prng_impl '{cfg.prng_impl}'; use one of {PRNG_IMPLS}.")
+    if not cfg.prng_impl:
+        return contextlib.nullcontext()
+    return jax.default_prng_impl(cfg.prng_impl)
+
+
 def _contexts(config, stages, mesh, workdir: str):
     for (name, cfg), raw in zip(stages.items(), config_lib.stage_names(config)):
         yield name, cfg, trainers.RunContext(mesh, workdir, stage_dir(workdir, raw), stages)
@@ -63,7 +79,8 @@ def preflight(config, stages, mesh, workdir: str) -> None:
     for _, cfg, ctx in _contexts(config, stages, mesh, workdir):
         check = trainers.TRAINERS.meta(cfg.kind).get("preflight")
         if check is not None and trainers.read_result(ctx.stage_dir) is None:
-            check(cfg, ctx)
+            with prng_impl(cfg):
+                check(cfg, ctx)
 
 
 def _run_stages(config, stages, mesh, workdir: str) -> dict:
@@ -71,7 +88,8 @@ def _run_stages(config, stages, mesh, workdir: str) -> dict:
         preflight(config, stages, mesh, workdir)
     results = {}
     for name, cfg, ctx in _contexts(config, stages, mesh, workdir):
-        results[name] = trainers.TRAINERS.get(cfg.kind)(cfg, ctx)
+        with prng_impl(cfg):
+            results[name] = trainers.TRAINERS.get(cfg.kind)(cfg, ctx)
         if results[name].get("preempted"):
             log.warning(
                 "preempted in stage %s at step %d; checkpoint saved, rerun to resume",

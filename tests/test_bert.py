@@ -5,6 +5,7 @@ with torch + transformers; see tests/fixtures/README.md.
 """
 
 import dataclasses
+import functools
 import importlib.util
 import os
 
@@ -94,6 +95,31 @@ def test_padding_and_dropout(tiny):
     # output, 4 matmuls per layer.
     atol = TINY.num_layers * 4 * 2 * BF16_EPS
     np.testing.assert_allclose(np.asarray(bf16, np.float32), last, atol=atol)
+
+
+def test_fused_attention_path_equals_explicit(tiny):
+    """attention_impl="xla" (jax.nn.dot_product_attention; "cudnn" is the same call on a GPU)
+    computes the same encoder as the explicit path; under attention dropout it is not used."""
+    _, params = tiny
+    ids, mask = _tiny_batch()
+    fused = BertEncoder(dataclasses.replace(TINY, attention_impl="xla"))
+    explicit_out, explicit_feats = jax.jit(BertEncoder(TINY).apply)(params, ids, mask)
+    fused_out, fused_feats = jax.jit(fused.apply)(params, ids, mask)
+    valid = mask.astype(bool)
+    atol = f32_tol(TINY.num_layers * 4 * TINY.intermediate_size)
+    np.testing.assert_allclose(fused_out[valid], explicit_out[valid], atol=atol)
+    # The attention features are still there for a loss to read.
+    last = f"layer_{TINY.num_layers - 1}"
+    np.testing.assert_allclose(
+        fused_feats[last]["attn_logits"], explicit_feats[last]["attn_logits"], atol=atol
+    )
+    rngs = {"dropout": jax.random.key(3)}
+    train = functools.partial(jax.jit, static_argnames="train")
+    a, _ = train(fused.apply)(params, ids, mask, train=True, rngs=rngs)
+    b, _ = train(BertEncoder(TINY).apply)(params, ids, mask, train=True, rngs=rngs)
+    np.testing.assert_array_equal(a, b)  # dropout on: both take the explicit path
+    with pytest.raises(ValueError, match="attention_impl"):
+        dataclasses.replace(TINY, attention_impl="flash")
 
 
 def test_pooling_helpers():

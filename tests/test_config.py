@@ -2,13 +2,17 @@
 
 import glob
 import importlib.util
+import json
 import os
 
 import jax
+import numpy as np
 import pytest
 
 from kd_jax import config as C
 from kd_jax import runner
+from kd_jax.errors import ConfigValueError
+from kd_jax.trainers import kd
 from tests import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -115,3 +119,43 @@ def test_cli_typo_is_a_clear_error_without_traceback(tmp_path):
 def test_transkd_evaluator_ignores_the_datasets_void_label(data):
     c = C.load(os.path.join(ROOT, f"configs/transkd/transkd.py:data={data}"))
     assert c.evaluator_kwargs.ignore_index == c.data.kwargs.ignore_index == 19
+
+
+def test_cli_compilation_cache_is_filled_then_hit(tmp_path):
+    """--compilation_cache: the first run writes its compiled programs, a rerun of the same
+    config (a new workdir) finds every one of them (nothing new is written) and ends the same."""
+    cache = tmp_path / "xla_cache"
+    results = []
+    for run in ("a", "b"):
+        proc = helpers.run_cli(
+            f"--config={MNIST_KD}:tiny",
+            f"--workdir={tmp_path / run}",
+            f"--compilation_cache={cache}",
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        entries = sorted(p.name for p in cache.iterdir())
+        stages = sorted(glob.glob(str(tmp_path / run / "*" / "result.json")))
+        res = [json.load(open(f)) for f in stages]
+        results.append((entries, [{k: r[k] for k in r if "accuracy" in k} for r in res]))
+    (first, acc_a), (second, acc_b) = results
+    assert first, "the first run wrote no cache entries"
+    assert second == first
+    assert acc_a == acc_b and acc_a[0]
+
+
+def test_prng_impl_setting_runs_the_stage_with_that_prng(tmp_path):
+    """prng_impl="rbg": init and dropout keys are RngBitGenerator keys (also in the start-up's
+    worker threads), and the run trains; an unknown name is refused before any stage runs."""
+    c = helpers.kd_config(steps=2, teacher_steps=2)
+    c.prng_impl = "rbg"
+    results = helpers.run(c, tmp_path / "rbg")
+    assert all(r["step"] == 2 for r in results.values())
+    cfg = C.stage_config(c, "kd")
+    mesh = runner.sharding.make_mesh(cfg.mesh)
+    with jax.default_prng_impl("rbg"):  # a threefry checkpoint would not restore into this
+        state = kd.restore_state(cfg, mesh, str(tmp_path / "rbg" / "kd"))
+    assert state.rng.shape[-1] == 4  # an rbg key's data, not threefry's 2 words
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+    c.prng_impl = "philox"
+    with pytest.raises(ConfigValueError, match="prng_impl"):
+        helpers.run(c, tmp_path / "bad")

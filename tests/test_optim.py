@@ -1,9 +1,14 @@
 """Learning-rate schedules against their closed forms."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from kd_jax import config as C
+from kd_jax import optim
+from kd_jax.errors import ConfigValueError
 from kd_jax.optim import make_schedule
 from tests.tolerances import f32_tol
 
@@ -59,3 +64,28 @@ def test_constant_with_warmup():
 def test_unknown_schedule_names_the_choices():
     with pytest.raises(ValueError, match="use constant, warmup_cosine"):
         make_schedule(_cfg("cosine"))
+
+
+def test_mu_dtype_stores_the_first_moment_in_bfloat16_and_tracks_float32():
+    params = {"w": jnp.linspace(-1.0, 1.0, 64, dtype=jnp.float32)}
+    grads = {"w": jnp.cos(jnp.arange(64, dtype=jnp.float32))}
+    runs = {}
+    for mu_dtype in ("", "bfloat16"):
+        c = C.base_config()
+        c.optimizer.mu_dtype = mu_dtype
+        c.schedule.name = "constant"
+        tx, _ = optim.make_optimizer(c)
+        p, state = params, tx.init(params)
+        for _ in range(3):
+            updates, state = tx.update(grads, state, p)
+            p = optax.apply_updates(p, updates)
+        runs[mu_dtype] = p["w"], state
+    mu = [leaf for leaf in jax.tree.leaves(runs["bfloat16"][1]) if leaf.ndim == 1][0]
+    assert mu.dtype == jnp.bfloat16
+    # Same steps up to the bf16 rounding of mu (relative 2^-8) in update = lr * mu_hat / sqrt(nu).
+    lr = C.base_config().optimizer.learning_rate
+    np.testing.assert_allclose(runs["bfloat16"][0], runs[""][0], atol=3 * lr * 2**-8)
+    c = C.base_config()
+    c.optimizer.name, c.optimizer.mu_dtype = "sgd", "bfloat16"
+    with pytest.raises(ConfigValueError, match="mu_dtype"):
+        optim.make_optimizer(c)

@@ -23,6 +23,11 @@ from kd_jax.models.registry import preset_fields, register
 # overflows once anything is subtracted or divided by a temperature < 1), yet exp() of it is 0.
 MASK_VALUE = -1e9
 
+# "explicit": einsum + float32 softmax (the reference path, always used under attention dropout).
+# "xla" / "cudnn": `jax.nn.dot_product_attention` with that implementation; "cudnn" is the fused
+# (flash) kernel on NVIDIA GPUs and needs bfloat16/float16 compute.
+ATTENTION_IMPLS = ("explicit", "xla", "cudnn")
+
 
 @dataclasses.dataclass(frozen=True)
 class BertConfig:
@@ -39,11 +44,18 @@ class BertConfig:
     dtype: Any = jnp.float32
     hidden_dropout: float = 0.1
     attention_dropout: float = 0.1
+    # How the attention context is computed where no attention dropout is in effect (eval, a
+    # frozen teacher, or attention_dropout=0); see `BertSelfAttention`.
+    attention_impl: str = "explicit"
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
             raise ValueError(
                 f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}."
+            )
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(
+                f"Unknown attention_impl {self.attention_impl!r}; use one of {ATTENTION_IMPLS}."
             )
 
     @property
@@ -109,15 +121,30 @@ class BertSelfAttention(nn.Module):
         def heads(y):  # [B, T, hidden] -> [B, H, T, d]
             return y.reshape(b, t, cfg.num_heads, cfg.head_dim).transpose(0, 2, 1, 3)
 
-        # Logits and softmax in float32: they are also distillation targets (MiniLM).
+        # Logits and softmax in float32: they are also distillation targets (MiniLM). Under jit
+        # they are computed only where something reads them (a loss, or the explicit context).
         logits = jnp.einsum(
             "bhqd,bhkd->bhqk", heads(q), heads(k), preferred_element_type=jnp.float32
         ) / math.sqrt(cfg.head_dim)
         logits = logits + additive_mask
         probs = jax.nn.softmax(logits, axis=-1)
-        dropped = nn.Dropout(cfg.attention_dropout, deterministic=not train)(probs)
-        ctx = jnp.einsum("bhqk,bhkd->bhqd", dropped.astype(self.dtype), heads(v))
-        ctx = ctx.transpose(0, 2, 1, 3).reshape(b, t, cfg.hidden_size)
+        if cfg.attention_impl == "explicit" or (train and cfg.attention_dropout > 0):
+            dropped = nn.Dropout(cfg.attention_dropout, deterministic=not train)(probs)
+            ctx = jnp.einsum("bhqk,bhkd->bhqd", dropped.astype(self.dtype), heads(v))
+            ctx = ctx.transpose(0, 2, 1, 3).reshape(b, t, cfg.hidden_size)
+        else:
+            # The fused path: no [B, H, T, T] tensor for layers whose attention no loss reads
+            # (a frozen teacher's lower layers). Same function: softmax(QK^T/sqrt(d) + mask) V.
+            # cuDNN wants the bias at full [B, 1, T, T]; a float16 bias saturates at its min.
+            split = lambda y: y.reshape(b, t, cfg.num_heads, cfg.head_dim)  # noqa: E731
+            bias = jnp.maximum(additive_mask, 0.5 * jnp.finfo(q.dtype).min)
+            ctx = jax.nn.dot_product_attention(
+                split(q),
+                split(k),
+                split(v),
+                bias=jnp.broadcast_to(bias, (b, 1, t, t)).astype(q.dtype),
+                implementation=cfg.attention_impl,
+            ).reshape(b, t, cfg.hidden_size)
         out = _dense(cfg.hidden_size, "output", self.dtype)(ctx)
         out = nn.Dropout(cfg.hidden_dropout, deterministic=not train)(out)
         out = _layer_norm(cfg, "LayerNorm")(out + x).astype(self.dtype)

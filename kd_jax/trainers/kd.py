@@ -10,6 +10,8 @@ the step before the forward passes.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import logging
@@ -394,6 +396,114 @@ def clear_stop() -> None:
     _STOP.clear()
 
 
+class StartUp:
+    """A stage's start-up, overlapped: the teacher's load (its init or weights) and the student's
+    state (init, or restore on resume) run in two threads, and the step is compiled ahead of time
+    (from the state's shapes) as soon as the teacher is there, while the student still initialises.
+    XLA compiles and runs these programs without the GIL, so on a many-core host start-up costs
+    about its longest part. On resume the state is restored after `check_resume` has vetted the
+    checkpoint (its clear message comes before any restore error). With several processes the
+    two run one after the other, in the same order on every host."""
+
+    def __init__(self, stage: Stage, ctx: RunContext, ckptr, make_step: Callable):
+        self.stage, self.ctx, self.ckptr, self.make_step = stage, ctx, ckptr, make_step
+        # Several hosts run their programs in one order (collectives must meet): no threads there.
+        workers = 2 if jax.process_count() == 1 else 1
+        self.pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="kd_startup")
+        self.resume = ckptr.latest_step() is not None
+        self._teacher = self.pool.submit(_in_caller_config(self._load_teacher))
+        self._state = None if self.resume else self.pool.submit(_in_caller_config(self._init_state))
+
+    def _load_teacher(self):
+        stage = self.stage
+        if stage.teacher is None:
+            return None
+        example = sample_inputs(stage.data, stage.teacher_inputs)
+        return teacher_lib.load(stage.cfg, stage.mesh, example, self.ctx.stages, self.ctx.root)
+
+    def _init_state(self):
+        state = self.stage.init_fn(self.stage.cfg.seed)
+        if self.stage.cfg.student.init:
+            state = _warm_start(self.stage, state, self.ctx)
+        return state, None, 0
+
+    def _restore_state(self):
+        abstract = ckpt_lib.abstract(self.stage.abstract_state, self.stage.state_shardings)
+        state, data_state, _ = self.ckptr.restore(abstract)
+        start = int(jax.device_get(state.step)[0])
+        log.info("stage %s: resumed from step %d", self.stage.name, start)
+        return state, data_state, start
+
+    def teacher(self):
+        try:
+            t = self._teacher.result()
+        except BaseException:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        if t is None:
+            return None, None, None, {}
+        return t, t.variables, t.axis, t.ident
+
+    def step(self, t_params, t_axis, cache) -> _Step:
+        stage = self.stage
+        jitted = self.make_step(stage, t_axis, cache is not None)
+        local = stage.data.example_batch()
+        if cache is not None:
+            local["teacher"] = {k: v[local["index"]] for k, v in cache.items()}
+        batch = sharding.make_global(stage.mesh, local, stage.data.global_batch)
+        state = ckpt_lib.abstract(stage.abstract_state, stage.state_shardings)
+        return _Step(jitted, jitted.lower(state, t_params, batch).compile())
+
+    def state(self):
+        if self._state is None:
+            self._state = self.pool.submit(_in_caller_config(self._restore_state))
+        try:
+            return self._state.result()
+        finally:
+            self.pool.shutdown(wait=False)
+
+
+def _in_caller_config(fn: Callable) -> Callable:
+    """`fn` run under the calling thread's JAX settings: context-manager settings (e.g.
+    `with jax.default_prng_impl("rbg")`, `jax.default_matmul_precision`) are thread-local, so a
+    worker thread would otherwise see the global defaults (other key shapes, other precision)."""
+    settings = {
+        jax.default_prng_impl: jax.config.jax_default_prng_impl,
+        jax.default_matmul_precision: jax.config.jax_default_matmul_precision,
+        jax.numpy_rank_promotion: jax.config.jax_numpy_rank_promotion,
+        jax.numpy_dtype_promotion: jax.config.jax_numpy_dtype_promotion,
+        jax.enable_x64: jax.config.jax_enable_x64,
+    }
+
+    def run(*args, **kwargs):
+        with contextlib.ExitStack() as stack:
+            for manager, value in settings.items():
+                stack.enter_context(manager(value))
+            return fn(*args, **kwargs)
+
+    return run
+
+
+class _Step:
+    """The stage's step compiled ahead of time; should a call's arguments ever differ from the
+    ones it was compiled for (shapes, dtypes, shardings), the jitted step takes over, logged."""
+
+    def __init__(self, jitted, compiled):
+        self.jitted, self.compiled = jitted, compiled
+
+    def __call__(self, *args):
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args)
+            except (TypeError, ValueError) as e:
+                log.warning("ahead-of-time step not used (%s); compiling it for these inputs", e)
+                self.compiled = None
+        return self.jitted(*args)
+
+    def compiles(self) -> int:
+        return self.jitted._cache_size() + (self.compiled is not None)
+
+
 def train_stage(cfg, ctx: RunContext, make_step: Callable = make_train_step) -> dict:
     """Trains one stage in `ctx.stage_dir`; resumes from its latest checkpoint. `make_step`
     `(stage, teacher_axis, cached) -> jitted step` is the hook other stage kinds replace."""
@@ -405,36 +515,19 @@ def train_stage(cfg, ctx: RunContext, make_step: Callable = make_train_step) -> 
         keep=cfg.keep_checkpoints,
         async_save=cfg.async_checkpointing,
     )
-    teacher = None
-    if stage.teacher is not None:
-        example = sample_inputs(data, stage.teacher_inputs)
-        teacher = teacher_lib.load(cfg, mesh, example, ctx.stages, ctx.root)
-    t_params = teacher.variables if teacher else None
-    t_axis = teacher.axis if teacher else None
-    t_ident = teacher.ident if teacher else {}
+    # ---------------------------------------------------------------- Start-up
+    # The teacher's load, the student's init and the step's compile are independent programs:
+    # they run side by side (`StartUp`), so start-up costs about the longest of them, not the sum.
+    startup = StartUp(stage, ctx, ckptr, make_step)
+    teacher, t_params, t_axis, t_ident = startup.teacher()
     meta = {
         "stage": name,
         "teacher": t_ident,
         "num_seeds": cfg.num_seeds,
         "config": json.loads(cfg.to_json_best_effort()),
     }
-
-    # ---------------------------------------------------------------- Checkpoint (resume)
-    abstract = ckpt_lib.abstract(stage.abstract_state, stage.state_shardings)
     if ckptr.latest_step() is not None:
         meta["resume_changes"] = check_resume(cfg, ckptr, meta)
-        state, data_state, _ = ckptr.restore(abstract)
-        start = int(jax.device_get(state.step)[0])
-        log.info("stage %s: resumed from step %d", name, start)
-    else:
-        state, data_state, start = stage.init_fn(cfg.seed), None, 0
-        if cfg.student.init:
-            state = _warm_start(stage, state, ctx)
-    done = read_result(workdir)
-    if start >= cfg.steps and done is not None:
-        ckptr.close()
-        return done
-
     cache = None
     if cfg.teacher.placement == "cache" and teacher is not None:
         cache = teacher_lib.build_cache(
@@ -445,7 +538,17 @@ def train_stage(cfg, ctx: RunContext, make_step: Callable = make_train_step) -> 
             cfg.seeds_in_step,
             os.path.join(workdir, f"teacher_cache_{t_ident['fingerprint']}.npz"),
         )
-    train_step = make_step(stage, t_axis, cache is not None)
+    if startup.resume:  # restore first: a finished stage returns before any compile
+        state, data_state, start = startup.state()
+        done = read_result(workdir)
+        if start >= cfg.steps and done is not None:
+            ckptr.close()
+            return done
+        train_step = startup.step(t_params, t_axis, cache)
+    else:  # compile while the student initialises
+        train_step = startup.step(t_params, t_axis, cache)
+        state, data_state, start = startup.state()
+
     evaluate = evaluators.make(cfg.evaluator, eval_context(stage, t_axis))
     writer = MetricWriter(ctx.root if name != "main" else workdir, name)
     it = data.train_iter(data_state)
@@ -520,7 +623,7 @@ def train_stage(cfg, ctx: RunContext, make_step: Callable = make_train_step) -> 
         **{k: np.asarray(v).tolist() for k, v in res.items()},
         "teacher": t_ident,
         "train_seconds": time.time() - t0,
-        "train_step_compiles": train_step._cache_size(),
+        "train_step_compiles": train_step.compiles(),
         "student_params": int(
             sum(
                 np.prod(x.shape[1:])

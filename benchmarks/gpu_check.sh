@@ -1,0 +1,40 @@
+#!/bin/bash
+# The one prepared device check (benchmarks/README.md, "GPU check"): every GPU comparison in one
+# call of at most ~9.5 minutes, most important first, each part under its own `timeout` so a hang
+# loses only that part. Run from the repo root on the GPU machine, with the wheels of the packages
+# missing there in .whl/ and (for part 3) the MiniLM bundle in .gpu_bundle/
+# (experiments/minilm/make_gpu_bundle.py). Writes logs and JSON to $OUT (default /tmp/gpu_check).
+set -u
+T_START=$(date +%s)
+OUT=${OUT:-/tmp/gpu_check}
+mkdir -p "$OUT"
+left() { echo $(( ${BUDGET:-570} - ($(date +%s) - T_START) )); }
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,power.limit \
+  --format=csv 2>&1 | tee "$OUT/gpu.txt"
+python3 -c "import jax, flax, optax, torch, transformers as t; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, 'transformers', t.__version__)" 2>&1 | tee -a "$OUT/gpu.txt"
+
+# 1. The table at B=256, T=128: kd_jax variants (+ profile of the baseline and the best), then
+#    PyTorch eager / torch.compile in bf16 autocast and float32 (TF32).
+timeout ${T1:-300} python3 benchmarks/minilm_gpu.py --torch_python python3 \
+  --variants bf16,bf16_fused_teacher,bf16_best,f32 --profile bf16,bf16_best \
+  --json "$OUT/minilm_t128.json" 2>&1 | tee "$OUT/minilm_t128.txt"
+echo "== part 1 done, $(left) s left"
+
+# 2. The longer MiniLM ablation (needs .gpu_bundle).
+if [ -d .gpu_bundle ] && [ "$(left)" -gt 90 ]; then
+  timeout $(( $(left) - 60 )) env PYTHONPATH=.gpu_bundle:$PYTHONPATH \
+    python3 experiments/minilm/run_ablation.py ${ABLATION_ARGS:-} --out "$OUT/ablation.json" \
+    2>&1 | tee "$OUT/ablation.txt" | grep -v "^I[0-9]" | tail -60
+fi
+echo "== part 2 done, $(left) s left"
+
+# 3. T=512 (same tokens: B=64), kd_jax's best variant only, if time is left.
+if [ "$(left)" -gt 50 ]; then
+  timeout $(( $(left) - 5 )) python3 benchmarks/minilm_gpu.py --batch 64 --length 512 \
+    --variants bf16_best,bf16 --profile "" --torch_modes compile_bf16 --torch_python python3 \
+    --iters 10 --json "$OUT/minilm_t512.json" 2>&1 | tee "$OUT/minilm_t512.txt"
+fi
+echo "== all done in $(( $(date +%s) - T_START )) s"
