@@ -226,72 +226,116 @@ def iou_3d(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return _iou_3d_pairs(a[ia.ravel()], b[ib.ravel()]).reshape(len(a), len(b))
 
 
-def _frame_overlaps(gt_annos, dt_annos, metric):
-    """Per-frame IoU matrices [D_f, G_f] (detections x ground truths) for one metric, with all
-    frames' box pairs computed in one vectorised call."""
-    nd = [len(d["name"]) for d in dt_annos]
-    ng = [len(g["name"]) for g in gt_annos]
-    if metric == "bbox":
-        return [iou_2d(d["bbox"], g["bbox"]) for d, g in zip(dt_annos, gt_annos, strict=True)]
+# ----------------------------------------------------------------------------- frame data
+class _Set:
+    """All frames' ground truths and detections concatenated (frame order kept), with every
+    same-frame (detection, ground truth) pair, so each step below is one vectorised call."""
 
-    def boxes(anno):
-        loc = np.asarray(anno["location"], np.float64).reshape(-1, 3)
-        dim = np.asarray(anno["dimensions"], np.float64).reshape(-1, 3)
-        ry = np.asarray(anno["rotation_y"], np.float64).reshape(-1, 1)
-        return np.concatenate([loc, dim, ry], 1)  # x, y, z, l, h, w, ry
+    def __init__(self, gt_annos, dt_annos):
+        def cat(annos, key, dtype, width=None):
+            parts = [
+                np.asarray(a[key], dtype).reshape((-1, width) if width else (-1,)) for a in annos
+            ]
+            empty = np.zeros((0, width) if width else (0,), dtype)
+            return np.concatenate(parts + [empty])
 
-    dt_boxes = [boxes(d) for d in dt_annos]
-    gt_boxes = [boxes(g) for g in gt_annos]
-    pa, pb = [], []
-    for f in range(len(gt_annos)):
-        i, j = np.meshgrid(np.arange(nd[f]), np.arange(ng[f]), indexing="ij")
-        pa.append(dt_boxes[f][i.ravel()])
-        pb.append(gt_boxes[f][j.ravel()])
-    a = np.concatenate(pa + [np.zeros((0, 7))])
-    b = np.concatenate(pb + [np.zeros((0, 7))])
-    if metric == "bev":
+        def boxes(annos):  # camera boxes x, y, z, l, h, w, ry
+            return np.concatenate(
+                [
+                    cat(annos, "location", np.float64, 3),
+                    cat(annos, "dimensions", np.float64, 3),
+                    cat(annos, "rotation_y", np.float64)[:, None],
+                ],
+                1,
+            )
+
+        self.num_frames = len(gt_annos)
+        self.ng = np.array([len(a["name"]) for a in gt_annos], np.int64).reshape(-1)
+        self.nd = np.array([len(a["name"]) for a in dt_annos], np.int64).reshape(-1)
+        self.gt_frame = np.repeat(np.arange(self.num_frames), self.ng)
+        self.dt_frame = np.repeat(np.arange(self.num_frames), self.nd)
+        self.gt_name = cat(gt_annos, "name", str)
+        self.dt_name = cat(dt_annos, "name", str)
+        self.gt_bbox = cat(gt_annos, "bbox", np.float64, 4)
+        self.dt_bbox = cat(dt_annos, "bbox", np.float64, 4)
+        self.gt_truncated = cat(gt_annos, "truncated", np.float64)
+        self.gt_occluded = cat(gt_annos, "occluded", np.float64)
+        self.gt_alpha = cat(gt_annos, "alpha", np.float64)
+        self.dt_alpha = cat(dt_annos, "alpha", np.float64)
+        self.dt_score = cat(dt_annos, "score", np.float64)
+        self.gt_box3d, self.dt_box3d = boxes(gt_annos), boxes(dt_annos)
+        # Every same-frame pair: pair p is (detection pair_d[p], ground truth pair_g[p]).
+        self.pair_d, self.pair_g = self._pairs(self.nd, self.ng)
+        # Per detection: its largest cover (intersection / its area) by a DontCare region.
+        dc = np.nonzero(self.gt_name == "DontCare")[0]
+        pd, pc = self._pairs(self.nd, np.bincount(self.gt_frame[dc], minlength=self.num_frames))
+        cover = _iou_2d_pairs(self.dt_bbox[pd], self.gt_bbox[dc[pc]], criterion=0)
+        self.dc_cover = np.zeros(len(self.dt_name))
+        np.maximum.at(self.dc_cover, pd, cover)
+
+    def _pairs(self, na, nb):
+        """Global indices (ia, ib) of all same-frame pairs of two per-frame sets of sizes na, nb."""
+        count = na * nb
+        frame = np.repeat(np.arange(self.num_frames), count)
+        k = np.arange(count.sum()) - np.repeat(np.cumsum(count) - count, count)
+        nb_f = nb[frame]
+        a_off = (np.cumsum(na) - na)[frame]
+        b_off = (np.cumsum(nb) - nb)[frame]
+        return a_off + k // np.maximum(nb_f, 1), b_off + k % np.maximum(nb_f, 1)
+
+    def overlaps(self, metric):
+        """IoU [P] of every same-frame pair for metric bbox, bev or 3d."""
+        d, g = self.pair_d, self.pair_g
+        if metric == "bbox":
+            return _iou_2d_pairs(self.dt_bbox[d], self.gt_bbox[g])
+        a, b = self.dt_box3d[d], self.gt_box3d[g]
+        if metric == "3d":
+            return _iou_3d_pairs(a, b)
         cols = [0, 2, 3, 5, 6]
         inter = rotated_intersection_pairs(a[:, cols], b[:, cols])
         union = a[:, 3] * a[:, 5] + b[:, 3] * b[:, 5] - inter
         with np.errstate(divide="ignore", invalid="ignore"):
-            flat = np.where(inter > 0, inter / union, 0.0)
-    else:
-        flat = _iou_3d_pairs(a, b)
-    out, start = [], 0
-    for f in range(len(gt_annos)):
-        out.append(flat[start : start + nd[f] * ng[f]].reshape(nd[f], ng[f]))
-        start += nd[f] * ng[f]
-    return out
+            return np.where(inter > 0, inter / union, 0.0)
+
+
+def _iou_2d_pairs(a, b, criterion=-1):
+    """iou_2d of paired boxes a [P, 4], b [P, 4] -> [P]."""
+    iw = np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0])
+    ih = np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1])
+    hit = (iw > 0) & (ih > 0)
+    inter = np.where(hit, iw * ih, 0.0)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    denom = {-1: area_a + area_b - inter, 0: area_a, 1: area_b}[criterion]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(hit, inter / np.where(hit, denom, 1.0), 0.0)
 
 
 # ------------------------------------------------------------------------------- matching
-def _clean(gt, dt, cls, diff, min_height):
-    """KITTI's per-frame filter: (ignored_gt [G], ignored_dt [D], dontcare boxes [C, 4]) with
-    0 = valid, 1 = ignored, -1 = not this class."""
+def _clean(s, cls, diff, min_height):
+    """KITTI's filter over all objects: ignored_gt [NG], ignored_dt [ND] with 0 = valid,
+    1 = ignored, -1 = not this class."""
     cls = cls.lower()
-    gt_names = np.char.lower(np.asarray(gt["name"], dtype=str).reshape(-1))
-    gt_box = np.asarray(gt["bbox"], np.float64).reshape(-1, 4)
+    gt_names = np.char.lower(s.gt_name)
     same = gt_names == cls
     neighbour = gt_names == _NEIGHBOUR.get(cls, "\0")
     outside = (
-        (np.asarray(gt["occluded"]).reshape(-1) > KITTI_MAX_OCCLUSION[diff])
-        | (np.asarray(gt["truncated"], np.float64).reshape(-1) > KITTI_MAX_TRUNCATION[diff])
-        | (gt_box[:, 3] - gt_box[:, 1] <= min_height[diff])
+        (s.gt_occluded > KITTI_MAX_OCCLUSION[diff])
+        | (s.gt_truncated > KITTI_MAX_TRUNCATION[diff])
+        | (s.gt_bbox[:, 3] - s.gt_bbox[:, 1] <= min_height[diff])
     )
     ign_gt = np.where(same & ~outside, 0, np.where(neighbour | same, 1, -1))
-    dontcare = gt_box[np.asarray(gt["name"], dtype=str).reshape(-1) == "DontCare"]
-    dt_names = np.char.lower(np.asarray(dt["name"], dtype=str).reshape(-1))
-    dt_box = np.asarray(dt["bbox"], np.float64).reshape(-1, 4)
-    small = np.abs(dt_box[:, 3] - dt_box[:, 1]) < min_height[diff]
-    ign_dt = np.where(small, 1, np.where(dt_names == cls, 0, -1))
-    return ign_gt, ign_dt, dontcare
+    small = np.abs(s.dt_bbox[:, 3] - s.dt_bbox[:, 1]) < min_height[diff]
+    ign_dt = np.where(small, 1, np.where(np.char.lower(s.dt_name) == cls, 0, -1))
+    return ign_gt, ign_dt
 
 
-def _pad(rows, width, fill, dtype):
-    out = np.full((len(rows), max(width, 1)), fill, dtype)
-    for i, r in enumerate(rows):
-        out[i, : len(r)] = r
-    return out
+def _slots(frame, keep, num_frames):
+    """Per kept object: its rank among the kept objects of its frame; and the count per frame."""
+    kept_frame = frame[keep]
+    count = np.bincount(kept_frame, minlength=num_frames)
+    rank = np.arange(len(kept_frame)) - (np.cumsum(count) - count)[kept_frame]
+    return rank, count
 
 
 class _Frames:
@@ -299,41 +343,45 @@ class _Frames:
     frames sorted by number of ground truths (descending) so step g of the greedy matching
     touches only the frames that have a g-th ground truth."""
 
-    def __init__(self, gt_annos, dt_annos, overlaps, cls, diff, min_height, dontcare_iou):
-        per = []
-        self.num_valid_gt = 0
-        for g, d, ov in zip(gt_annos, dt_annos, overlaps, strict=True):
-            ign_gt, ign_dt, dc = _clean(g, d, cls, diff, min_height)
-            self.num_valid_gt += int((ign_gt == 0).sum())
-            gi, di = np.nonzero(ign_gt != -1)[0], np.nonzero(ign_dt != -1)[0]
-            dt_box = np.asarray(d["bbox"], np.float64).reshape(-1, 4)[di]
-            # DontCare regions: intersection over the detection's area, per detection.
-            dc_cover = iou_2d(dt_box, dc, 0).max(1, initial=0.0) if dontcare_iou else None
-            per.append(
-                (
-                    ign_gt[gi],
-                    ign_dt[di],
-                    ov[np.ix_(di, gi)],
-                    np.asarray(d["score"], np.float64).reshape(-1)[di],
-                    np.asarray(g["alpha"], np.float64).reshape(-1)[gi],
-                    np.asarray(d["alpha"], np.float64).reshape(-1)[di],
-                    dc_cover,
-                )
-            )
-        order = sorted(range(len(per)), key=lambda f: -len(per[f][0]))
-        per = [per[f] for f in order]
-        self.num_gt = np.array([len(p[0]) for p in per], np.int64)
-        gmax = int(self.num_gt.max(initial=0))
-        dmax = max((len(p[1]) for p in per), default=0)
-        self.ign_gt = _pad([p[0] for p in per], gmax, -1, np.int64)
-        self.ign_dt = _pad([p[1] for p in per], dmax, -1, np.int64)
-        self.score = _pad([p[3] for p in per], dmax, -np.inf, np.float64)
-        self.gt_alpha = _pad([p[4] for p in per], gmax, 0.0, np.float64)
-        self.dt_alpha = _pad([p[5] for p in per], dmax, 0.0, np.float64)
-        self.overlap = np.zeros((len(per), max(dmax, 1), max(gmax, 1)))
-        for f, p in enumerate(per):
-            self.overlap[f, : p[2].shape[0], : p[2].shape[1]] = p[2]
-        self.dc_cover = _pad([p[6] for p in per], dmax, 0.0, np.float64) if dontcare_iou else None
+    def __init__(self, s: _Set, overlaps, cls, diff, min_height, dontcare):
+        ign_gt, ign_dt = _clean(s, cls, diff, min_height)
+        self.num_valid_gt = int((ign_gt == 0).sum())
+        keep_g, keep_d = ign_gt != -1, ign_dt != -1
+        rank_g, count_g = _slots(s.gt_frame, keep_g, s.num_frames)
+        rank_d, count_d = _slots(s.dt_frame, keep_d, s.num_frames)
+        order = np.argsort(-count_g, kind="stable")
+        row = np.empty(s.num_frames, np.int64)
+        row[order] = np.arange(s.num_frames)
+        self.num_gt = count_g[order]
+        f, gmax, dmax = (
+            s.num_frames,
+            max(int(count_g.max(initial=0)), 1),
+            max(int(count_d.max(initial=0)), 1),
+        )
+        gr, dr = row[s.gt_frame[keep_g]], row[s.dt_frame[keep_d]]
+
+        def scatter(rows, ranks, values, width, fill, dtype):
+            out = np.full((f, width), fill, dtype)
+            out[rows, ranks] = values
+            return out
+
+        self.ign_gt = scatter(gr, rank_g, ign_gt[keep_g], gmax, -1, np.int64)
+        self.gt_alpha = scatter(gr, rank_g, s.gt_alpha[keep_g], gmax, 0.0, np.float64)
+        self.ign_dt = scatter(dr, rank_d, ign_dt[keep_d], dmax, -1, np.int64)
+        self.score = scatter(dr, rank_d, s.dt_score[keep_d], dmax, -np.inf, np.float64)
+        self.dt_alpha = scatter(dr, rank_d, s.dt_alpha[keep_d], dmax, 0.0, np.float64)
+        self.dc_cover = (
+            scatter(dr, rank_d, s.dc_cover[keep_d], dmax, 0.0, np.float64) if dontcare else None
+        )
+        # Pairs of participating boxes go to overlap[frame row, detection rank, gt rank].
+        slot_g = np.full(len(ign_gt), -1)
+        slot_g[keep_g] = rank_g
+        slot_d = np.full(len(ign_dt), -1)
+        slot_d[keep_d] = rank_d
+        both = keep_d[s.pair_d] & keep_g[s.pair_g]
+        pd, pg = s.pair_d[both], s.pair_g[both]
+        self.overlap = np.zeros((f, dmax, gmax))
+        self.overlap[row[s.dt_frame[pd]], slot_d[pd], slot_g[pg]] = overlaps[both]
 
     def match(self, min_overlap, thresholds, by_score):
         """Greedy matching of every frame at every score threshold [T].
@@ -501,14 +549,13 @@ def kitti_eval(
                 "pass iou_thresholds={cls: t}."
             )
     compute_aos = _has_alpha(dt_annos)
+    data = _Set(gt_annos, dt_annos)
     out: dict[str, float] = {}
     for m, metric in enumerate(METRICS):
-        overlaps = _frame_overlaps(gt_annos, dt_annos, metric)
+        overlaps = data.overlaps(metric)
         for cls in classes:
             for d, diff in enumerate(DIFFICULTIES):
-                frames = _Frames(
-                    gt_annos, dt_annos, overlaps, cls, d, min_height, dontcare_iou=(m == 0)
-                )
+                frames = _Frames(data, overlaps, cls, d, min_height, dontcare=(m == 0))
                 prec, aos = _precision_curves(frames, ious[cls][m], compute_aos and m == 0)
                 out[f"{cls}/{metric}_R40/{diff}"] = ap_r40(prec)
                 out[f"{cls}/{metric}_R11/{diff}"] = ap_r11(prec)
@@ -530,3 +577,79 @@ def format_results(results: Mapping[str, float], classes: Sequence[str] = ("Car"
                     vals = ", ".join(f"{results[key + d]:.4f}" for d in DIFFICULTIES)
                     lines.append(f"  {metric:4s} AP: {vals}")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------- from model / loader data
+# Shared per-frame class ids: 0 Car, 1 Pedestrian, 2 Cyclist, -2 DontCare, -3 other, -1 padding.
+CLASS_IDS = {0: "Car", 1: "Pedestrian", 2: "Cyclist", -2: "DontCare", -3: "Misc"}
+# KITTI's label classes, indexed by the loader's optional gt_kitti_class.
+KITTI_CLASSES = (
+    "Car", "Van", "Truck", "Pedestrian", "Person_sitting", "Cyclist", "Tram", "Misc", "DontCare",
+)  # fmt: skip
+
+
+def annos_from_example(example: Mapping[str, np.ndarray], index: int | None = None) -> dict:
+    """One frame of the shared per-frame format (kd_jax.data.kitti / toy_kitti) -> a ground-truth
+    anno dict for `kitti_eval`. `index` picks a frame of a batched example (leading axis).
+
+    Names come from gt_kitti_class when the example has it (so Van / Person_sitting keep their
+    ignore rules), else from gt_classes (0 Car, 1 Pedestrian, 2 Cyclist, -2 DontCare, -3 Misc);
+    padding rows (-1) are dropped. bbox is in the example's (resized) pixels.
+    """
+    ex = {k: np.asarray(v) if index is None else np.asarray(v)[index] for k, v in example.items()}
+    cls = ex["gt_classes"].reshape(-1)
+    keep = cls != -1
+    if "gt_kitti_class" in ex:
+        names = [KITTI_CLASSES[int(c)] for c in ex["gt_kitti_class"].reshape(-1)[keep]]
+    else:
+        names = [CLASS_IDS.get(int(c), "Misc") for c in cls[keep]]
+    return {
+        "name": np.array(names, dtype="<U16").reshape(-1),
+        "truncated": ex["gt_truncated"].reshape(-1)[keep].astype(np.float64),
+        "occluded": ex["gt_occluded"].reshape(-1)[keep].astype(np.int64),
+        "alpha": ex["gt_alpha"].reshape(-1)[keep].astype(np.float64),
+        "bbox": ex["gt_bbox2d"].reshape(-1, 4)[keep].astype(np.float64),
+        "dimensions": ex["gt_dimensions_lhw"].reshape(-1, 3)[keep].astype(np.float64),
+        "location": ex["gt_location_cam"].reshape(-1, 3)[keep].astype(np.float64),
+        "rotation_y": ex["gt_rotation_y"].reshape(-1)[keep].astype(np.float64),
+    }
+
+
+def annos_from_boxes_lidar(
+    boxes_lidar: np.ndarray,
+    scores: np.ndarray,
+    classes: np.ndarray,
+    calib_P2: np.ndarray,  # noqa: N803 (the shared format's key names)
+    calib_R0: np.ndarray,  # noqa: N803
+    calib_Tr_velo_to_cam: np.ndarray,  # noqa: N803
+    image_size: tuple[int, int],
+    *,
+    class_names: Sequence[str] = ("Car", "Pedestrian", "Cyclist"),
+) -> dict:
+    """Detections in the LiDAR frame -> a detection anno dict for `kitti_eval`.
+
+    boxes_lidar [N, 7] (x, y, z_centre, l, w, h, heading), scores [N], classes [N] int (index
+    into class_names; negative rows are dropped, e.g. padding), the frame's calibration (P2 of
+    the image the 2D boxes should live in) and image_size (H, W). As OpenPCDet's KITTI
+    prediction dicts: camera boxes by boxes_lidar_to_camera, 2D boxes = the projected corners'
+    extent clipped to the image, truncated = occluded = 0; alpha is KITTI's definition
+    rotation_y - atan2(x, z) of the camera location (OpenPCDet computes the same angle from the
+    LiDAR x, y, which differs by the few centimetres between the sensors).
+    """
+    from kd_jax.data import kitti as kd_kitti  # the box conventions live with the loader
+
+    cls = np.asarray(classes).reshape(-1)
+    keep = cls >= 0
+    boxes = np.asarray(boxes_lidar, np.float64).reshape(-1, 7)[keep]
+    loc, dims, ry = kd_kitti.boxes_lidar_to_camera(boxes, calib_Tr_velo_to_cam, calib_R0)
+    return {
+        "name": np.array([class_names[int(c)] for c in cls[keep]], dtype="<U16").reshape(-1),
+        "truncated": np.zeros(len(boxes)),
+        "occluded": np.zeros(len(boxes), np.int64),
+        "alpha": kd_kitti.observation_angle(loc, ry),
+        "bbox": kd_kitti.project_boxes(loc, dims, ry, calib_P2, image_size).reshape(-1, 4),
+        "dimensions": dims,
+        "location": loc,
+        "rotation_y": ry,
+        "score": np.asarray(scores, np.float64).reshape(-1)[keep],
+    }
