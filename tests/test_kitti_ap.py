@@ -150,12 +150,15 @@ def test_perfect_detections_score_100_and_none_score_0():
     assert all(v == 0.0 for v in K.kitti_eval(gt, empty, ("Car",)).values())
 
 
-def test_few_ground_truths_cap_ap_as_kitti_does():
-    # KITTI samples one score threshold per true positive: with a single (perfect) detection of a
-    # single object, precision is known only at recall 0, so AP_R40 = 0 and AP_R11 = 1/11.
-    res = K.kitti_eval([_anno([_car(0)])], [_anno([_car(0)], True)])
-    assert res["Car/3d_R40/moderate"] == 0.0
-    assert res["Car/3d_R11/moderate"] == pytest.approx(100 / 11)
+@pytest.mark.parametrize("n, r40", [(1, 0.0), (2, 2.5), (10, 22.5), (40, 97.5), (41, 100.0)])
+def test_few_ground_truths_cap_ap_as_kitti_does(n, r40):
+    # KITTI samples one score threshold per true positive: n <= 40 perfect detections give
+    # precision 1 at n of the 41 sample points, so AP_R40 = (n - 1) / 40 (recall 0 is skipped).
+    gt = [_anno([_car(0)]) for _ in range(n)]
+    dt = [_anno([_car(0, score=0.5 + 0.001 * f)], True) for f in range(n)]
+    res = K.kitti_eval(gt, dt)
+    assert res["Car/3d_R40/moderate"] == pytest.approx(r40)
+    assert res["Car/3d_R11/moderate"] == pytest.approx(100 * min(-(-n // 4), 11) / 11)
 
 
 def test_false_positives_never_raise_ap():

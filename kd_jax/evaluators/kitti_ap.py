@@ -19,11 +19,16 @@ The algorithm, per class c, difficulty d (easy / moderate / hard), metric m (bbo
    the valid detection of largest IoU (else the first ignored one above the IoU threshold);
    counts tp, fn, and fp = unmatched valid detections. For the 2D metric only, unmatched
    detections covering a DontCare region by more than the IoU threshold (intersection over the
-   detection's area) are not false positives (as in OpenPCDet; the C++ devkit also applies it to
-   BEV/3D). AOS adds (1 + cos(alpha_gt - alpha_det)) / 2 per true positive of the 2D matching.
+   detection's area) are not false positives (as in OpenPCDet; the C++ `evaluate_object_3d_offline`
+   applies the same 2D test in every metric). AOS adds (1 + cos(alpha_gt - alpha_det)) / 2 per
+   true positive of the 2D matching.
 4. precision_k = tp / (tp + fp) at threshold k, made monotone (max over k' >= k).
    AP_R40 = mean of precision_1..precision_40 (recall 0 skipped); AP_R11 = mean of
    precision_0, precision_4, ..., precision_40; both in percent.
+   Because thresholds come one per true positive, a set with fewer than ~41 valid ground truths
+   cannot reach 100: one perfectly detected object gives AP_R40 = 0 and AP_R11 = 100 / 11, and
+   n <= 40 perfect hits give AP_R40 = (n - 1) / 40 (KITTI's own behaviour, kept; evaluate toy
+   sets on at least a few dozen objects per class and difficulty).
 
 IoUs: 2D boxes (x1, y1, x2, y2), no +1 pixel; BEV: exact intersection of two rotated rectangles
 (convex polygon clipping) on the camera (x, z) plane; 3D: BEV intersection area x overlap of the
