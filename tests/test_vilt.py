@@ -20,7 +20,7 @@ from kd_jax import models
 from kd_jax.errors import UserFileNotFoundError
 from kd_jax.models import vilt_loading
 from kd_jax.models.registry import load_pretrained
-from kd_jax.models.vilt import ViltConfig, ViltModel, vilt_config
+from kd_jax.models.vilt import ViltConfig, ViltModel, pixels_from_image, vilt_config
 from tests.tolerances import f32_tol
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -214,6 +214,12 @@ def test_bad_inputs_raise():
         model.init(jax.random.key(0), ids, None, np.zeros((1, 64, 64, 3)))
     with pytest.raises(ValueError, match="NHWC"):
         model.init(jax.random.key(0), ids[:, :4], None, np.zeros((1, 3, 64, 64)))
+
+
+def test_pixels_from_image_is_the_processor_normalisation():
+    # ViltProcessor: rescale 1/255, then (x - 0.5) / 0.5 per channel (mean = std = 0.5).
+    img = np.array([[[[0.0, 0.5, 1.0]]]], np.float32)
+    np.testing.assert_array_equal(pixels_from_image(img), [[[[-1.0, 0.0, 1.0]]]])
 
 
 def test_fixture_config_is_what_the_script_wrote(ref):

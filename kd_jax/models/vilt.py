@@ -390,6 +390,14 @@ class ViltModel(nn.Module):
         return pooled, feats
 
 
+def pixels_from_image(image):
+    """Images in [0, 1] (kd_jax's "image" key, NHWC) -> ViLT's `pixel_values`: ViltProcessor's
+    normalisation, (x - 0.5) / 0.5 per channel. (The processor also resizes the shorter side to
+    384 and pads a batch to its largest image with `pixel_mask`; sources that emit fixed-size
+    crops skip both, and the interpolated position embeddings take any size.)"""
+    return (jnp.asarray(image, jnp.float32) - 0.5) / 0.5
+
+
 def vilt_config(preset: str = "vilt-b32", **kwargs) -> ViltConfig:
     """A ViltConfig from a preset name ("vilt-b32") or a checkpoint ("hf_vilt:/dir"), with
     kwargs overriding its fields."""
