@@ -17,10 +17,10 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from kd_jax import models
-from kd_jax.errors import UserFileNotFoundError
+from kd_jax.errors import ConfigValueError, UserFileNotFoundError
 from kd_jax.models import vilt_loading
 from kd_jax.models.registry import load_pretrained
-from kd_jax.models.vilt import ViltConfig, ViltModel, pixels_from_image, vilt_config
+from kd_jax.models.vilt import ViltConfig, ViltFigure, ViltModel, pixels_from_image, vilt_config
 from tests.tolerances import f32_tol
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -205,6 +205,8 @@ def test_registry_entry_and_preset():
         jnp.ones((1, 384, 384), jnp.int32),
     )
     assert shapes["params"]["embeddings"]["position_embeddings"].shape == (1, 145, 768)
+    with pytest.raises(ConfigValueError, match="max_position"):
+        vilt_config("vilt-b32", max_text_length=12)
 
 
 def test_bad_inputs_raise():
@@ -220,6 +222,28 @@ def test_pixels_from_image_is_the_processor_normalisation():
     # ViltProcessor: rescale 1/255, then (x - 0.5) / 0.5 per channel (mean = std = 0.5).
     img = np.array([[[[0.0, 0.5, 1.0]]]], np.float32)
     np.testing.assert_array_equal(pixels_from_image(img), [[[[-1.0, 0.0, 1.0]]]])
+
+
+def test_vilt_figure_reads_lecture_keys_with_vilt_params(tiny):
+    """ "vilt_figure" = ViltModel on (image in [0, 1], OCR ids, OCR mask), same parameters."""
+    _, variables = tiny
+    ids, mask, pixels, _ = _random_batch()
+    image = np.clip(pixels * 0.2 + 0.5, 0.0, 1.0)
+    cfg = ml_collections.ConfigDict(
+        {"model": "vilt_figure", "kwargs": {"preset": "", **_tiny_kwargs()}}
+    )
+    assert models.input_keys(cfg) == ("image", "ocr_ids", "ocr_mask")
+    figure = models.build(cfg)
+    assert isinstance(figure, ViltFigure) and figure.config == TINY
+    got, _ = jax.jit(figure.apply)(variables, image, ids, mask)
+    want, _ = jax.jit(ViltModel(TINY).apply)(variables, ids, mask, pixels_from_image(image))
+    np.testing.assert_array_equal(got, want)
+
+
+def _tiny_kwargs():
+    fields = dict(TINY.__dict__)
+    fields.pop("dtype")
+    return fields
 
 
 def test_fixture_config_is_what_the_script_wrote(ref):

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kd_jax.errors import ConfigValueError
 from kd_jax.models.bert import MASK_VALUE, _dense
 from kd_jax.models.registry import preset_fields, register
 
@@ -407,6 +408,13 @@ def vilt_config(preset: str = "vilt-b32", **kwargs) -> ViltConfig:
         fields = preset_fields(preset)
     else:
         fields = {}
+    known = {f.name for f in dataclasses.fields(ViltConfig)}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise ConfigValueError(
+            f"ViLT has no field(s) {unknown}; its fields are {sorted(known - {'dtype'})} "
+            "(text length: max_position)."
+        )
     return ViltConfig(**{**fields, **kwargs})
 
 
@@ -418,3 +426,22 @@ def vilt(dtype=jnp.float32, preset: str = "vilt-b32", **kwargs) -> ViltModel:
     """`preset`: "vilt-b32" or "hf_vilt:/dir" (the checkpoint's config.json); kwargs override
     fields (e.g. num_layers=2 for a test)."""
     return ViltModel(vilt_config(preset, **kwargs), dtype=dtype)
+
+
+class ViltFigure(ViltModel):
+    """`ViltModel` called as `(image, input_ids, attention_mask)` with `image` in [0, 1] NHWC
+    (kd_jax's image convention; `pixels_from_image` normalises it, every pixel is real): the
+    figure encoder of lecture retrieval, which reads a figure crop and its OCR text (batch keys
+    "image", "ocr_ids", "ocr_mask", `kd_jax.data.lectures`). Same parameters as `ViltModel`, so
+    `pretrained:hf_vilt:<dir>` loads into it unchanged."""
+
+    def __call__(self, image, input_ids, attention_mask=None, *, train: bool = False, **kwargs):
+        return super().__call__(
+            input_ids, attention_mask, pixels_from_image(image), None, train=train, **kwargs
+        )
+
+
+@register("vilt_figure", inputs=("image", "ocr_ids", "ocr_mask"))
+def vilt_figure(dtype=jnp.float32, preset: str = "vilt-b32", **kwargs) -> ViltFigure:
+    """ViLT over a [0, 1] figure image and its OCR tokens; kwargs as for "vilt"."""
+    return ViltFigure(vilt_config(preset, **kwargs), dtype=dtype)
