@@ -100,7 +100,9 @@ def test_mlm_ce_matches_numpy_reference():
     np.testing.assert_allclose(fn(args, "sum"), (ce * m).sum(), rtol=tol)
     np.testing.assert_allclose(fn(args, "none"), ce * m, rtol=tol, atol=1e-6)
     # Unmasked positions do not count, whatever their label and logits.
-    dirty = dict(args, labels=np.where(mask == 1, labels, 0), student=logits + 50 * (1 - mask)[..., None])
+    dirty = dict(
+        args, labels=np.where(mask == 1, labels, 0), student=logits + 50 * (1 - mask)[..., None]
+    )
     np.testing.assert_allclose(fn(dirty, "mean"), fn(args, "mean"), rtol=tol)
     assert float(fn(dict(args, mask=np.zeros_like(mask)), "mean")) == 0.0  # not NaN
     # float32 out for bfloat16 logits; finite gradients; registered by name.
@@ -131,16 +133,21 @@ def test_bert_mlm_head_is_tied_to_the_word_embeddings():
     model = models.build(C.model("bert_mlm", **kw))
     ids = np.array([[101, 7, 9, 102, 0]], np.int32)
     att = (ids > 0).astype(np.int32)
-    params = model.init(jax.random.key(0), ids, att)["params"]
+    # RBG keys: the threefry code behind default keys is slow to compile on XLA:CPU.
+    params = jax.jit(model.init)(jax.random.key(0, impl="unsafe_rbg"), ids, att)["params"]
     assert set(params) == {"encoder", "mlm_head"}
     assert set(params["mlm_head"]) == {"transform", "LayerNorm", "bias"}  # no decoder kernel
-    params = jax.tree.map(lambda x: x + 0.01 * np.arange(x.size).reshape(x.shape) % 0.3, params)
-    logits, feats = model.apply({"params": params}, ids, att)
+    # Perturb on the host (eager jnp ops compile one program per leaf shape on XLA:CPU).
+    params = jax.tree.map(
+        lambda x: np.asarray(x) + (0.01 * np.arange(x.size).reshape(x.shape)) % 0.3, params
+    )
+    logits, feats = jax.jit(model.apply)({"params": params}, ids, att)
     assert logits.shape == (1, 5, 50) and logits.dtype == jnp.float32
     h = np.asarray(feats["last_hidden"], np.float64)
     encoder = models.build(C.model("bert", **kw))
     np.testing.assert_array_equal(
-        encoder.apply({"params": encoder_params(params)}, ids, att)[0], feats["last_hidden"]
+        jax.jit(encoder.apply)({"params": encoder_params(params)}, ids, att)[0],
+        feats["last_hidden"],
     )
     hd = params["mlm_head"]
     z = h @ np.asarray(hd["transform"]["kernel"]) + np.asarray(hd["transform"]["bias"])

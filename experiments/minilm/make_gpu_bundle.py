@@ -82,7 +82,8 @@ from ._access import DATA_FILENAME, dataset_path, open_dataset
 __all__ = ["DATA_FILENAME", "dataset_path", "open_dataset"]
 '''
 
-DATA_ACCESS = '''"""`dataset_path()`: the bundled JSON, unpacked once from data/<name>.gz into the temp dir."""
+DATA_ACCESS = '''"""`dataset_path()`: the bundled JSON, unpacked once from data/<name>.gz into the
+temp directory."""
 
 import contextlib
 import gzip
@@ -290,7 +291,10 @@ np.savez(a["out"], train_ids=tr.arrays["input_ids"], train_label=tr.arrays["labe
 def check(out: str, train_turns: int, fit: int, eval_: int, length: int) -> int:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, path in (("real", ROOT), ("bundle", os.pathsep.join([os.path.abspath(out), ROOT]))):
+        for name, path in (
+            ("real", ROOT),
+            ("bundle", os.pathsep.join([os.path.abspath(out), ROOT])),
+        ):
             arg = dict(length=length, train_turns=train_turns, fit=fit, eval=eval_)
             arg["out"] = os.path.join(tmp, f"{name}.npz")
             env = {**os.environ, "PYTHONPATH": path, "JAX_PLATFORMS": "cpu"}

@@ -223,21 +223,28 @@ def evaluate_all(args) -> dict:
             "seeds": seeds,
             "step": step,
             "train_seconds": train_s,
-            "loss_first_last": _losses(os.path.join(args.workdir, run), cfg.stage_name),
+            "train_loss": _losses(os.path.join(args.workdir, run), cfg.stage_name),
         }
         logging.info("%s: %s", key, seeds)
     return rows
 
 
 def _losses(run_dir: str, stage: str):
-    """(first logged, last logged) training loss of a stage, per seed, from metrics.jsonl."""
+    """{"first"/"last": {"step", "loss" (mean over seeds), "seeds" (per seed)}}: the first and
+    last logged training loss of a stage, from metrics.jsonl."""
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         return None
     with open(path) as f:
         rows = [json.loads(line) for line in f]
-    losses = [r["loss"] for r in rows if r.get("stage") == stage and "loss" in r]
-    return [losses[0], losses[-1]] if losses else None
+    rows = [r for r in rows if r.get("stage") == stage and "loss" in r]
+    if not rows:
+        return None
+
+    def pick(r):
+        return {"step": r.get("step"), "loss": r["loss"], "seeds": r.get("loss/seeds")}
+
+    return {"first": pick(rows[0]), "last": pick(rows[-1])}
 
 
 def table(rows: dict) -> str:
@@ -277,7 +284,9 @@ def main(argv=None) -> int:
     p.add_argument("--eval_pairs", type=int, default=500)
     p.add_argument("--fit_pairs", type=int, default=1000)
     p.add_argument("--log_every", type=int, default=20)
-    p.add_argument("--out", default=None, help="JSON of the table (default <workdir>/ablation.json)")
+    p.add_argument(
+        "--out", default=None, help="JSON of the table (default <workdir>/ablation.json)"
+    )
     args = p.parse_args(argv)
     unknown = sorted(set(args.runs) - set(RUNS))
     if unknown:

@@ -62,7 +62,9 @@ class MLMHead(nn.Module):
         z = _layer_norm(cfg, "LayerNorm")(z)
         bias = self.param("bias", nn.initializers.zeros, (cfg.vocab_size,), jnp.float32)
         logits = jnp.einsum(
-            "btd,vd->btv", z.astype(dtype), embedding.astype(dtype),
+            "btd,vd->btv",
+            z.astype(dtype),
+            embedding.astype(dtype),
             preferred_element_type=jnp.float32,
         )
         return logits + bias
