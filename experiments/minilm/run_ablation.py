@@ -25,10 +25,12 @@ with BERT's masked-LM objective (configs/minilm/mlm_scratch.py), at equal comput
              of its steps (`flops_per_token`).
 The MLM student is evaluated through its encoder (params["encoder"]), like the distilled ones.
 
-`--phase=train` or `--phase=eval` runs one half; `--phase=all` (default) both in one process. A
-finished run is skipped (runner.run returns the stored result), so the script can be rerun to
-resume. Every run trains `--seeds` replicas in one jitted step (num_seeds) on the same batches.
-`--out` is where the JSON of the table goes (default <workdir>/ablation.json).
+`--phase=all` (default) does everything in one process: the teacher and untrained rows are scored
+first, then each run is trained and scored at once, and the JSON of the table (`--out`, default
+<workdir>/ablation.json) is rewritten after every run, so a run cut short by a time limit still
+leaves its finished arms. `--phase=train` or `--phase=eval` runs one half. A finished run is
+skipped (runner.run returns the stored result), so the script can be rerun to resume. Every run
+trains `--seeds` replicas in one jitted step (num_seeds) on the same batches.
 """
 
 from __future__ import annotations
@@ -113,16 +115,13 @@ def load_config(name: str, args):
     return C.load(path, overrides(args, run_steps(name, args)) + list(extra))
 
 
-def train_all(args) -> dict:
+def train_one(name: str, args) -> dict:
     from kd_jax import runner
 
-    out = {}
-    for name in args.runs:
-        cfg = load_config(name, args)
-        t0 = time.time()
-        res = runner.run(cfg, os.path.join(args.workdir, name))
-        out[name] = {k: v.get("train_seconds") for k, v in res.items()}
-        logging.info("%s trained in %.0f s: %s", name, time.time() - t0, out[name])
+    t0 = time.time()
+    res = runner.run(load_config(name, args), os.path.join(args.workdir, name))
+    out = {k: v.get("train_seconds") for k, v in res.items()}
+    logging.info("%s trained in %.0f s: %s", name, time.time() - t0, out)
     return out
 
 
@@ -146,87 +145,111 @@ def _seed_params(params, num_seeds):
     return [jax.tree.map(lambda x, i=i: x[i], params) for i in range(num_seeds)]
 
 
-def evaluate_all(args) -> dict:
+class Evaluation:
+    """The held-out pairs, the teacher's embeddings and the untrained rows, computed once; `add`
+    scores one trained run's students. `rows` is the table, in the order rows were added."""
+
+    def __init__(self, args):
+        import jax
+
+        from kd_jax import config as C
+        from kd_jax import models
+        from kd_jax.evaluators import embedding as E
+        from kd_jax.models import pretrained
+
+        self.args = args
+        self.data = E.heldout_pairs(
+            args.fit_pairs, args.eval_pairs, skip_turns=args.train_turns, max_length=args.max_length
+        )
+        teacher_name = "all-minilm-l6-v2"
+        teacher = models.build(C.model("bert", preset=teacher_name))
+        t_params = pretrained.load(teacher_name)
+        self.t_emb = self.embed(teacher, t_params)
+        self.rows = {
+            "teacher": {
+                "label": "teacher all-MiniLM-L6-v2, 6×384 (12 heads)",
+                "params": _n_params(t_params),
+                "seeds": [E.evaluate(self.t_emb, self.t_emb, self.data)],
+            }
+        }
+        ids = self.data.fit["input_ids"][:2]
+        for width, heads in ((384, 12), (192, 6)):
+            m = models.build(
+                C.model(
+                    "bert",
+                    preset=teacher_name,
+                    num_layers=3,
+                    hidden_size=width,
+                    num_heads=heads,
+                    intermediate_size=4 * width,
+                )
+            )
+            seeds = []
+            for i in range(args.seeds):
+                p = jax.jit(m.init)(jax.random.PRNGKey(i), ids, ids)["params"]
+                seeds.append(E.evaluate(self.embed(m, p), self.t_emb, self.data))
+            self.rows[f"scratch_{width}"] = {
+                "label": f"scratch (random init, no training), 3×{width} ({heads} heads)",
+                "params": _n_params(p),
+                "seeds": seeds,
+            }
+
+    def embed(self, model, params):
+        from kd_jax.evaluators import embedding as E
+
+        return {s: E.embed(model, params, getattr(self.data, s)) for s in E.SPLITS}
+
+    def add(self, run: str) -> None:
+        from kd_jax import config as C
+        from kd_jax import models, sharding
+        from kd_jax.evaluators import embedding as E
+        from kd_jax.models.bert_mlm import encoder_params
+        from kd_jax.trainers import kd
+
+        args = self.args
+        for stage in [s for r, s in TRAINED if r == run]:
+            config = load_config(run, args)
+            names = C.stage_names(config)
+            cfg = C.stage_config(config, None if names == [None] else stage)
+            stage_dir = os.path.join(args.workdir, run, stage if names != [None] else "")
+            mesh = sharding.make_mesh(config.mesh, None)
+            params, step = kd.restore_student(cfg, mesh, stage_dir)
+            # An MLM student (bert_mlm) is evaluated through its encoder, like the distilled ones.
+            model = models.build(C.model("bert", **dict(cfg.student.kwargs)))
+            params = encoder_params(params)
+            seeds = [
+                E.evaluate(self.embed(model, p), self.t_emb, self.data)
+                for p in _seed_params(params, args.seeds)
+            ]
+            with open(os.path.join(stage_dir, "result.json")) as f:
+                train_s = json.load(f)["train_seconds"]
+            key = f"{run}/{stage}" if stage != "main" else run
+            label = (
+                RUNS[run][3] if stage != "assistant" else "assistant 6×192 (stage 1 of the TA run)"
+            )
+            self.rows[key] = {
+                "label": label,
+                "params": _n_params(_seed_params(params, 1)[0]),
+                "seeds": seeds,
+                "step": step,
+                "train_seconds": train_s,
+                "train_loss": _losses(os.path.join(args.workdir, run), cfg.stage_name),
+            }
+            logging.info("%s: %s", key, seeds)
+
+    def write(self, path: str) -> None:
+        """The JSON of the table so far (rewritten after every run, so a run cut short by a
+        time limit still leaves the finished arms)."""
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump({"args": vars(self.args), "rows": self.rows}, f, indent=1)
+        os.replace(path + ".tmp", path)
+
+
+def _n_params(params) -> int:
     import jax
 
-    from kd_jax import config as C
-    from kd_jax import models, sharding
-    from kd_jax.evaluators import embedding as E
-    from kd_jax.models import pretrained
-    from kd_jax.models.bert_mlm import encoder_params
-    from kd_jax.trainers import kd
-
-    data = E.heldout_pairs(
-        args.fit_pairs, args.eval_pairs, skip_turns=args.train_turns, max_length=args.max_length
-    )
-
-    def run_model(model, params):
-        return {s: E.embed(model, params, getattr(data, s)) for s in E.SPLITS}
-
-    def n_params(params):
-        return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
-
-    teacher_name = "all-minilm-l6-v2"
-    teacher = models.build(C.model("bert", preset=teacher_name))
-    t_params = pretrained.load(teacher_name)
-    t_emb = run_model(teacher, t_params)
-    rows = {
-        "teacher": {
-            "label": "teacher all-MiniLM-L6-v2, 6×384 (12 heads)",
-            "params": n_params(t_params),
-            "seeds": [E.evaluate(t_emb, t_emb, data)],
-        }
-    }
-    ids = data.fit["input_ids"][:2]
-    for width, heads in ((384, 12), (192, 6)):
-        m = models.build(
-            C.model(
-                "bert",
-                preset=teacher_name,
-                num_layers=3,
-                hidden_size=width,
-                num_heads=heads,
-                intermediate_size=4 * width,
-            )
-        )
-        seeds = []
-        for i in range(args.seeds):
-            p = jax.jit(m.init)(jax.random.PRNGKey(i), ids, ids)["params"]
-            seeds.append(E.evaluate(run_model(m, p), t_emb, data))
-        rows[f"scratch_{width}"] = {
-            "label": f"scratch (random init, no training), 3×{width} ({heads} heads)",
-            "params": n_params(p),
-            "seeds": seeds,
-        }
-    for run, stage in TRAINED:
-        if run not in args.runs:
-            continue
-        label = RUNS[run][3]
-        config = load_config(run, args)
-        names = C.stage_names(config)
-        cfg = C.stage_config(config, None if names == [None] else stage)
-        stage_dir = os.path.join(args.workdir, run, stage if names != [None] else "")
-        mesh = sharding.make_mesh(config.mesh, None)
-        params, step = kd.restore_student(cfg, mesh, stage_dir)
-        # An MLM student (bert_mlm) is evaluated through its encoder, like the distilled ones.
-        model = models.build(C.model("bert", **dict(cfg.student.kwargs)))
-        params = encoder_params(params)
-        seeds = [
-            E.evaluate(run_model(model, p), t_emb, data) for p in _seed_params(params, args.seeds)
-        ]
-        with open(os.path.join(stage_dir, "result.json")) as f:
-            train_s = json.load(f)["train_seconds"]
-        key = f"{run}/{stage}" if stage != "main" else run
-        rows[key] = {
-            "label": label if stage != "assistant" else "assistant 6×192 (stage 1 of the TA run)",
-            "params": n_params(_seed_params(params, 1)[0]),
-            "seeds": seeds,
-            "step": step,
-            "train_seconds": train_s,
-            "train_loss": _losses(os.path.join(args.workdir, run), cfg.stage_name),
-        }
-        logging.info("%s: %s", key, seeds)
-    return rows
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 
 
 def _losses(run_dir: str, stage: str):
@@ -294,16 +317,22 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
     os.makedirs(args.workdir, exist_ok=True)
+    out = args.out or os.path.join(args.workdir, "ablation.json")
     t0 = time.time()
-    if args.phase in ("train", "all"):
-        train_all(args)
-    if args.phase in ("eval", "all"):
-        rows = evaluate_all(args)
-        out = args.out or os.path.join(args.workdir, "ablation.json")
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with open(out, "w") as f:
-            json.dump({"args": vars(args), "rows": rows}, f, indent=1)
-        print(table(rows))
+    if args.phase == "train":
+        for name in args.runs:
+            train_one(name, args)
+    else:
+        # "all": each run is trained, then scored at once, and the JSON rewritten.
+        ev = Evaluation(args)
+        ev.write(out)
+        for name in args.runs:
+            if args.phase == "all":
+                train_one(name, args)
+            ev.add(name)
+            ev.write(out)
+            logging.info("after %s (%.0f s):\n%s", name, time.time() - t0, table(ev.rows))
+        print(table(ev.rows))
     logging.info("total wall %.0f s", time.time() - t0)
     return 0
 
