@@ -49,6 +49,15 @@ ON_POLICY_DEFAULTS = {
     "stop_tokens": (),
     "pad_id": 0,
 }
+# config.mlm (stage kind "mlm", kd_jax.trainers.mlm): BERT masking (arXiv:1810.04805, Sec. 3.1);
+# token ids of the bert-base-uncased vocabulary ([PAD] 0, [CLS] 101, [SEP] 102, [MASK] 103).
+MLM_DEFAULTS = {
+    "probability": 0.15,
+    "mask_fraction": 0.8,
+    "random_fraction": 0.1,
+    "mask_token_id": 103,
+    "special_ids": (0, 101, 102, 103),
+}
 TERM_KEYS = ("fn", "weight", "student", "teacher", "adapter", "schedule", "kwargs")
 
 
@@ -148,6 +157,8 @@ def base_config() -> ConfigDict:
     # student's own continuations (max_new_tokens, sampled at temperature/top_p) of
     # batch["prompt_mask"]'s prompts, scored by the teacher.
     c.on_policy = ConfigDict(dict(ON_POLICY_DEFAULTS))
+    # Kind "mlm" (kd_jax.trainers.mlm): BERT's masking of the batch for masked-LM training.
+    c.mlm = ConfigDict(dict(MLM_DEFAULTS))
     # Kinds "generate" and "topk_cache": settings (kd_jax.trainers._shards.GENERATE_DEFAULTS).
     c.generate = ConfigDict(type_safe=False)
     # Kind "score" (kd_jax.trainers.score): settings (kd_jax.trainers.score.SCORE_DEFAULTS).

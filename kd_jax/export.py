@@ -9,7 +9,7 @@ optimizer is built); one seed replica is taken and everything that is not the st
 adapters under params["aux"], the optimizer state) is left out.
 
 Formats:
-  hf    `bert` students (and the encoder of `bert_classifier` / `bert_qa`): config.json
+  hf    `bert` students (and the encoder of `bert_classifier` / `bert_qa` / `bert_mlm`): config.json
         (BertModel) + model.safetensors with Hugging Face names (the inverse of
         `bert_loading.convert_hf_state`), the teacher's tokenizer files when the student shares
         its vocabulary, and the sentence-transformers files (modules.json, mean pooling,
@@ -57,7 +57,7 @@ log = logging.getLogger("kd_jax")
 
 FORMATS = ("hf", "gguf", "npz")
 DTYPES = {"float32": np.float32, "float16": np.float16}
-BERT_MODELS = ("bert", "bert_classifier", "bert_qa")
+BERT_MODELS = ("bert", "bert_classifier", "bert_qa", "bert_mlm")  # for messages
 LLAMA_MODELS = ("llama", "llama_packed")
 ARCHITECTURE_FILE = "architecture.json"
 VARIABLES_FILE = "variables.npz"
@@ -212,7 +212,8 @@ def export_student(
     if format == "npz":
         return write_npz(out, student)
     module = student.module()
-    if format == "hf" and student.model in BERT_MODELS:
+    # Any BERT-encoder model (its module has a BertConfig): "bert", or a head over "encoder".
+    if format == "hf" and isinstance(getattr(module, "config", None), BertConfig):
         params = student.variables["params"]
         if student.model != "bert":
             log.warning(

@@ -99,6 +99,7 @@ OWN_CONTRACT = {
     "topk_kl": "tests/test_chunked_kd.py",
     "topk_jsd": "tests/test_orca_data.py",
     "dual_path_consistency": "tests/test_seg_train.py",
+    "mlm_ce": "tests/test_mlm.py",  # needs a [B, T] mask of the masked positions
 }
 # The classic zoo (relational losses take a per-example mask only; AB and Tf-KD are not zero at
 # identity; FSP/CRD take tuples): its own contract and NumPy references in tests/test_zoo.py.

@@ -5,6 +5,7 @@ same way (README, "Add a method")."""
 from kd_jax.models import (  # noqa: F401  (imported to register their entries)
     bert,
     bert_loading,
+    bert_mlm,
     capture,
     cifar,
     cnn,

@@ -6,8 +6,9 @@ the mesh, the run's root workdir, this stage's directory and every stage's resol
 returned to the runner (`kd_jax.runner`), which runs the stages of a config in order.
 
 Built-in kinds: "kd" (the standard distillation loop, `kd_jax.trainers.kd`), "gkd" (GKD's
-on-policy distillation), "generate" (teacher responses with provenance), "topk_cache" (the
-teacher's top-k logits per token) and "score" (zero-shot LLM ratings of classroom discourse,
+on-policy distillation), "mlm" (masked-language-model pre-training, `kd_jax.trainers.mlm`),
+"generate" (teacher responses with provenance), "topk_cache" (the teacher's top-k logits per
+token) and "score" (zero-shot LLM ratings of classroom discourse,
 `kd_jax.trainers.score`). A kind declares the free-form config keys it reads
 (`settings=("on_policy",)`); the runner rejects a stage that sets another kind's keys, so a
 setting is never silently ignored. Register a new kind from anywhere:
@@ -72,4 +73,4 @@ def read_result(directory: str) -> dict | None:
 
 
 # Built-in kinds register themselves on import.
-from kd_jax.trainers import generate, gkd, kd, score, topk_cache  # noqa: E402, F401
+from kd_jax.trainers import generate, gkd, kd, mlm, score, topk_cache  # noqa: E402, F401
