@@ -1,6 +1,6 @@
 #!/bin/bash
 # The one prepared device check (benchmarks/README.md, "GPU check"): every GPU comparison in one
-# call of at most ~9.5 minutes, most important first, each part under its own `timeout` so a hang
+# call of at most ~9.5 minutes (BUDGET seconds, default 570), most important first, each part under its own `timeout` so a hang
 # loses only that part. Run from the repo root on the GPU machine, with the wheels of the packages
 # missing there in .whl/ and (for part 3) the MiniLM bundle in .gpu_bundle/
 # (experiments/minilm/make_gpu_bundle.py). Writes logs and JSON to $OUT (default /tmp/gpu_check).
@@ -17,24 +17,20 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,
 python3 -c "import jax, flax, optax, torch, transformers as t; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, 'transformers', t.__version__)" 2>&1 | tee -a "$OUT/gpu.txt"
 
 # 1. The table at B=256, T=128: kd_jax variants (+ profile of the baseline and the best), then
-#    PyTorch eager / torch.compile in bf16 autocast and float32 (TF32).
-timeout ${T1:-300} python3 benchmarks/minilm_gpu.py --torch_python python3 \
+#    PyTorch torch.compile / eager in bf16 autocast and eager float32 (TF32).
+timeout ${T1:-250} python3 benchmarks/minilm_gpu.py --torch_python python3 --iters 15 \
   --variants bf16,bf16_fused_teacher,bf16_best,f32 --profile bf16,bf16_best \
+  --torch_modes ${TORCH_MODES:-compile_bf16,eager_bf16,eager_f32} \
   --json "$OUT/minilm_t128.json" 2>&1 | tee "$OUT/minilm_t128.txt"
 echo "== part 1 done, $(left) s left"
 
-# 2. The longer MiniLM ablation (needs .gpu_bundle).
-if [ -d .gpu_bundle ] && [ "$(left)" -gt 90 ]; then
-  timeout $(( $(left) - 60 )) env PYTHONPATH=.gpu_bundle:$PYTHONPATH \
-    python3 experiments/minilm/run_ablation.py ${ABLATION_ARGS:-} --out "$OUT/ablation.json" \
-    2>&1 | tee "$OUT/ablation.txt" | grep -v "^I[0-9]" | tail -60
-fi
-echo "== part 2 done, $(left) s left"
-
-# 3. T=512 (same tokens: B=64), kd_jax's best variant only, if time is left.
-if [ "$(left)" -gt 50 ]; then
-  timeout $(( $(left) - 5 )) python3 benchmarks/minilm_gpu.py --batch 64 --length 512 \
-    --variants bf16_best,bf16 --profile "" --torch_modes compile_bf16 --torch_python python3 \
-    --iters 10 --json "$OUT/minilm_t512.json" 2>&1 | tee "$OUT/minilm_t512.txt"
+# 2. The longer MiniLM ablation (needs .gpu_bundle), arms in priority order; each finished arm
+#    is in the JSON even if the timeout stops a later one.
+if [ -d .gpu_bundle ] && [ "$(left)" -gt 60 ]; then
+  timeout $(( $(left) - 10 )) env PYTHONPATH=.gpu_bundle:$PYTHONPATH python3 -u \
+    experiments/minilm/run_ablation.py --steps 1000 --seeds 3 \
+    --runs ${ABLATION_RUNS:-at_vr mlm mlm_flops at v2 at_vr_192 ta} \
+    --workdir /tmp/minilm_long --out "$OUT/ablation_long.json" > "$OUT/ablation_long.log" 2>&1
+  grep -v "^I[0-9]" "$OUT/ablation_long.log" | tail -40
 fi
 echo "== all done in $(( $(date +%s) - T_START )) s"

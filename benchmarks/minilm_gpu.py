@@ -271,7 +271,10 @@ def jax_variant(args, variant: str, s: dict, marks: dict | None = None) -> dict:
     except Exception:
         pass
     if args.profile and variant in args.profile:
-        out["profile"] = profile_step(compiled, state, t_params, batch, args.profile_top)
+        try:
+            out["profile"] = profile_step(compiled, state, t_params, batch, args.profile_top)
+        except Exception as e:  # the timing above stands without it
+            out["profile_error"] = f"{type(e).__name__}: {str(e)[:200]}"
     if args.hlo_dir:
         path = os.path.join(args.hlo_dir, f"hlo_{variant}_T{args.length}.txt")
         with open(path, "w") as f:
@@ -300,15 +303,38 @@ def profile_step(compiled, state, t_params, batch, top: int) -> list:
             if not plane.name.startswith("/device:"):
                 continue
             lines = list(plane.lines)
-            ops = [ln for ln in lines if ln.name == "XLA Ops"] or [
-                ln for ln in lines if ln.name.startswith("Stream")
+            # Kernels as the GPU ran them (stream lines); else XLA's op lines (CPU, TPU).
+            ops = [ln for ln in lines if ln.name.startswith("Stream")] or [
+                ln for ln in lines if ln.name == "XLA Ops"
             ]
             for line in ops:
                 for e in line.events:
                     totals[e.name] = totals.get(e.name, 0.0) + e.duration_ns / 3e6
     whole = sum(totals.values()) or 1.0
+    kinds: dict[str, float] = {}
+    for name, ms in totals.items():
+        kinds[op_kind(name)] = kinds.get(op_kind(name), 0.0) + ms
     ranked = sorted(totals.items(), key=lambda kv: -kv[1])[:top]
-    return [(name, ms, ms / whole) for name, ms in ranked] + [("(all device ops)", whole, 1.0)]
+    by_kind = sorted(kinds.items(), key=lambda kv: -kv[1])
+    return (
+        [(f"[{k}]", ms, ms / whole) for k, ms in by_kind]
+        + [(name, ms, ms / whole) for name, ms in ranked]
+        + [("(all device ops)", whole, 1.0)]
+    )
+
+
+def op_kind(name: str) -> str:
+    """A kernel's kind from its name: matmul, fused attention, copy/transpose, or other fusion."""
+    n = name.lower()
+    if any(k in n for k in ("fmha", "flash", "cudnn", "attention")):
+        return "fused attention"
+    if any(k in n for k in ("gemm", "xmma", "cutlass", "cublas", "matmul", "dot", "wgmma")):
+        return "matmul"
+    if any(k in n for k in ("copy", "transpose", "memcpy", "memset")):
+        return "copy/transpose"
+    if "reduce" in n or "softmax" in n:
+        return "reduction fusion"
+    return "other fusion/elementwise"
 
 
 # -------------------------------------------------------------------- PyTorch (worker)
@@ -397,7 +423,7 @@ def torch_worker(batch_path: str, mode: str, precision: str, iters: int, warmup:
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss
+        return loss.detach()
 
     t0 = time.perf_counter()
     first = float(step())
@@ -477,7 +503,11 @@ def main(argv=None) -> None:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--variants", default="bf16,f32,bf16_fused_teacher,bf16_mu_bf16,bf16_best")
-    p.add_argument("--torch_modes", default="eager_bf16,eager_f32,compile_bf16,compile_f32")
+    p.add_argument(
+        "--torch_modes",
+        default=None,
+        help="default compile_bf16,eager_bf16,eager_f32,compile_f32 (--smoke: eager_f32)",
+    )
     p.add_argument("--torch_python", default="/tmp/torchenv/bin/python")
     p.add_argument("--torch_timeout", type=int, default=300)
     p.add_argument("--profile", default="bf16", help="variants to profile (comma list)")
@@ -505,10 +535,12 @@ def main(argv=None) -> None:
     if args.smoke:
         s = dict(vocab=1000, width=32, heads=4, ff=64, teacher_layers=2, student_layers=1)
         args.batch, args.length, args.iters, args.warmup = 4, 16, 2, 0
-        args.variants, args.torch_modes = "bf16,bf16_fused_teacher_xla", "eager_f32"
+        args.variants = "bf16,bf16_fused_teacher_xla"
+        args.torch_modes = args.torch_modes or "eager_f32"
     args.variants = [v for v in args.variants.split(",") if v]
     args.profile = [v for v in args.profile.split(",") if v]
-    args.torch_modes = [m for m in args.torch_modes.split(",") if m]
+    modes = args.torch_modes or "compile_bf16,eager_bf16,eager_f32,compile_f32"
+    args.torch_modes = [m for m in modes.split(",") if m]
     for v in args.variants:
         if v not in VARIANTS:
             sys.exit(f"unknown variant {v!r}; choose from {sorted(VARIANTS)}")

@@ -447,6 +447,8 @@ class StartUp:
     def step(self, t_params, t_axis, cache) -> _Step:
         stage = self.stage
         jitted = self.make_step(stage, t_axis, cache is not None)
+        if not hasattr(jitted, "lower"):  # a plain function: compiled by its first call
+            return _Step(jitted, None)
         local = stage.data.example_batch()
         if cache is not None:
             local["teacher"] = {k: v[local["index"]] for k, v in cache.items()}
@@ -467,12 +469,17 @@ def _in_caller_config(fn: Callable) -> Callable:
     """`fn` run under the calling thread's JAX settings: context-manager settings (e.g.
     `with jax.default_prng_impl("rbg")`, `jax.default_matmul_precision`) are thread-local, so a
     worker thread would otherwise see the global defaults (other key shapes, other precision)."""
+    names = (
+        "default_prng_impl",
+        "default_matmul_precision",
+        "numpy_rank_promotion",
+        "numpy_dtype_promotion",
+        "enable_x64",
+    )
     settings = {
-        jax.default_prng_impl: jax.config.jax_default_prng_impl,
-        jax.default_matmul_precision: jax.config.jax_default_matmul_precision,
-        jax.numpy_rank_promotion: jax.config.jax_numpy_rank_promotion,
-        jax.numpy_dtype_promotion: jax.config.jax_numpy_dtype_promotion,
-        jax.enable_x64: jax.config.jax_enable_x64,
+        getattr(jax, n): getattr(jax.config, f"jax_{n}")
+        for n in names
+        if hasattr(jax, n) and hasattr(jax.config, f"jax_{n}")
     }
 
     def run(*args, **kwargs):
@@ -501,7 +508,8 @@ class _Step:
         return self.jitted(*args)
 
     def compiles(self) -> int:
-        return self.jitted._cache_size() + (self.compiled is not None)
+        jitted = getattr(self.jitted, "_cache_size", lambda: 0)()
+        return jitted + (self.compiled is not None)
 
 
 def train_stage(cfg, ctx: RunContext, make_step: Callable = make_train_step) -> dict:
