@@ -115,14 +115,23 @@ def load_config(name: str, args):
     return C.load(path, overrides(args, run_steps(name, args)) + list(extra))
 
 
-def train_one(name: str, args) -> dict:
+def train_one(name: str, args) -> bool:
+    """Trains run `name`; False when a stage stopped before its last step (the loop stops a
+    stage cleanly on SIGTERM, e.g. from `timeout`, and the runner would go on to the next)."""
+    from kd_jax import config as C
     from kd_jax import runner
 
     t0 = time.time()
-    res = runner.run(load_config(name, args), os.path.join(args.workdir, name))
-    out = {k: v.get("train_seconds") for k, v in res.items()}
-    logging.info("%s trained in %.0f s: %s", name, time.time() - t0, out)
-    return out
+    config = load_config(name, args)
+    res = runner.run(config, os.path.join(args.workdir, name))
+    logging.info(
+        "%s trained in %.0f s: %s",
+        name,
+        time.time() - t0,
+        {k: v.get("train_seconds") for k, v in res.items()},
+    )
+    want = [C.stage_config(config, n) for n in C.stage_names(config)]
+    return all(res.get(c.stage_name, {}).get("step") == c.steps for c in want)
 
 
 # (row label, run, stage) of the trained models evaluated, in table order.
@@ -321,14 +330,17 @@ def main(argv=None) -> int:
     t0 = time.time()
     if args.phase == "train":
         for name in args.runs:
-            train_one(name, args)
+            if not train_one(name, args):
+                logging.warning("%s stopped before its last step; stopping here", name)
+                break
     else:
         # "all": each run is trained, then scored at once, and the JSON rewritten.
         ev = Evaluation(args)
         ev.write(out)
         for name in args.runs:
-            if args.phase == "all":
-                train_one(name, args)
+            if args.phase == "all" and not train_one(name, args):
+                logging.warning("%s stopped before its last step: not scored; stopping", name)
+                break
             ev.add(name)
             ev.write(out)
             logging.info("after %s (%.0f s):\n%s", name, time.time() - t0, table(ev.rows))
