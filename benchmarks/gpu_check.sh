@@ -18,7 +18,7 @@ python3 -c "import jax, flax, optax, torch, transformers as t; print('jax', jax.
 
 # 1. The table at B=256, T=128: kd_jax variants (+ profile of the baseline and the best), then
 #    PyTorch torch.compile / eager in bf16 autocast and eager float32 (TF32).
-timeout ${T1:-250} python3 benchmarks/minilm_gpu.py --torch_python python3 --iters 15 \
+timeout -k 10 ${T1:-250} python3 benchmarks/minilm_gpu.py --torch_python python3 --iters 15 \
   --variants bf16,bf16_fused_teacher,bf16_best,f32 --profile bf16,bf16_best \
   --torch_modes ${TORCH_MODES:-compile_bf16,eager_bf16,eager_f32} \
   --json "$OUT/minilm_t128.json" 2>&1 | tee "$OUT/minilm_t128.txt"
@@ -27,7 +27,7 @@ echo "== part 1 done, $(left) s left"
 # 2. The longer MiniLM ablation (needs .gpu_bundle), arms in priority order; each finished arm
 #    is in the JSON even if the timeout stops a later one.
 if [ -d .gpu_bundle ] && [ "$(left)" -gt 60 ]; then
-  timeout $(( $(left) - 10 )) env PYTHONPATH=.gpu_bundle:$PYTHONPATH python3 -u \
+  timeout -k 15 $(( $(left) - 25 )) env PYTHONPATH=.gpu_bundle:$PYTHONPATH python3 -u \
     experiments/minilm/run_ablation.py --steps 1000 --seeds 3 \
     --runs ${ABLATION_RUNS:-at_vr mlm mlm_flops at v2 at_vr_192 ta} \
     --workdir /tmp/minilm_long --out "$OUT/ablation_long.json" > "$OUT/ablation_long.log" 2>&1
