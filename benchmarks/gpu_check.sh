@@ -2,7 +2,8 @@
 # The one prepared device check (benchmarks/README.md, "GPU check"): every GPU comparison in one
 # call of at most ~9.5 minutes (BUDGET seconds, default 570), most important first, each part under its own `timeout` so a hang
 # loses only that part. Run from the repo root on the GPU machine, with the wheels of the packages
-# missing there in .whl/ and (for part 3) the MiniLM bundle in .gpu_bundle/
+# missing there in .whl/ (ml_collections grain array-record portpicker tensorboardX mlxtend gguf:
+# the command in ../shared/reference/gpu.md; kd_jax imports gguf) and (for part 3) the MiniLM bundle in .gpu_bundle/
 # (experiments/minilm/make_gpu_bundle.py). Writes logs and JSON to $OUT (default /tmp/gpu_check).
 set -u
 T_START=$(date +%s)

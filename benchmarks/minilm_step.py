@@ -37,6 +37,47 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # -------------------------------------------------------------------- PyTorch (worker)
+def hook_last_qkv(model) -> dict:
+    """Forward hooks that keep the last layer's Q/K/V projections of a transformers BertModel
+    in the returned dict (filled on every forward)."""
+    out = {}
+    attn = model.encoder.layer[-1].attention.self
+    for name in ("query", "key", "value"):
+        getattr(attn, name).register_forward_hook(
+            lambda m, i, o, name=name: out.__setitem__(name, o)
+        )
+    return out
+
+
+def torch_minilm_losses(mask, heads: int):
+    """(relation_logits, kl_loss) in torch, as kd_jax's minilm losses compute them: masked keys
+    get -1e30 before the log-softmax (float32), KL per valid query row, summed, divided by heads x
+    valid length, batch mean. Shared by minilm_step.py and minilm_gpu.py."""
+    import torch
+
+    valid = mask.bool()
+    key_valid = valid[:, None, None, :]
+    n_valid = valid.sum(1).float()
+
+    def split(x):
+        b, t, d = x.shape
+        return x.view(b, t, heads, d // heads).transpose(1, 2)
+
+    def relation_logits(a, b):
+        a, b = split(a), split(b)
+        return (a @ b.transpose(-1, -2)) / a.shape[-1] ** 0.5
+
+    def kl_loss(s_logits, t_logits):
+        s = torch.where(key_valid, s_logits.float(), -1e30)
+        t = torch.where(key_valid, t_logits.float(), -1e30)
+        log_ps, log_pt = s.log_softmax(-1), t.log_softmax(-1)
+        kl = torch.where(key_valid, log_pt.exp() * (log_pt - log_ps), 0.0)
+        kl = (kl.sum(-1) * valid[:, None, :]).sum((1, 2))
+        return (kl / (heads * n_valid)).mean()
+
+    return relation_logits, kl_loss
+
+
 def torch_worker(batch_path: str, teacher_dir: str, iters: int, lr: float, layers: int) -> dict:
     import torch
     from transformers import BertConfig, BertModel
@@ -55,36 +96,8 @@ def torch_worker(batch_path: str, teacher_dir: str, iters: int, lr: float, layer
     student = BertModel(cfg, add_pooling_layer=False).train()
     opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.01)
 
-    def hook_qkv(model):
-        out = {}
-        attn = model.encoder.layer[-1].attention.self
-        for name in ("query", "key", "value"):
-            getattr(attn, name).register_forward_hook(
-                lambda m, i, o, name=name: out.__setitem__(name, o)
-            )
-        return out
-
-    t_out, s_out = hook_qkv(teacher), hook_qkv(student)
-    heads = cfg.num_attention_heads
-    valid = mask.bool()
-    key_valid = valid[:, None, None, :]
-    n_valid = valid.sum(1).float()
-
-    def split(x):
-        b, t, d = x.shape
-        return x.view(b, t, heads, d // heads).transpose(1, 2)
-
-    def relation_logits(a, b):
-        a, b = split(a), split(b)
-        return (a @ b.transpose(-1, -2)) / a.shape[-1] ** 0.5
-
-    def kl_loss(s_logits, t_logits):
-        s = torch.where(key_valid, s_logits, torch.tensor(-1e30))
-        t = torch.where(key_valid, t_logits, torch.tensor(-1e30))
-        log_ps, log_pt = s.log_softmax(-1), t.log_softmax(-1)
-        kl = torch.where(key_valid, log_pt.exp() * (log_pt - log_ps), torch.zeros(()))
-        kl = (kl.sum(-1) * valid[:, None, :]).sum((1, 2))
-        return (kl / (heads * n_valid)).mean()
+    t_out, s_out = hook_last_qkv(teacher), hook_last_qkv(student)
+    relation_logits, kl_loss = torch_minilm_losses(mask, cfg.num_attention_heads)
 
     def step():
         with torch.no_grad():
