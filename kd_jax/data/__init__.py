@@ -18,6 +18,7 @@ from kd_jax.data import (  # noqa: F401  (imported to register their datasets)
     ncte,
     orca,
     segmentation,
+    toy_kitti,
     sources,
     squad,
     text,

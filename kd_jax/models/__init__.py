@@ -11,6 +11,7 @@ from kd_jax.models import (  # noqa: F401  (imported to register their entries)
     deeplab,
     gguf_loading,
     lad,
+    monotakd,
     llama,
     segformer,
     segformer_loading,
