@@ -49,9 +49,9 @@ def test_lidar_points_agree_with_the_depth_map(frames):
         u, v = uvw[:, 0] / uvw[:, 2], uvw[:, 1] / uvw[:, 2]
         ok = (u >= 0) & (u < SIZE[1]) & (v >= 0) & (v < SIZE[0]) & (cam[:, 2] < 30)
         d = frames["depth"][f][v[ok].astype(int), u[ok].astype(int)]
-        # Within a pixel's footprint the surface depth changes little on the ground plane.
+        # A coarse pixel spans object edges; away from them the depths agree.
         close = np.abs(d - cam[ok, 2]) < 0.05 * cam[ok, 2] + 0.1
-        assert close.mean() > 0.9
+        assert close.mean() > 0.8
         hits += ok.sum()
     assert hits > 100
 
@@ -168,9 +168,9 @@ def test_cmrd_residual_keeps_values_above_sixty_percent_of_the_max():
     # The TA enters under stop_gradient; only the residual branch learns.
     g = jax.grad(lambda a: losses.monotakd_cmrd(student=(s, a), teacher=lidar))(ta)
     assert float(jnp.abs(g).sum()) == 0.0
-    # Released: F_T is not normalised.
+    # Released: F_T is not normalised, so its raw scale sets the max (2.8 -> keep >= 1.68).
     rel = residual_target(ta, 3.0 * lidar, as_released=True)
-    np.testing.assert_allclose(np.ravel(rel), [0, 1, 0, 0.9, 2.8], atol=1e-5)
+    np.testing.assert_allclose(np.ravel(rel), [0, 0, 0, 0, 2.8], atol=1e-5)
 
 
 def test_minmax_per_frame_is_differentiable_and_batch_independent():
@@ -240,3 +240,28 @@ def test_scnet_as_released_applies_one_block_fewer(camera):
     g = jax.grad(lambda p: rel.apply({**v, "params": p}, *args)[0].sum())(v["params"])
     assert float(jnp.abs(g["refine_0"]["ConvBN_0"]["Conv_0"]["kernel"]).sum()) == 0.0
     assert float(jnp.abs(g["refine_1"]["ConvBN_0"]["Conv_0"]["kernel"]).sum()) > 0.0
+
+
+def test_ground_truth_boxes_as_detections_score_full_ap():
+    """The evaluator's box conventions: GT LiDAR boxes decoded into KITTI annotations and scored
+    against the toy labels give AP 100 at IoU 0.7 (moderate) in 2D, BEV and 3D."""
+    from kd_jax.evaluators.kitti_ap import annos_from_example, kitti_eval
+    from kd_jax.evaluators.monotakd import detections_to_anno
+
+    f = tk.generate(40, 11, size=SIZE)
+    gts, dts = [], []
+    for i in range(40):
+        gts.append(annos_from_example(f, i))
+        cars = f["gt_classes"][i] == 0
+        dts.append(detections_to_anno(
+            f["gt_boxes_lidar"][i][cars], np.ones(cars.sum()), p2=f["calib_P2"][i],
+            r0=f["calib_R0"][i], tr=f["calib_Tr_velo_to_cam"][i], image_size=SIZE))
+    h = SIZE[0] / 375
+    res = kitti_eval(gts, dts, min_height=(40 * h, 25 * h, 25 * h))
+    for kind in ("bbox", "bev", "3d"):
+        assert res[f"Car/{kind}_R40/moderate"] > 99.0, (kind, res[f"Car/{kind}_R40/moderate"])
+    # Shifting every box by 1.5 m along x breaks the 0.7 IoU in BEV and 3D.
+    for d in dts:
+        d["location"] = d["location"] + np.array([0.0, 0.0, 1.5])
+    res = kitti_eval(gts, dts, min_height=(40 * h, 25 * h, 25 * h))
+    assert res["Car/bev_R40/moderate"] < 1.0 and res["Car/3d_R40/moderate"] < 1.0

@@ -126,16 +126,17 @@ def _ray_boxes(origin, dirs, boxes):
     return np.where(hit, t_near, np.inf), axis
 
 
-def _sample_scene(rng, max_cars=6, max_distractors=4):
-    """-> (cars [Nc, 7], distractors [Nd, 7]) LiDAR boxes, non-overlapping in BEV."""
+def _sample_scene(rng, max_cars=6, max_distractors=4, x_range=(6.0, 38.0), y_max=17.0):
+    """-> (cars [Nc, 7], distractors [Nd, 7]) LiDAR boxes, non-overlapping in BEV, centres in
+    x_range and |y| <= min(y_max, x tan 36 deg) (inside the camera's field of view)."""
     placed, cars, others = [], [], []
     want_cars = int(rng.integers(0, max_cars + 1))
     want_other = int(rng.integers(0, max_distractors + 1))
     for kind, n in (("car", want_cars), ("other", want_other)):
         for _ in range(n):
             for _try in range(20):
-                x = rng.uniform(6.0, 38.0)
-                ymax = min(17.0, x * np.tan(np.radians(36.0)))
+                x = rng.uniform(*x_range)
+                ymax = min(y_max, x * np.tan(np.radians(36.0)))
                 y = rng.uniform(-ymax, ymax)
                 if all((x - px) ** 2 + (y - py) ** 2 > 25.0 for px, py in placed):
                     break
@@ -170,11 +171,14 @@ def _cast(origin, dirs, boxes):
     return t, obj, face, tb
 
 
-def render_scene(rng, size=(48, 160), lidar_azimuths=64, max_points=4096, max_objects=8):
+def render_scene(
+    rng, size=(48, 160), lidar_azimuths=64, max_points=4096, max_objects=8, x_range=(6.0, 38.0),
+    y_max=17.0,
+):
     """One frame of format A (numpy) with a random scene from `rng`."""
     h, w = size
     p2, r0, tr = calib(size)
-    cars, others = _sample_scene(rng)
+    cars, others = _sample_scene(rng, x_range=tuple(x_range), y_max=y_max)
     boxes = np.concatenate([cars, others], 0)
     ncar = len(cars)
     # ---- camera: one ray per pixel centre, dir (x_c, y_c, 1) so that t is camera depth z.
@@ -327,12 +331,15 @@ def toy_kitti(
     lidar_azimuths: int = 64,
     max_points: int = 4096,
     max_objects: int = 8,
+    x_range=(6.0, 38.0),
+    y_max: float = 17.0,
     cache_dir: str | None = None,
 ):
-    """(train, eval) toy KITTI sources; eval scenes come from `seed + 1` (a fixed set)."""
+    """(train, eval) toy KITTI sources; eval scenes come from `seed + 1` (a fixed set).
+    `x_range` / `y_max`: where object centres are placed (keep them inside the models' BEV grid)."""
     kw = dict(
         size=tuple(size), lidar_azimuths=lidar_azimuths, max_points=max_points,
-        max_objects=max_objects,
+        max_objects=max_objects, x_range=tuple(float(v) for v in x_range), y_max=float(y_max),
     )
     train = cached(num_train, seed, cache_dir, **kw)
     evals = cached(num_eval, seed + 1, cache_dir, **kw)
