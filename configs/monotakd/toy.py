@@ -32,7 +32,7 @@ TEST_VARIANTS = ("tiny",)
 
 def get_config(arg=None):
     arg = C.parse_arg(
-        arg, tiny=False, arms="all", seeds=3, steps=300, teacher_steps=300, ta_steps=300,
+        arg, tiny=False, arms="all", seeds=3, steps=600, teacher_steps=1000, ta_steps=800,
         num_train=1200, size=(32, 112),
     )
     c = C.base_config()
