@@ -32,8 +32,9 @@ def test_world_is_seeded_and_has_format_a_fields(frames):
     assert cars.any()
     # Bottom centres sit on the ground: 1.65 m below the camera.
     np.testing.assert_allclose(frames["gt_location_cam"][cars][:, 1], 1.65, atol=1e-4)
-    np.testing.assert_allclose(frames["gt_dimensions_lhw"][cars], [[3.9, 1.56, 1.6]] * cars.sum(),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        frames["gt_dimensions_lhw"][cars], [[3.9, 1.56, 1.6]] * cars.sum(), atol=1e-5
+    )
     assert set(np.unique(frames["gt_occluded"][cars])) <= {0, 1, 2}
     assert ((frames["gt_truncated"] >= 0) & (frames["gt_truncated"] <= 1)).all()
 
@@ -85,8 +86,9 @@ def test_frustum_to_voxel_places_a_feature_at_its_depth():
     hf, wf, nb = 8, 24, 24
     feat = jnp.zeros((hf, wf, 1)).at[5, 12, 0].set(1.0)
     prob = jnp.zeros((hf, wf, nb + 1)).at[5, 12, 10].set(1.0)
-    vox = M.frustum_to_voxel(feat, prob, p2, r0, tr, centres, stride=4, d_min=2.0, d_max=46.8,
-                             num_bins=nb)
+    vox = M.frustum_to_voxel(
+        feat, prob, p2, r0, tr, centres, stride=4, d_min=2.0, d_max=46.8, num_bins=nb
+    )
     lit = np.argwhere(np.asarray(vox[..., 0]) > 0)
     assert len(lit) > 0
     pts = np.asarray(centres)[tuple(lit.T)]
@@ -108,7 +110,7 @@ def test_gt_depth_bins_average_nonzero_pixels():
 def test_center_targets_decode_back_to_the_boxes(frames):
     boxes, classes = frames["gt_boxes_lidar"][:2], frames["gt_classes"][:2]
     heat, reg, cmask = center_targets(boxes, classes, grid_shape=(48, 48))
-    n_in = int(((classes == 0)).sum())
+    n_in = int((classes == 0).sum())
     assert int(cmask.sum()) == n_in and float(heat.max()) == 1.0
     logits = jnp.where(heat[..., None] >= 1.0, 10.0, -10.0)
     out, scores = M.decode(logits, reg, k=8)
@@ -138,9 +140,11 @@ def _bev(seed, shape=(2, 4, 5, 3)):
 def test_imd_matches_hand_formula_and_the_released_one_has_no_gradient():
     s, t = _bev(0), _bev(1)
     ns = (s - s.min((1, 2, 3), keepdims=True)) / (
-        s.max((1, 2, 3), keepdims=True) - s.min((1, 2, 3), keepdims=True) + 1e-6)
+        s.max((1, 2, 3), keepdims=True) - s.min((1, 2, 3), keepdims=True) + 1e-6
+    )
     nt = (t - t.min((1, 2, 3), keepdims=True)) / (
-        t.max((1, 2, 3), keepdims=True) - t.min((1, 2, 3), keepdims=True) + 1e-6)
+        t.max((1, 2, 3), keepdims=True) - t.min((1, 2, 3), keepdims=True) + 1e-6
+    )
     want = float(jnp.mean((ns - nt) ** 2))
     got = losses.monotakd_imd(student=s, teacher=t)
     np.testing.assert_allclose(got, want, rtol=f32_tol())
@@ -152,8 +156,10 @@ def test_imd_matches_hand_formula_and_the_released_one_has_no_gradient():
     nb = (s - s.min()) / (s.max() - s.min() + 1e-6)
     tb = (t - t.min()) / (t.max() - t.min() + 1e-6)
     np.testing.assert_allclose(
-        losses.monotakd_imd(student=s, teacher=t, as_released=True), jnp.mean((nb - tb) ** 2),
-        rtol=f32_tol())
+        losses.monotakd_imd(student=s, teacher=t, as_released=True),
+        jnp.mean((nb - tb) ** 2),
+        rtol=f32_tol(),
+    )
 
 
 def test_cmrd_residual_keeps_values_above_sixty_percent_of_the_max():
@@ -191,8 +197,13 @@ def test_response_kd_is_zero_when_the_student_copies_the_teacher():
 def camera(frames):
     kw = dict(widths=(4, 8), image_features=4, width=8, num_bins=8, bev_voxel=1.6, z_voxel=2.0)
     b = {k: jnp.asarray(v) for k, v in frames.items()}
-    args = (b["image"][:2], b["depth"][:2], b["calib_P2"][:2], b["calib_R0"][:2],
-            b["calib_Tr_velo_to_cam"][:2])
+    args = (
+        b["image"][:2],
+        b["depth"][:2],
+        b["calib_P2"][:2],
+        b["calib_R0"][:2],
+        b["calib_Tr_velo_to_cam"][:2],
+    )
     return kw, args
 
 
@@ -209,9 +220,11 @@ def test_ffm_switch_changes_what_the_head_reads(camera):
     on, f = m_on.apply(v, *args)
     off, _ = m_off.apply(v, *args)  # the same parameter tree
     assert not np.allclose(on, off)
+
     # With FFM off the head does not depend on the residual branch (released: dead FFM).
     def head_sum(p, model):
         return model.apply({**v, "params": p}, *args)[0].sum()
+
     g_off = jax.grad(head_sum)(v["params"], m_off)
     g_on = jax.grad(head_sum)(v["params"], m_on)
     assert float(jnp.abs(g_off["sam_res"]["dconv"]["kernel"]).sum()) == 0.0
@@ -253,9 +266,16 @@ def test_ground_truth_boxes_as_detections_score_full_ap():
     for i in range(40):
         gts.append(annos_from_example(f, i))
         cars = f["gt_classes"][i] == 0
-        dts.append(detections_to_anno(
-            f["gt_boxes_lidar"][i][cars], np.ones(cars.sum()), p2=f["calib_P2"][i],
-            r0=f["calib_R0"][i], tr=f["calib_Tr_velo_to_cam"][i], image_size=SIZE))
+        dts.append(
+            detections_to_anno(
+                f["gt_boxes_lidar"][i][cars],
+                np.ones(cars.sum()),
+                p2=f["calib_P2"][i],
+                r0=f["calib_R0"][i],
+                tr=f["calib_Tr_velo_to_cam"][i],
+                image_size=SIZE,
+            )
+        )
     h = SIZE[0] / 375
     res = kitti_eval(gts, dts, min_height=(40 * h, 25 * h, 25 * h))
     for kind in ("bbox", "bev", "3d"):

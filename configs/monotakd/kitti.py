@@ -49,26 +49,47 @@ def get_config(arg=None):
     c.evaluator_kwargs = dict(grid)  # KITTI's own 2D height limits at full resolution.
     lidar_kw = {"width": 128, "blocks": 4, "height_slices": 10, **grid}
     cam_kw = {
-        "widths": (64, 128, 256), "image_features": 64, "width": 128, "num_bins": 120,
-        "depth_range": (2.0, 46.8), "z_voxel": 0.4, "refine_blocks": 5, **grid,
+        "widths": (64, 128, 256),
+        "image_features": 64,
+        "width": 128,
+        "num_bins": 120,
+        "depth_range": (2.0, 46.8),
+        "z_voxel": 0.4,
+        "refine_blocks": 5,
+        **grid,
     }
     stage_steps = {"teacher": steps, "ta": steps, "student": steps}
     if arg.tiny:  # the toy world at tiny size; the same stages and terms.
         c.data.name = "toy_kitti"
-        c.data.kwargs = {"num_train": 16, "num_eval": 8, "size": (32, 96),
-                         "x_range": (6.0, 44.0), "y_max": 17.0}
+        c.data.kwargs = {
+            "num_train": 16,
+            "num_eval": 8,
+            "size": (32, 96),
+            "x_range": (6.0, 44.0),
+            "y_max": 17.0,
+        }
         c.data.batch_size, c.data.eval_batch_size = 8, 8
         grid = {"pc_range": KITTI_RANGE, "bev_voxel": 1.28}
         lidar_kw = {"width": 8, "blocks": 1, **grid}
-        cam_kw = {"widths": (8, 8), "image_features": 4, "width": 8, "num_bins": 12,
-                  "z_voxel": 2.0, "refine_blocks": 1, **grid}
+        cam_kw = {
+            "widths": (8, 8),
+            "image_features": 4,
+            "width": 8,
+            "num_bins": 12,
+            "z_voxel": 2.0,
+            "refine_blocks": 1,
+            **grid,
+        }
         c.evaluator_kwargs = {**grid, "min_height": (3.4, 2.1, 2.1)}
         stage_steps = {"teacher": 2, "ta": 2, "student": 2}
-        c.schedule.warmup_steps = 0
+        c.schedule.name, c.schedule.warmup_steps = "constant", 0
         c.log_every, c.progress_bar = 1, False
     det = C.term(
-        "centerpoint_det", 1.0, student="heatmap,reg",
-        teacher="batch:gt_boxes_lidar,batch:gt_classes", **grid,
+        "centerpoint_det",
+        1.0,
+        student="heatmap,reg",
+        teacher="batch:gt_boxes_lidar,batch:gt_classes",
+        **grid,
     )
     depth = C.term("depth_ce", 1.0, student="depth_logits", teacher="student:depth_bins_gt")
     c.stages.teacher = {

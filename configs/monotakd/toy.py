@@ -32,8 +32,15 @@ TEST_VARIANTS = ("tiny",)
 
 def get_config(arg=None):
     arg = C.parse_arg(
-        arg, tiny=False, arms="all", seeds=3, steps=600, teacher_steps=1000, ta_steps=800,
-        num_train=1200, size=(32, 112),
+        arg,
+        tiny=False,
+        arms="all",
+        seeds=3,
+        steps=600,
+        teacher_steps=1000,
+        ta_steps=800,
+        num_train=1200,
+        size=(32, 112),
     )
     c = C.base_config()
     c.num_seeds = int(arg.seeds)
@@ -41,8 +48,12 @@ def get_config(arg=None):
     c.data.name = "toy_kitti"
     # Object centres 1 m inside the BEV grid below.
     place = {"x_range": (6.0, 33.0), "y_max": 15.0}
-    c.data.kwargs = {"num_train": int(arg.num_train), "num_eval": 200, "size": tuple(arg.size),
-                     **place}
+    c.data.kwargs = {
+        "num_train": int(arg.num_train),
+        "num_eval": 200,
+        "size": tuple(arg.size),
+        **place,
+    }
     c.data.batch_size, c.data.eval_batch_size = 8, 50
     c.optimizer.name = "adamw"
     c.optimizer.learning_rate = 2e-3
@@ -61,8 +72,15 @@ def get_config(arg=None):
     # slices for the camera, 16 LID bins, narrow convolutions.
     grid = {"pc_range": (2.0, -16.0, -3.0, 34.0, 16.0, 1.0), "bev_voxel": 1.0}
     lidar_kw = {"width": 16, "blocks": 2, **grid}
-    cam_kw = {"widths": (8, 16), "image_features": 8, "width": 16, "num_bins": 16,
-              "refine_blocks": 1, "z_voxel": 2.0, **grid}
+    cam_kw = {
+        "widths": (8, 16),
+        "image_features": 8,
+        "width": 16,
+        "num_bins": 16,
+        "refine_blocks": 1,
+        "z_voxel": 2.0,
+        **grid,
+    }
     c.evaluator_kwargs.update(grid)
     if arg.tiny:
         c.data.kwargs = {"num_train": 16, "num_eval": 8, "size": (32, 96), **place}
@@ -71,20 +89,32 @@ def get_config(arg=None):
         c.log_every = 1
         c.evaluator_kwargs = {"min_height": (3.4, 2.1, 2.1)}
         steps = {"teacher": 2, "ta": 2, "student": 2}
-        c.schedule.warmup_steps = 0
+        c.schedule.name, c.schedule.warmup_steps = "constant", 0
         grid = {"pc_range": grid["pc_range"], "bev_voxel": 2.0}
         lidar_kw = {"width": 8, "blocks": 1, **grid}
-        cam_kw = {"widths": (8, 8), "image_features": 4, "width": 8, "num_bins": 8,
-                  "refine_blocks": 2, "z_voxel": 2.0, **grid}
+        cam_kw = {
+            "widths": (8, 8),
+            "image_features": 4,
+            "width": 8,
+            "num_bins": 8,
+            "refine_blocks": 2,
+            "z_voxel": 2.0,
+            **grid,
+        }
         c.evaluator_kwargs.update(grid)
     det = C.term(
-        "centerpoint_det", 1.0, student="heatmap,reg",
-        teacher="batch:gt_boxes_lidar,batch:gt_classes", **grid,
+        "centerpoint_det",
+        1.0,
+        student="heatmap,reg",
+        teacher="batch:gt_boxes_lidar,batch:gt_classes",
+        **grid,
     )
     depth = C.term("depth_ce", 1.0, student="depth_logits", teacher="student:depth_bins_gt")
     lidar = C.model("monotakd_lidar", **lidar_kw)
     c.stages.teacher = {
-        "student": lidar, "steps": steps["teacher"], "objective": {"det": det},
+        "student": lidar,
+        "steps": steps["teacher"],
+        "objective": {"det": det},
     }
     c.stages.ta = {
         "student": C.model("monotakd_camera", mode="ta", **cam_kw),
@@ -113,8 +143,9 @@ def get_config(arg=None):
         "monotakd_cmrd", 0.2, student="bev_res,bev_ta", teacher="bev", as_released=rel
     )
     c.stages.gt_only = student({"det": det}, with_teacher=False)
-    c.stages.cmkd = student({"bev": C.term("mse", 1.0, student="bev_imd", teacher="bev"),
-                             "logit": resp})
+    c.stages.cmkd = student(
+        {"bev": C.term("mse", 1.0, student="bev_imd", teacher="bev"), "logit": resp}
+    )
     c.stages.imd = student({"imd": imd(), "logit": resp})
     c.stages.cmrd = student({"cmrd": cmrd(), "logit": resp})
     c.stages.monotakd = student({"imd": imd(), "cmrd": cmrd(), "logit": resp})

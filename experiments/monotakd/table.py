@@ -1,6 +1,6 @@
 """Prints the MonoTAKD toy-KITTI table (mean +- std over seeds) from a finished workdir.
 
-    python experiments/monotakd/table.py runs/monotakd_toy
+python experiments/monotakd/table.py runs/monotakd_toy
 """
 
 import json
@@ -22,8 +22,13 @@ LABEL = {
 }
 # MonoTAKD paper, KITTI test, Car R40 moderate (AP_BEV, AP_3D); CMKD from the same paper's table.
 PAPER = {"monotakd": ("27.76", "19.43")}
-KEYS = ("eval/Car/bev_R40/moderate", "eval/Car/3d_R40/moderate", "eval/Car/bbox_R40/moderate",
-        "eval/Car/bev_R40/easy", "eval/Car/3d_R40/easy")
+KEYS = (
+    "eval/Car/bev_R40/moderate",
+    "eval/Car/3d_R40/moderate",
+    "eval/Car/bbox_R40/moderate",
+    "eval/Car/bev_R40/easy",
+    "eval/Car/3d_R40/easy",
+)
 
 
 def seeds(result, key):
@@ -31,7 +36,10 @@ def seeds(result, key):
 
 
 def main(workdir):
-    print("| arm | AP_BEV mod. | AP_3D mod. | AP_2D mod. | AP_BEV easy | AP_3D easy | paper (KITTI test, BEV / 3D mod.) |")
+    print(
+        "| arm | AP_BEV mod. | AP_3D mod. | AP_2D mod. | AP_BEV easy | AP_3D easy "
+        "| paper (KITTI test, BEV / 3D mod.) |"
+    )
     print("|---|---|---|---|---|---|---|")
     for arm in ARMS:
         path = os.path.join(workdir, arm, "result.json")

@@ -93,9 +93,7 @@ def box_corners(boxes):
     sx = np.array([1, 1, -1, -1, 1, 1, -1, -1]) / 2
     sy = np.array([1, -1, -1, 1, 1, -1, -1, 1]) / 2
     sz = np.array([-1, -1, -1, -1, 1, 1, 1, 1]) / 2
-    local = np.stack(
-        [sx * boxes[:, 3:4], sy * boxes[:, 4:5], sz * boxes[:, 5:6]], -1
-    )  # [M, 8, 3]
+    local = np.stack([sx * boxes[:, 3:4], sy * boxes[:, 4:5], sz * boxes[:, 5:6]], -1)  # [M, 8, 3]
     c, s = np.cos(boxes[:, 6])[:, None], np.sin(boxes[:, 6])[:, None]
     x = local[..., 0] * c - local[..., 1] * s
     y = local[..., 0] * s + local[..., 1] * c
@@ -144,12 +142,15 @@ def _sample_scene(rng, max_cars=6, max_distractors=4, x_range=(6.0, 38.0), y_max
                 continue
             placed.append((x, y))
             if kind == "car":
-                l, w, h = CAR_LWH
-                cars.append([x, y, GROUND_Z + h / 2, l, w, h, rng.uniform(-np.pi, np.pi)])
+                length, width, h = CAR_LWH
+                cars.append([x, y, GROUND_Z + h / 2, length, width, h, rng.uniform(-np.pi, np.pi)])
             else:
-                l, w, h = POLE_LWH if rng.random() < 0.5 else CRATE_LWH
-                others.append([x, y, GROUND_Z + h / 2, l, w, h, rng.uniform(-np.pi, np.pi)])
-    return np.asarray(cars, np.float64).reshape(-1, 7), np.asarray(others, np.float64).reshape(-1, 7)
+                length, width, h = POLE_LWH if rng.random() < 0.5 else CRATE_LWH
+                box = [x, y, GROUND_Z + h / 2, length, width, h, rng.uniform(-np.pi, np.pi)]
+                others.append(box)
+    return np.asarray(cars, np.float64).reshape(-1, 7), np.asarray(others, np.float64).reshape(
+        -1, 7
+    )
 
 
 def _cast(origin, dirs, boxes):
@@ -172,7 +173,12 @@ def _cast(origin, dirs, boxes):
 
 
 def render_scene(
-    rng, size=(48, 160), lidar_azimuths=64, max_points=4096, max_objects=8, x_range=(6.0, 38.0),
+    rng,
+    size=(48, 160),
+    lidar_azimuths=64,
+    max_points=4096,
+    max_objects=8,
+    x_range=(6.0, 38.0),
     y_max=17.0,
 ):
     """One frame of format A (numpy) with a random scene from `rng`."""
@@ -246,8 +252,13 @@ def render_scene(
         uv = (uvw[:, :2] / uvw[:, 2:3]).reshape(ncar, 8, 2)
         raw = np.concatenate([uv.min(1), uv.max(1)], -1)
         clip = np.stack(
-            [np.clip(raw[:, 0], 0, w), np.clip(raw[:, 1], 0, h), np.clip(raw[:, 2], 0, w),
-             np.clip(raw[:, 3], 0, h)], -1
+            [
+                np.clip(raw[:, 0], 0, w),
+                np.clip(raw[:, 1], 0, h),
+                np.clip(raw[:, 2], 0, w),
+                np.clip(raw[:, 3], 0, h),
+            ],
+            -1,
         )
         area = lambda b: np.maximum(b[:, 2] - b[:, 0], 0) * np.maximum(b[:, 3] - b[:, 1], 0)  # noqa: E731
         trunc = 1.0 - area(clip) / np.maximum(area(raw), 1e-9)
@@ -338,8 +349,12 @@ def toy_kitti(
     """(train, eval) toy KITTI sources; eval scenes come from `seed + 1` (a fixed set).
     `x_range` / `y_max`: where object centres are placed (keep them inside the models' BEV grid)."""
     kw = dict(
-        size=tuple(size), lidar_azimuths=lidar_azimuths, max_points=max_points,
-        max_objects=max_objects, x_range=tuple(float(v) for v in x_range), y_max=float(y_max),
+        size=tuple(size),
+        lidar_azimuths=lidar_azimuths,
+        max_points=max_points,
+        max_objects=max_objects,
+        x_range=tuple(float(v) for v in x_range),
+        y_max=float(y_max),
     )
     train = cached(num_train, seed, cache_dir, **kw)
     evals = cached(num_eval, seed + 1, cache_dir, **kw)

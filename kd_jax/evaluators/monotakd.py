@@ -10,7 +10,9 @@ Boxes whose projection misses the image are dropped, as OpenPCDet's KITTI datase
 Settings (`config.evaluator_kwargs`): pc_range, bev_voxel (the model's grid), top_k (32),
 score_threshold (0.1), classes (("Car",)), min_height (KITTI's (40, 25, 25) pixels scaled by the
 image height / 375 for the toy world's reduced resolution; None = KITTI's), metrics (the keys of
-kitti_eval's result reported as "eval/<key>"; default Car bev/3d/bbox/aos R40 at all levels).
+kitti_eval's result reported as "eval/<key>"; default Car bev/3d/bbox/aos R40 at all levels),
+loose_iou (default False: with True the same metrics at OpenPCDet's second threshold set, Car
+0.7 / 0.5 / 0.5 for bbox / BEV / 3D, are added as "eval/<class>@0.5/...").
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy as np
 
 from kd_jax.data.toy_kitti import box_corners, boxes_lidar_to_camera, lidar_to_camera_points
 from kd_jax.evaluators import EvalContext, register
-from kd_jax.evaluators.kitti_ap import annos_from_example, kitti_eval
+from kd_jax.evaluators.kitti_ap import LOOSE_IOU, annos_from_example, kitti_eval
 from kd_jax.models.monotakd import TOY_RANGE, decode
 
 CLASS_NAMES = {0: "Car", 1: "Pedestrian", 2: "Cyclist"}
@@ -42,11 +44,22 @@ def detections_to_anno(boxes, scores, *, p2, r0, tr, image_size, score_threshold
         front = (corners[:, 2].reshape(n, 8) > 0.1).all(1)
         raw = np.concatenate([uv.min(1), uv.max(1)], -1)
         bbox = np.stack(
-            [np.clip(raw[:, 0], 0, w), np.clip(raw[:, 1], 0, h), np.clip(raw[:, 2], 0, w),
-             np.clip(raw[:, 3], 0, h)], -1,
+            [
+                np.clip(raw[:, 0], 0, w),
+                np.clip(raw[:, 1], 0, h),
+                np.clip(raw[:, 2], 0, w),
+                np.clip(raw[:, 3], 0, h),
+            ],
+            -1,
         )
         inside = front & (bbox[:, 2] > bbox[:, 0]) & (bbox[:, 3] > bbox[:, 1])
-        loc, dims, ry, bbox, scores = loc[inside], dims[inside], ry[inside], bbox[inside], scores[inside]
+        loc, dims, ry, bbox, scores = (
+            loc[inside],
+            dims[inside],
+            ry[inside],
+            bbox[inside],
+            scores[inside],
+        )
         alpha = ry - np.arctan2(loc[:, 0], loc[:, 2])
         n = len(scores)
     else:
@@ -73,6 +86,26 @@ DEFAULT_METRICS = tuple(
 )
 
 
+def score(
+    gts, dts_per_seed, *, classes=("Car",), min_height=None, metrics=DEFAULT_METRICS, loose=False
+):
+    """{"eval/<metric>": per-seed AP} of `kitti_eval` for each seed's detections; with `loose`
+    also "eval/<class>@0.5/<metric>" at IoU 0.7 / 0.5 / 0.5 (bbox / BEV / 3D)."""
+    kw = {"min_height": tuple(min_height)} if min_height is not None else {}
+    out = {}
+    sets = [("", None)]
+    if loose:
+        sets.append(("@0.5", {c: LOOSE_IOU.get(c, (0.5, 0.25, 0.25)) for c in classes}))
+    for tag, ious in sets:
+        per_seed = [
+            kitti_eval(gts, d, classes=classes, iou_thresholds=ious, **kw) for d in dts_per_seed
+        ]
+        for m in metrics:
+            cls, rest = m.split("/", 1)
+            out[f"eval/{cls}{tag}/{rest}"] = np.asarray([float(r[m]) for r in per_seed])
+    return out
+
+
 @register("monotakd_kitti")
 def monotakd_kitti(ctx: EvalContext):
     s = ctx.settings
@@ -83,6 +116,7 @@ def monotakd_kitti(ctx: EvalContext):
     classes = tuple(s.get("classes", ("Car",)))
     min_height = s.get("min_height", None)
     metrics = tuple(s.get("metrics", DEFAULT_METRICS))
+    loose = bool(s.get("loose_iou", False))
 
     def one_seed(variables, batch):
         _, feats = ctx.student_predict(variables, batch)
@@ -107,13 +141,15 @@ def monotakd_kitti(ctx: EvalContext):
                 for r in range(seeds):
                     dts[r].append(
                         detections_to_anno(
-                            out["boxes"][r, i], out["scores"][r, i], p2=host["calib_P2"][i],
-                            r0=host["calib_R0"][i], tr=host["calib_Tr_velo_to_cam"][i],
-                            image_size=size, score_threshold=thr,
+                            out["boxes"][r, i],
+                            out["scores"][r, i],
+                            p2=host["calib_P2"][i],
+                            r0=host["calib_R0"][i],
+                            tr=host["calib_Tr_velo_to_cam"][i],
+                            image_size=size,
+                            score_threshold=thr,
                         )
                     )
-        kw = {"min_height": tuple(min_height)} if min_height is not None else {}
-        per_seed = [kitti_eval(gts, d, classes=classes, **kw) for d in dts]
-        return {f"eval/{m}": np.asarray([float(r[m]) for r in per_seed]) for m in metrics}
+        return score(gts, dts, classes=classes, min_height=min_height, metrics=metrics, loose=loose)
 
     return evaluate

@@ -1,5 +1,6 @@
 """MonoTAKD's objectives (Liu et al., CVPR 2025, arXiv:2404.04910, section 3.3-3.5, and the
-released hoiliu-0801/MonoTAKD `detectors/cmkd_TAKD.py`, `dense_heads/anchor_head_single_cmkd_v2.py`).
+released hoiliu-0801/MonoTAKD `detectors/cmkd_TAKD.py` and
+`dense_heads/anchor_head_single_cmkd_v2.py`).
 
 Total student loss in the paper and the released code: L_IMD + 0.2 L_CMRD + L_logit (weights in
 the config's terms; here also a depth loss on the student's depth distribution, as in CaDDN/CMKD).
@@ -88,7 +89,12 @@ def residual_target(ta, lidar, *, as_released: bool = False, threshold: float = 
 
 @register("monotakd_cmrd")
 def monotakd_cmrd(
-    *, student, teacher, as_released: bool = False, threshold: float = 0.6, mask=None,
+    *,
+    student,
+    teacher,
+    as_released: bool = False,
+    threshold: float = 0.6,
+    mask=None,
     reduction="mean",
 ):
     """L_CMRD per frame = mean((res - S_res)^2), res = `residual_target`.
@@ -115,8 +121,15 @@ def _smooth_l1(x, beta: float = 1.0 / 9.0):
 
 @register("monotakd_response")
 def monotakd_response(
-    *, student, teacher, beta: float = 2.0, score_threshold: float = 0.1, cls_weight: float = 2.0,
-    box_weight: float = 2.0, mask=None, reduction="mean",
+    *,
+    student,
+    teacher,
+    beta: float = 2.0,
+    score_threshold: float = 0.1,
+    cls_weight: float = 2.0,
+    box_weight: float = 2.0,
+    mask=None,
+    reduction="mean",
 ):
     """L_logit per frame = cls_weight QFL + box_weight smooth-L1 (module docstring).
 
@@ -137,8 +150,16 @@ def monotakd_response(
     return reduce_loss(cls_weight * cls + box_weight * box, mask=mask, reduction=reduction)
 
 
-def center_targets(boxes, classes, *, pc_range=TOY_RANGE, bev_voxel: float = 0.8, sigma=1.0,
-                   grid_shape=None, car_class: int = 0):
+def center_targets(
+    boxes,
+    classes,
+    *,
+    pc_range=TOY_RANGE,
+    bev_voxel: float = 0.8,
+    sigma=1.0,
+    grid_shape=None,
+    car_class: int = 0,
+):
     """Ground truth of a centre head. boxes [B, M, 7] LiDAR, classes [B, M] (only `car_class`
     counts; DontCare -2 and padding -1 are dropped) -> (heat [B, X, Y] with 1 at centre cells,
     reg [B, X, Y, 8], centre mask [B, X, Y])."""
@@ -155,9 +176,16 @@ def center_targets(boxes, classes, *, pc_range=TOY_RANGE, bev_voxel: float = 0.8
     heat = jnp.max(g, 1) if boxes.shape[1] else jnp.zeros((b.shape[0], nx, ny))
     centre = ((d2 == 0) & valid[..., None, None]).astype(jnp.float32)  # [B, M, X, Y]
     tgt = jnp.stack(
-        [fx - ci, fy - cj, b[..., 2], jnp.log(jnp.maximum(b[..., 3], EPS)),
-         jnp.log(jnp.maximum(b[..., 4], EPS)), jnp.log(jnp.maximum(b[..., 5], EPS)),
-         jnp.sin(b[..., 6]), jnp.cos(b[..., 6])],
+        [
+            fx - ci,
+            fy - cj,
+            b[..., 2],
+            jnp.log(jnp.maximum(b[..., 3], EPS)),
+            jnp.log(jnp.maximum(b[..., 4], EPS)),
+            jnp.log(jnp.maximum(b[..., 5], EPS)),
+            jnp.sin(b[..., 6]),
+            jnp.cos(b[..., 6]),
+        ],
         -1,
     )  # [B, M, 8]
     reg = jnp.einsum("bmxy,bmr->bxyr", centre, tgt)
@@ -167,8 +195,15 @@ def center_targets(boxes, classes, *, pc_range=TOY_RANGE, bev_voxel: float = 0.8
 
 @register("centerpoint_det")
 def centerpoint_det(
-    *, student, teacher, pc_range=TOY_RANGE, bev_voxel: float = 0.8, sigma: float = 1.0,
-    reg_weight: float = 1.0, mask=None, reduction="mean",
+    *,
+    student,
+    teacher,
+    pc_range=TOY_RANGE,
+    bev_voxel: float = 0.8,
+    sigma: float = 1.0,
+    reg_weight: float = 1.0,
+    mask=None,
+    reduction="mean",
 ):
     """Ground-truth detection loss per frame: focal(heatmap) + reg_weight L1(reg at centres).
 
@@ -182,7 +217,11 @@ def centerpoint_det(
     if reg.shape[-1] != NUM_REG:
         raise ValueError(f"reg has {reg.shape[-1]} channels; the centre head has {NUM_REG}.")
     heat, tgt, cmask = center_targets(
-        boxes, classes, pc_range=pc_range, bev_voxel=bev_voxel, sigma=sigma,
+        boxes,
+        classes,
+        pc_range=pc_range,
+        bev_voxel=bev_voxel,
+        sigma=sigma,
         grid_shape=hm.shape[1:3],
     )
     logit = hm[..., 0]

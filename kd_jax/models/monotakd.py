@@ -284,19 +284,33 @@ class MonoTAKDCamera(nn.Module):
         feat = ConvBN(self.image_features, 1, name="channel_reduce")(x, train)
         depth_logits = nn.Conv(self.num_bins + 1, (1, 1), name="depth_head")(x)
         gt_bins = depth_bins(
-            depth.astype(jnp.float32), d_min=d_min, d_max=d_max, num_bins=self.num_bins,
+            depth.astype(jnp.float32),
+            d_min=d_min,
+            d_max=d_max,
+            num_bins=self.num_bins,
             stride=stride,
         )
         grid = Grid(self.pc_range, (self.bev_voxel, self.bev_voxel, self.z_voxel))
         centres = jnp.asarray(grid.centres())
         lift = jax.vmap(
             lambda f, pr, p2, r0, tr: frustum_to_voxel(
-                f, pr, p2, r0, tr, centres, stride=stride, d_min=d_min, d_max=d_max,
+                f,
+                pr,
+                p2,
+                r0,
+                tr,
+                centres,
+                stride=stride,
+                d_min=d_min,
+                d_max=d_max,
                 num_bins=self.num_bins,
             )
         )
-        calib = (calib_P2.astype(jnp.float32), calib_R0.astype(jnp.float32),
-                 calib_Tr.astype(jnp.float32))
+        calib = (
+            calib_P2.astype(jnp.float32),
+            calib_R0.astype(jnp.float32),
+            calib_Tr.astype(jnp.float32),
+        )
         prob = jax.nn.softmax(depth_logits.astype(jnp.float32), -1)
         onehot = jax.nn.one_hot(gt_bins, self.num_bins + 1)
         vox_s = lift(feat, prob, *calib)
