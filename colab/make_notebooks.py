@@ -480,8 +480,8 @@ MONOTAKD = [
         "workdir = tempfile.mkdtemp()\n"
         "results = runner.run(config, workdir)\n"
         "for name, r in results.items():\n"
-        "    print(name, {k: round(float(np.mean(v)), 2) for k, v in r['metrics'].items()\n"
-        "                 if 'moderate' in k and 'R40' in k})"
+        "    print(name, {k: round(float(np.mean(v)), 2) for k, v in r.items()\n"
+        "                 if k.startswith('eval/') and 'moderate' in k and 'R40' in k})"
     ),
     new_markdown_cell(
         "## 1. A scene: image with 2D boxes, depth map, LiDAR bird's-eye view with 3D boxes"
