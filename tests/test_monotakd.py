@@ -280,6 +280,12 @@ def test_ground_truth_boxes_as_detections_score_full_ap():
     res = kitti_eval(gts, dts, min_height=(40 * h, 25 * h, 25 * h))
     for kind in ("bbox", "bev", "3d"):
         assert res[f"Car/{kind}_R40/moderate"] > 99.0, (kind, res[f"Car/{kind}_R40/moderate"])
+    # The evaluator's scorer adds OpenPCDet's loose set (BEV / 3D at 0.5) per seed.
+    from kd_jax.evaluators.monotakd import score
+
+    both = score(gts, [dts, dts], min_height=(40 * h, 25 * h, 25 * h), loose=True)
+    assert both["eval/Car@0.5/3d_R40/moderate"].shape == (2,)
+    assert (both["eval/Car@0.5/3d_R40/moderate"] > 99.0).all()
     # Shifting every box by 1.5 m along x breaks the 0.7 IoU in BEV and 3D.
     for d in dts:
         d["location"] = d["location"] + np.array([0.0, 0.0, 1.5])
