@@ -291,3 +291,47 @@ def test_ground_truth_boxes_as_detections_score_full_ap():
         d["location"] = d["location"] + np.array([0.0, 0.0, 1.5])
     res = kitti_eval(gts, dts, min_height=(40 * h, 25 * h, 25 * h))
     assert res["Car/bev_R40/moderate"] < 1.0 and res["Car/3d_R40/moderate"] < 1.0
+
+
+def _contract_inputs(name, frames):
+    """(args, identical-input args or None) of each MonoTAKD objective for 3 frames."""
+    bev = lambda k: _bev(k, (3, 4, 5, 6))  # noqa: E731
+    if name == "monotakd_imd":
+        return {"student": bev(0), "teacher": bev(1)}, {"student": bev(1), "teacher": bev(1)}
+    if name == "monotakd_cmrd":
+        ta, lidar = bev(1), bev(2)
+        res = residual_target(ta, lidar)
+        return (
+            {"student": (bev(0), ta), "teacher": lidar},
+            {"student": (res, ta), "teacher": lidar},
+        )
+    if name == "monotakd_response":
+        t = (_bev(3, (3, 6, 6, 1)), _bev(4, (3, 6, 6, 8)))
+        s = (_bev(5, (3, 6, 6, 1)), _bev(6, (3, 6, 6, 8)))
+        return {"student": s, "teacher": t}, {"student": t, "teacher": t}
+    if name == "centerpoint_det":
+        s = (_bev(7, (3, 48, 48, 1)), _bev(8, (3, 48, 48, 8)))
+        t = (jnp.asarray(frames["gt_boxes_lidar"][:3]), jnp.asarray(frames["gt_classes"][:3]))
+        return {"student": s, "teacher": t}, None
+    s = _bev(9, (3, 4, 5, 7))
+    return {"student": s, "teacher": jnp.asarray(np.arange(60).reshape(3, 4, 5) % 7)}, None
+
+
+@pytest.mark.parametrize(
+    "name", ["monotakd_imd", "monotakd_cmrd", "monotakd_response", "centerpoint_det", "depth_ce"]
+)
+def test_objective_contract(name, frames):
+    """Per-frame values: 'none' is [B], 'sum' its sum, 'mean' its mean; a [B] mask drops frames;
+    zero on identical inputs where the loss is a distance; finite gradients."""
+    fn = losses.get(name)
+    args, same = _contract_inputs(name, frames)
+    per = fn(**args, reduction="none")
+    assert per.shape == (3,) and per.dtype == jnp.float32 and (np.asarray(per) >= 0).all()
+    np.testing.assert_allclose(fn(**args, reduction="sum"), per.sum(), rtol=f32_tol(3))
+    np.testing.assert_allclose(fn(**args), per.mean(), rtol=f32_tol(3))
+    mask = jnp.asarray([1.0, 0.0, 1.0])
+    np.testing.assert_allclose(fn(**args, mask=mask), (per[0] + per[2]) / 2, rtol=f32_tol(3))
+    if same is not None:
+        np.testing.assert_allclose(fn(**same), 0.0, atol=1e-6)
+    grads = jax.grad(lambda s: fn(**{**args, "student": s}))(args["student"])
+    assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
