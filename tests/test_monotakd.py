@@ -59,7 +59,8 @@ def test_lidar_points_agree_with_the_depth_map(frames):
 
 def test_boxes_round_trip_to_camera_and_2d_boxes_contain_projection(frames):
     cars = frames["gt_classes"][0] >= 0
-    loc, dims, ry = tk.boxes_lidar_to_camera(frames["gt_boxes_lidar"][0][cars])
+    _, r0, tr = tk.calib(SIZE)
+    loc, dims, ry = tk.boxes_lidar_to_camera(frames["gt_boxes_lidar"][0][cars], tr, r0)
     np.testing.assert_allclose(loc, frames["gt_location_cam"][0][cars], atol=1e-4)
     # OpenPCDet: rotation_y = -heading - pi/2 (wrapped).
     want = -frames["gt_boxes_lidar"][0][cars][:, 6] - np.pi / 2
@@ -92,7 +93,7 @@ def test_frustum_to_voxel_places_a_feature_at_its_depth():
     lit = np.argwhere(np.asarray(vox[..., 0]) > 0)
     assert len(lit) > 0
     pts = np.asarray(centres)[tuple(lit.T)]
-    cam = tk.lidar_to_camera_points(pts, np.asarray(tr))
+    cam = tk.lidar_to_camera_points(pts, np.asarray(tr), np.asarray(r0))
     b = np.asarray(M.lid_index(jnp.asarray(cam[:, 2]), 2.0, 46.8, nb))
     assert ((b >= 9) & (b < 11)).all()  # linear between bins 10 and its neighbour
     uvw = cam @ np.asarray(p2)[:, :3].T

@@ -19,7 +19,7 @@ The LiDAR casts 64 beams from +2 to -24.8 degrees (HDL-64E) over the camera's fi
 (`lidar_azimuths` columns), keeps returns within 80 m, with 2 cm range noise; reflectance 0.2
 ground / 0.6 cars / 0.4 distractors.
 
-Labels (format A of the KITTI helpers, kd_jax/data/kitti.py): gt_boxes_lidar (x, y, z_centre,
+Labels (format A, with the box conventions of kd_jax/data/kitti.py): gt_boxes_lidar (x, y, z_centre,
 l, w, h, heading), camera location (bottom centre), dimensions (l, h, w), rotation_y = -heading
 - pi/2, alpha = rotation_y - atan2(x_cam, z_cam), 2D boxes from the projected corners clipped
 to the image, truncation = 1 - clipped / unclipped 2D box area, occlusion from the visible
@@ -39,6 +39,7 @@ import os
 
 import numpy as np
 
+from kd_jax.data.kitti import boxes_lidar_to_camera, lidar_to_camera_points
 from kd_jax.data.registry import register
 
 log = logging.getLogger("kd_jax")
@@ -66,25 +67,6 @@ def calib(size=(48, 160)):
     p2[1] *= h / KITTI_SIZE[0]
     p2[:, 3] = 0.0  # the toy camera sits at the rectified origin.
     return p2.astype(np.float32), np.eye(3, dtype=np.float32), TR_VELO_TO_CAM.astype(np.float32)
-
-
-def lidar_to_camera_points(xyz, tr=TR_VELO_TO_CAM, r0=None):
-    """[N, 3] LiDAR points -> rectified camera frame."""
-    cam = xyz @ np.asarray(tr)[:, :3].T + np.asarray(tr)[:, 3]
-    return cam if r0 is None else cam @ np.asarray(r0).T
-
-
-def boxes_lidar_to_camera(boxes, tr=TR_VELO_TO_CAM, r0=None):
-    """[M, 7] (x, y, z_centre, l, w, h, heading) -> (location bottom centre [M, 3],
-    dimensions l, h, w [M, 3], rotation_y [M]) as OpenPCDet's boxes3d_lidar_to_kitti_camera."""
-    boxes = np.asarray(boxes, np.float64)
-    bottom = boxes[:, :3].copy()
-    bottom[:, 2] -= boxes[:, 5] / 2
-    loc = lidar_to_camera_points(bottom, tr, r0)
-    dims = boxes[:, [3, 5, 4]]
-    ry = -boxes[:, 6] - np.pi / 2
-    ry = (ry + np.pi) % (2 * np.pi) - np.pi
-    return loc, dims, ry
 
 
 def box_corners(boxes):

@@ -20,7 +20,8 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from kd_jax.data.toy_kitti import box_corners, boxes_lidar_to_camera, lidar_to_camera_points
+from kd_jax.data.kitti import boxes_lidar_to_camera, lidar_to_camera_points
+from kd_jax.data.toy_kitti import box_corners
 from kd_jax.evaluators import EvalContext, register
 from kd_jax.evaluators.kitti_ap import LOOSE_IOU, annos_from_example, kitti_eval
 from kd_jax.models.monotakd import TOY_RANGE, decode
