@@ -13,6 +13,9 @@ What differs from the paper: the backbone is the small conv stack of `monotakd_c
 frame computed once). The paper's SECOND teacher needs sparse 3D convolution, which JAX lacks; its
 BEV features and head outputs would come through the same cache, computed by the user.
 
+Arguments: epochs (10), batch_size (8), released (the released code's defects: IMD detached with
+batch min-max, F_T not normalised in CMRD, FFM off, one SCNET block fewer), tiny.
+
 Data: `kitti3d` (kd_jax/data/kitti.py): {data_dir}/ImageSets/{train,val}.txt,
 training/{calib,image_2,velodyne,label_2,depth_2}; images resized to 375 x 1242.
 Commands:
@@ -31,7 +34,7 @@ TRAIN_FRAMES = 3712
 
 
 def get_config(arg=None):
-    arg = C.parse_arg(arg, tiny=False, epochs=10, batch_size=8)
+    arg = C.parse_arg(arg, tiny=False, epochs=10, batch_size=8, released=False)
     c = C.base_config()
     steps = int(arg.epochs) * TRAIN_FRAMES // int(arg.batch_size)
     c.data.name = "kitti3d"
@@ -102,7 +105,9 @@ def get_config(arg=None):
         "steps": stage_steps["ta"],
         "objective": {"det": det, "depth": depth},
     }
-    student = C.model("monotakd_camera", mode="student", **cam_kw)
+    rel = bool(arg.released)  # the released code's defects (see configs/monotakd/toy.py)
+    extra = {"ffm": False, "scnet_as_released": True} if rel else {}
+    student = C.model("monotakd_camera", mode="student", **cam_kw, **extra)
     student.init = "stage:ta"
     teacher = C.model("monotakd_lidar", **lidar_kw)
     teacher.init = "stage:teacher"
@@ -113,8 +118,12 @@ def get_config(arg=None):
         "steps": stage_steps["student"],
         "objective": {
             "depth": depth,
-            "imd": C.term("monotakd_imd", 1.0, student="bev_imd", teacher="student:bev_ta"),
-            "cmrd": C.term("monotakd_cmrd", 0.2, student="bev_res,bev_ta", teacher="bev"),
+            "imd": C.term(
+                "monotakd_imd", 1.0, student="bev_imd", teacher="student:bev_ta", as_released=rel
+            ),
+            "cmrd": C.term(
+                "monotakd_cmrd", 0.2, student="bev_res,bev_ta", teacher="bev", as_released=rel
+            ),
             "logit": C.term("monotakd_response", 1.0, student="heatmap,reg", teacher="heatmap,reg"),
         },
     }
