@@ -18,7 +18,8 @@ The TA target is read from the student's own TA branch (teacher="student:bev_ta"
 stop_gradient); the TA branch gets no gradient (its BEV block and SAM stay at the TA stage's
 weights) while the shared image backbone trains with the student.
 
-Arguments: arms=all|<comma-free name>, seeds (3), steps (student steps), tiny.
+Arguments: arms=all|teacher|ta|<one arm>, seeds (3), steps (students, 600), teacher_steps (1000),
+ta_steps (800), num_train (1200 scenes), size ((32, 112) pixels), tiny.
 Command (the experiment, experiments/monotakd/README.md):
   python -m kd_jax.main --config=configs/monotakd/toy.py --workdir=runs/monotakd_toy
   python experiments/monotakd/evaluate.py runs/monotakd_toy   # both IoU sets, per seed
