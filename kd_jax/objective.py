@@ -148,9 +148,16 @@ class Objective:
 
     @property
     def teacher_paths(self) -> list[str]:
-        """Teacher-model feature paths ("batch:" paths read the batch, not the teacher)."""
+        """Teacher-model feature paths, one per array: a multi-feature target "a,b" gives "a" and
+        "b", so the teacher cache stores arrays, not tuples ("batch:" and "student:" paths read
+        the batch or the student, not the teacher)."""
         return sorted(
-            {t.teacher for t in self.terms if t.teacher and _source(t.teacher) == "teacher"}
+            {
+                p.strip()
+                for t in self.terms
+                if t.teacher and _source(t.teacher) == "teacher"
+                for p in t.teacher.split(",")
+            }
         )
 
     def check_vocab(self, student_feats, teacher_feats, student_tokenizer, teacher_tokenizer):

@@ -291,7 +291,7 @@ def test_objective_terms_read_hidden_and_head_and_batch_paths():
         }
     )
     # The batch-path term needs no teacher model features; the dense one does.
-    assert obj.teacher_paths == ["hidden,lm_head"]
+    assert obj.teacher_paths == ["hidden", "lm_head"]  # one per array
     run = jax.jit(
         lambda sf, tf, batch: evaluate_objective(
             obj, {}, student_feats=sf, teacher_feats=tf, batch=batch, step=0

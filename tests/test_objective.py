@@ -97,3 +97,29 @@ def test_weight_schedules():
 def test_unknown_objective_suggests():
     with pytest.raises(KeyError, match="Did you mean 'hinton_kd'"):
         Objective({"kd": C.term("hinton")})
+
+
+def test_teacher_paths_are_one_per_array_for_multi_feature_targets():
+    """A target "a,b" asks the teacher for "a" and "b" separately (the teacher cache stores
+    arrays), and the term still reads the pair."""
+    obj = Objective(
+        {
+            "pair": C.term("mse", 1.0, student="logits,hidden", teacher="logits,hidden"),
+            "own": C.term("mse", 1.0, student="hidden", teacher="student:hidden"),
+        }
+    )
+    assert obj.teacher_paths == ["hidden", "logits"]
+    flat = {"logits": TEACHER["logits"], "hidden": TEACHER["hidden"][:, :16]}
+    pair = losses.get("mse")
+
+    def both(*, student, teacher):  # mse over each pair, summed
+        return sum(pair(student=s, teacher=t) for s, t in zip(student, teacher))
+
+    obj.terms[0] = obj.terms[0].__class__(**{**obj.terms[0].__dict__, "fn": both})
+    total, m = evaluate_objective(
+        obj, {}, student_feats=STUDENT, teacher_feats=flat, batch=BATCH, step=0
+    )
+    want = pair(student=STUDENT["logits"], teacher=flat["logits"]) + pair(
+        student=STUDENT["hidden"], teacher=flat["hidden"]
+    )
+    np.testing.assert_allclose(m["loss/pair"], want, rtol=f32_tol())

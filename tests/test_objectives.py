@@ -100,6 +100,12 @@ OWN_CONTRACT = {
     "topk_jsd": "tests/test_orca_data.py",
     "dual_path_consistency": "tests/test_seg_train.py",
     "mlm_ce": "tests/test_mlm.py",  # needs a [B, T] mask of the masked positions
+    # MonoTAKD's BEV objectives take tuples and per-frame masks.
+    "monotakd_imd": "tests/test_monotakd.py",
+    "monotakd_cmrd": "tests/test_monotakd.py",
+    "monotakd_response": "tests/test_monotakd.py",
+    "centerpoint_det": "tests/test_monotakd.py",
+    "depth_ce": "tests/test_monotakd.py",
 }
 # The classic zoo (relational losses take a per-example mask only; AB and Tf-KD are not zero at
 # identity; FSP/CRD take tuples): its own contract and NumPy references in tests/test_zoo.py.

@@ -23,6 +23,7 @@ from kd_jax.data import (  # noqa: F401  (imported to register their datasets)
     sources,
     squad,
     text,
+    toy_kitti,
 )
 from kd_jax.data.registry import SOURCES, register
 from kd_jax.errors import ConfigValueError

@@ -18,6 +18,13 @@ from kd_jax.losses.logit_variants import dist, kd_logit_std, tf_kd_reg
 from kd_jax.losses.logits import ce, dkd, dkd_parts, hinton_kd
 from kd_jax.losses.minilm import minilm_attention, minilm_value_relation, minilmv2_relation
 from kd_jax.losses.mlm import mlm_ce
+from kd_jax.losses.monotakd import (
+    centerpoint_det,
+    depth_ce,
+    monotakd_cmrd,
+    monotakd_imd,
+    monotakd_response,
+)
 from kd_jax.losses.reduce import REDUCTIONS, reduce_loss
 from kd_jax.losses.registry import OBJECTIVES, accepts, get, names, optional, register, token_level
 from kd_jax.losses.relational import cc, crd, pkt, rkd, sp
@@ -58,6 +65,11 @@ __all__ = [
     "minilm_value_relation",
     "minilmv2_relation",
     "mlm_ce",
+    "centerpoint_det",
+    "depth_ce",
+    "monotakd_cmrd",
+    "monotakd_imd",
+    "monotakd_response",
     "mse",
     "names",
     "nst",

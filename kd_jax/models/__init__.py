@@ -13,6 +13,7 @@ from kd_jax.models import (  # noqa: F401  (imported to register their entries)
     gguf_loading,
     lad,
     llama,
+    monotakd,
     segformer,
     segformer_loading,
     transkd,
