@@ -59,7 +59,9 @@ def torch_worker(path: str, chunk: int, iters: int) -> dict:
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.backends.cuda.matmul.allow_tf32 = True  # as JAX's GPU default for float32
     with np.load(path) as f:
-        hs, ws, ht, wt, mask = (torch.from_numpy(f[k]).to(dev) for k in ("hs", "ws", "ht", "wt", "mask"))
+        hs, ws, ht, wt, mask = (
+            torch.from_numpy(f[k]).to(dev) for k in ("hs", "ws", "ht", "wt", "mask")
+        )
     hs, ht = hs.reshape(-1, hs.shape[-1]), ht.reshape(-1, ht.shape[-1])
     mask = mask.reshape(-1)
     n_valid = mask.sum()
@@ -85,7 +87,10 @@ def torch_worker(path: str, chunk: int, iters: int) -> dict:
             total += part.detach()
         return total, h.grad, w.grad
 
-    out = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "torch": torch.__version__}
+    out = {
+        "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
+        "torch": torch.__version__,
+    }
     for name, fn in (("naive", naive), ("chunked", chunked)):
         if dev == "cuda":
             torch.cuda.synchronize()
@@ -212,13 +217,20 @@ def main() -> None:
     print(f"time ratio chunked/naive (median): {med['chunked'] / med['naive']:.3f}")
     python = torch_python(args.torch_python)
     if python is None or args.divergence != "forward_kl":
-        print("PyTorch baseline: skipped (" + ("no torch" if python is None else "forward_kl only") + ")")
+        print(
+            "PyTorch baseline: skipped ("
+            + ("no torch" if python is None else "forward_kl only")
+            + ")"
+        )
         return
     import numpy as np
 
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "inputs.npz")
-        np.savez(path, **{k: np.asarray(v, np.float32) for k, v in zip(("hs", "ws", "ht", "wt", "mask"), x)})
+        np.savez(
+            path,
+            **{k: np.asarray(v, np.float32) for k, v in zip(("hs", "ws", "ht", "wt", "mask"), x)},
+        )
         cmd = [python, os.path.abspath(__file__), f"--torch_worker={path}"]
         cmd += [f"--chunk={args.chunk}", f"--iters={args.iters}"]
         res = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -228,12 +240,25 @@ def main() -> None:
     t = json.loads(res.stdout.strip().splitlines()[-1])
     for name in ("naive", "chunked"):
         r = t[name]
-        peak = f"{r['peak_extra'] / gib:.3f} GiB above inputs" if r["peak_extra"] is not None else "peak n/a (CPU)"
-        print(f"PyTorch {name:8s} step {r['median_s']:.3f} s, {peak}, loss {r['loss']:.6f} ({t['device']}, torch {t['torch']})")
-    print(f"time ratio kd_jax chunked / PyTorch chunked: {med['chunked'] / t['chunked']['median_s']:.3f}")
+        peak = (
+            f"{r['peak_extra'] / gib:.3f} GiB above inputs"
+            if r["peak_extra"] is not None
+            else "peak n/a (CPU)"
+        )
+        print(
+            f"PyTorch {name:8s} step {r['median_s']:.3f} s, {peak}, loss {r['loss']:.6f} "
+            f"({t['device']}, torch {t['torch']})"
+        )
+    print(
+        "time ratio kd_jax chunked / PyTorch chunked: "
+        f"{med['chunked'] / t['chunked']['median_s']:.3f}"
+    )
     if t["chunked"]["peak_extra"]:
         extra = mem["chunked"]["peak"] - mem["chunked"]["args"]
-        print(f"memory ratio kd_jax chunked / PyTorch chunked (beyond inputs): {extra / t['chunked']['peak_extra']:.3f}")
+        print(
+            "memory ratio kd_jax chunked / PyTorch chunked (beyond inputs): "
+            f"{extra / t['chunked']['peak_extra']:.3f}"
+        )
 
 
 if __name__ == "__main__":

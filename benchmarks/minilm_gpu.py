@@ -65,8 +65,13 @@ PEAK_BF16 = {
 
 # name -> settings; see the README table. "fused" = BERT attention_impl="cudnn" (flash attention
 # where no loss reads the probabilities); a student can use it only without attention dropout.
-_BASE = dict(dtype="bfloat16", teacher_attention="explicit", student_attention="explicit",
-             student_attention_dropout=0.1, mu_dtype="")
+_BASE = dict(
+    dtype="bfloat16",
+    teacher_attention="explicit",
+    student_attention="explicit",
+    student_attention_dropout=0.1,
+    mu_dtype="",
+)
 VARIANTS = {
     "f32": {**_BASE, "dtype": "float32"},
     "bf16": _BASE,
@@ -112,7 +117,8 @@ def process_age() -> float:
 
 
 def random_batch(batch: int, length: int, vocab: int, seed: int = 0) -> dict:
-    """Random ids in [1000, vocab) (past BERT's special tokens); the last 10% of positions padded on the first half of rows."""
+    """Random ids in [1000, vocab) (past BERT's special tokens); the last 10% of positions
+    padded on the first half of the rows."""
     rng = np.random.default_rng(seed)
     ids = rng.integers(min(1000, vocab // 2), vocab, (batch, length)).astype(np.int32)
     mask = np.ones((batch, length), np.int32)
@@ -367,9 +373,7 @@ def torch_worker(batch_path: str, mode: str, precision: str, iters: int, warmup:
     for p in teacher.parameters():
         p.requires_grad_(False)
     student = BertModel(scfg, add_pooling_layer=False).to(dev).train()
-    opt = torch.optim.AdamW(
-        student.parameters(), lr=5e-4, weight_decay=0.01, fused=dev == "cuda"
-    )
+    opt = torch.optim.AdamW(student.parameters(), lr=5e-4, weight_decay=0.01, fused=dev == "cuda")
 
     t_out, s_out = hook_last_qkv(teacher), hook_last_qkv(student)
     relation_logits, kl_loss = torch_minilm_losses(mask, shapes["heads"])
@@ -551,10 +555,20 @@ def main(argv=None) -> None:
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(
-                    {"kind": kind, "shapes": s, "batch": args.batch, "length": args.length,
-                     "model_flops": flops, "peak": peak, "jax": jax_rows, "torch": t_rows,
-                     "startup": marks},
-                    f, indent=1, default=str,
+                    {
+                        "kind": kind,
+                        "shapes": s,
+                        "batch": args.batch,
+                        "length": args.length,
+                        "model_flops": flops,
+                        "peak": peak,
+                        "jax": jax_rows,
+                        "torch": t_rows,
+                        "startup": marks,
+                    },
+                    f,
+                    indent=1,
+                    default=str,
                 )
 
     print("\n| run | ms/step | model TFLOP/s | MFU | notes |\n|---|---|---|---|---|", flush=True)
@@ -577,7 +591,8 @@ def main(argv=None) -> None:
             print(fmt_row(f"kd_jax {v}", r["median_s"], flops, peak, note))
         if i == 0 and "compile_s" in r:
             print(
-                f"  start-up ({v}, {args.startup}): first step finished {marks['first step']:.1f} s "
+                f"  start-up ({v}, {args.startup}): first step finished "
+                f"{marks['first step']:.1f} s "
                 f"after process start; compile {r['compile_s']:.1f} s; the rest "
                 f"{marks['first step'] - r['compile_s']:.1f} s (target: <= compile + 15 s):"
             )
@@ -612,7 +627,9 @@ def main(argv=None) -> None:
         print(f"\nratio kd_jax {best[1]} / kd_jax {args.variants[0]} = {best[0] / base:.3f}")
     ref = t_rows.get("compile_bf16", {}).get("median_s")
     if ref:
-        print(f"ratio kd_jax {best[1]} / torch.compile bf16 = {best[0] / ref:.3f}  (target <= 0.85)")
+        print(
+            f"ratio kd_jax {best[1]} / torch.compile bf16 = {best[0] / ref:.3f}  (target <= 0.85)"
+        )
     eager = t_rows.get("eager_bf16", {}).get("median_s")
     if eager:
         print(f"ratio kd_jax {best[1]} / PyTorch eager bf16 = {best[0] / eager:.3f}")

@@ -199,6 +199,7 @@ def _jax_step(cfg, args):
     from kd_jax import sharding
     from kd_jax import teacher as teacher_lib
     from kd_jax.trainers import kd
+
     mesh = sharding.make_mesh(cfg.mesh)
     with tempfile.TemporaryDirectory() as tmp:
         stage = kd.build_stage(cfg, mesh, tmp)
@@ -315,7 +316,9 @@ def main() -> None:
     if t:
         print(f"PyTorch {t['median_s'] * 1e3:9.1f} ms/step   (first loss {t['first_loss']:.4f})")
         for v, r in runs.items():
-            print(f"ratio kd_jax {v} / PyTorch = {r['median_s'] / t['median_s']:.3f}  (target <= 1)")
+            print(
+                f"ratio kd_jax {v} / PyTorch = {r['median_s'] / t['median_s']:.3f}  (target <= 1)"
+            )
     else:
         print(
             "ratio kd_jax / PyTorch: skipped (torch and transformers are not importable here "

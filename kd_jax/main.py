@@ -1,5 +1,6 @@
 """Command line: `python -m kd_jax.main --config=configs/x.py:tiny --workdir=/tmp/w
-[--config.optimizer.learning_rate=1e-3 ...] [--distributed] [--compilation_cache=~/.cache/kd_jax_xla]`."""
+[--config.optimizer.learning_rate=1e-3 ...] [--distributed]
+[--compilation_cache=~/.cache/kd_jax_xla]`."""
 
 from __future__ import annotations
 
