@@ -15,6 +15,7 @@ import numpy as np
 
 from kd_jax.data import (  # noqa: F401  (imported to register their datasets)
     cifar,
+    lectures,
     ncte,
     orca,
     segmentation,
