@@ -42,6 +42,8 @@ def make_optimizer(cfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
         tx = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
     elif o.name == "adam":
         tx = optax.adam(schedule, b1=o.b1, b2=o.b2, eps=o.eps)
+    elif o.name == "amsgrad":  # Adam with the running max of v (Reddi et al., arXiv:1904.09237)
+        tx = optax.amsgrad(schedule, b1=o.b1, b2=o.b2, eps=o.eps)
     elif o.name == "sgd":
         tx = optax.chain(
             optax.add_decayed_weights(o.weight_decay),
@@ -50,7 +52,7 @@ def make_optimizer(cfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
     elif o.name == "lamb":
         tx = optax.lamb(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
     else:
-        raise ConfigValueError(f"Unknown optimizer '{o.name}'; use adamw, adam, sgd or lamb.")
+        raise ConfigValueError(f"Unknown optimizer '{o.name}'; use adamw, adam, amsgrad, sgd or lamb.")
     if o.grad_clip_norm:
         tx = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), tx)
     return tx, schedule

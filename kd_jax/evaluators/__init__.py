@@ -66,4 +66,11 @@ def make(name: str, ctx: EvalContext) -> Callable | None:
 
 
 # Built-in evaluators register themselves on import.
-from kd_jax.evaluators import agreement, classification, lm, segmentation, span  # noqa: E402, F401
+from kd_jax.evaluators import (  # noqa: E402, F401
+    agreement,
+    classification,
+    lm,
+    retrieval,
+    segmentation,
+    span,
+)

@@ -12,6 +12,7 @@ from kd_jax.models import (  # noqa: F401  (imported to register their entries)
     gguf_loading,
     lad,
     llama,
+    polyvilt,
     segformer,
     segformer_loading,
     transkd,
