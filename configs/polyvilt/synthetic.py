@@ -96,7 +96,7 @@ def get_config(arg=None):
             figure_kwargs=dict(
                 hidden_size=d, num_layers=1 if tiny else 2, num_heads=2 if tiny else 4,
                 intermediate_size=2 * d, patch_size=8, image_size=image_size,
-                max_text_length=12,
+                max_position=12,
             ),
         )
     elif arg.figure == "cnn":

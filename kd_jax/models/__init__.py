@@ -16,6 +16,8 @@ from kd_jax.models import (  # noqa: F401  (imported to register their entries)
     segformer,
     segformer_loading,
     transkd,
+    vilt,
+    vilt_loading,
     wrappers,
     zoo_adapters,
 )

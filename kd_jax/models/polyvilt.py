@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from kd_jax.models.registry import MODELS, input_keys, register
+from kd_jax.models.vilt import pixels_from_image
 
 TEXT_INPUTS = ("text_hidden", "text_mask")
 
@@ -123,10 +124,14 @@ class PolyViLT(nn.Module):
     dropout: float = 0.1
     normalize_figure: bool = False
     pooled_feature: str = "pooled"
+    vilt_inputs: bool = False
 
     @nn.compact
     def __call__(self, *inputs, train: bool = False):
         fig_in, (hidden, mask) = inputs[: self.num_figure_inputs], inputs[self.num_figure_inputs :]
+        if self.vilt_inputs:  # lecture keys (ocr_ids, ocr_mask, image) -> ViLT's four inputs
+            ids, ocr_mask, image = fig_in
+            fig_in = (ids, ocr_mask, pixels_from_image(image), jnp.ones(image.shape[:3], jnp.int32))
         _, f_feats = self.figure_encoder(*fig_in, train=train)
         fig = f_feats[self.pooled_feature].astype(jnp.float32)
         if fig.shape[-1] != self.embed_dim:
@@ -159,8 +164,19 @@ def _figure_cfg(kwargs):
     )
 
 
+# ViLT reads (input_ids, attention_mask, pixel_values, pixel_mask); lecture sources give the
+# figure's OCR ids and mask and its [0, 1] image, normalised as ViltProcessor does.
+VILT_LECTURE_INPUTS = ("ocr_ids", "ocr_mask", "image")
+
+
+def _figure_inputs(kwargs) -> tuple[str, ...]:
+    if kwargs.get("figure_encoder", "lecture_cnn") == "vilt":
+        return VILT_LECTURE_INPUTS
+    return input_keys(_figure_cfg(kwargs))
+
+
 def _inputs(kwargs) -> tuple[str, ...]:
-    return (*input_keys(_figure_cfg(kwargs)), *TEXT_INPUTS)
+    return (*_figure_inputs(kwargs), *TEXT_INPUTS)
 
 
 @register("polyvilt", inputs=_inputs)
@@ -170,6 +186,8 @@ def polyvilt(
     """kwargs: embed_dim, gru_hidden, num_embeds (K; 1 = no MIL), attn_hidden, dropout,
     normalize_figure, pooled_feature; `figure_encoder` names a registered model whose features
     include `pooled_feature`, built with `figure_kwargs`."""
-    cfg = _figure_cfg({"figure_encoder": figure_encoder, "figure_kwargs": figure_kwargs})
+    spec = {"figure_encoder": figure_encoder, "figure_kwargs": figure_kwargs}
+    cfg = _figure_cfg(spec)
     encoder = MODELS.get(figure_encoder)(dtype=dtype, **dict(cfg.kwargs))
-    return PolyViLT(encoder, len(input_keys(cfg)), **kwargs)
+    n = len(_figure_inputs(spec))
+    return PolyViLT(encoder, n, vilt_inputs=figure_encoder == "vilt", **kwargs)
