@@ -53,10 +53,10 @@ def test_retrieval_metrics_per_speaker_then_averaged_and_min_over_slide_figures(
     slide = np.array([0, 0, 1, 2, 3])
     speaker = np.array([0, 0, 0, 1, 1])
     sim = np.full((5, 5), -1.0)
-    sim[:3, :3] = [[0.2, 0.1, 0.9], [0.8, 0.7, 0.1], [0.3, 0.6, 0.5]]
+    sim[:3, :3] = [[0.8, 0.1, 0.9], [0.2, 0.7, 0.1], [0.3, 0.6, 0.5]]
     sim[3:, 3:] = [[0.1, 0.9], [0.2, 0.8]]
     out = R.retrieval_metrics(sim, slide, speaker)
-    # Speaker 0, f2t ranks: fig0 best correct 0.2 vs wrong 0.9 -> 1; fig1 -> 0; fig2 -> 1.
+    # Speaker 0, f2t ranks: fig0 best correct 0.8 vs wrong 0.9 -> 1; fig1 -> 0; fig2 -> 1.
     # Speaker 1: fig3 -> 1, fig4 -> 0.  R@1: (1/3 + 1/2) / 2.
     assert out["f2t_r1"] == pytest.approx(100 * (1 / 3 + 1 / 2) / 2)
     # t2f (columns): text0 correct figs {0, 1}: 0.8 best, wrong 0.3 -> 0; text1: 0.7 vs 0.6 -> 0;
@@ -65,8 +65,9 @@ def test_retrieval_metrics_per_speaker_then_averaged_and_min_over_slide_figures(
     assert out["t2f_meanr"] == pytest.approx(((1 / 3) + 1.0) / 2 + 1)
     assert out["rsum"] == pytest.approx(sum(out[f"{d}_{r}"] for d in ("f2t", "t2f")
                                             for r in ("r1", "r5", "r10")))
-    # As released, text0's rank is figure 1's (the last listed): 0.7 beaten by 0.8 -> 1.
-    assert out["t2f_r1_as_released"] < out["t2f_r1"]
+    # As released, text0's rank is figure 1's (the last listed): 0.2, below 0.8 and 0.3 -> 2.
+    assert out["t2f_r1_as_released"] == pytest.approx(100 * (1 / 3 + 0 / 2) / 2)
+    assert out["t2f_meanr_as_released"] == pytest.approx(((2 + 0 + 1) / 3 + 1.0) / 2 + 1)
 
 
 # -------------------------------------------------------------------- objectives
