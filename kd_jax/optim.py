@@ -52,7 +52,9 @@ def make_optimizer(cfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
     elif o.name == "lamb":
         tx = optax.lamb(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
     else:
-        raise ConfigValueError(f"Unknown optimizer '{o.name}'; use adamw, adam, amsgrad, sgd or lamb.")
+        raise ConfigValueError(
+            f"Unknown optimizer '{o.name}'; use adamw, adam, amsgrad, sgd or lamb."
+        )
     if o.grad_clip_norm:
         tx = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), tx)
     return tx, schedule

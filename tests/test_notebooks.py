@@ -24,6 +24,7 @@ SLOW = pytest.mark.skipif(
         "minilm.ipynb",
         "orca.ipynb",
         "teacher_coach.ipynb",
+        "polyvilt.ipynb",
         pytest.param("segmentation.ipynb", marks=SLOW),
     ],
 )

@@ -63,8 +63,9 @@ def test_retrieval_metrics_per_speaker_then_averaged_and_min_over_slide_figures(
     # text2: 0.5 vs 0.9 -> 1; speaker 1: text3 0.1 vs 0.2 -> 1; text4 0.8 vs 0.9 -> 1.
     assert out["t2f_r1"] == pytest.approx(100 * (2 / 3 + 0 / 2) / 2)
     assert out["t2f_meanr"] == pytest.approx(((1 / 3) + 1.0) / 2 + 1)
-    assert out["rsum"] == pytest.approx(sum(out[f"{d}_{r}"] for d in ("f2t", "t2f")
-                                            for r in ("r1", "r5", "r10")))
+    assert out["rsum"] == pytest.approx(
+        sum(out[f"{d}_{r}"] for d in ("f2t", "t2f") for r in ("r1", "r5", "r10"))
+    )
     # As released, text0's rank is figure 1's (the last listed): 0.2, below 0.8 and 0.3 -> 2.
     assert out["t2f_r1_as_released"] == pytest.approx(100 * (1 / 3 + 0 / 2) / 2)
     assert out["t2f_meanr_as_released"] == pytest.approx(((2 + 0 + 1) / 3 + 1.0) / 2 + 1)
@@ -129,9 +130,7 @@ def test_inbatch_similarity_kd_contract():
     v = float(inbatch_similarity_kd(student=s, teacher=t, temperature=0.5))
     pt, ps = jax.nn.softmax(t / 0.5, -1), jax.nn.softmax(s / 0.5, -1)
     qt, qs = jax.nn.softmax(t.T / 0.5, -1), jax.nn.softmax(s.T / 0.5, -1)
-    ref = 0.25 * 0.5 * np.mean(
-        np.sum(pt * np.log(pt / ps), -1) + np.sum(qt * np.log(qt / qs), -1)
-    )
+    ref = 0.25 * 0.5 * np.mean(np.sum(pt * np.log(pt / ps), -1) + np.sum(qt * np.log(qt / qs), -1))
     assert v == pytest.approx(float(ref), rel=1e-5)
     # A masked example leaves every softmax: same as slicing it away.
     m = jnp.asarray([1, 1, 1, 1, 0.0])
@@ -145,8 +144,14 @@ def test_inbatch_similarity_kd_contract():
 # -------------------------------------------------------------------- model and data
 def test_model_contract_unit_text_instances_and_mil_similarity():
     model = models.build(
-        C.model("polyvilt", figure_kwargs={"hidden": 16}, embed_dim=16, gru_hidden=8,
-                num_embeds=3, attn_hidden=8)
+        C.model(
+            "polyvilt",
+            figure_kwargs={"hidden": 16},
+            embed_dim=16,
+            gru_hidden=8,
+            num_embeds=3,
+            attn_hidden=8,
+        )
     )
     rng = np.random.default_rng(0)
     b, length = 4, 7
@@ -168,12 +173,21 @@ def test_model_contract_unit_text_instances_and_mil_similarity():
     _, f2 = model.apply(v, *x[:3], h2, x[4])
     np.testing.assert_allclose(f2["txt"][1], f["txt"][1], atol=1e-5)
     assert models.input_keys(C.model("polyvilt", figure_encoder="vilt"))[:3] == (
-        "ocr_ids", "ocr_mask", "image")
+        "ocr_ids",
+        "ocr_mask",
+        "image",
+    )
 
 
 def test_synthetic_lectures_seeded_and_split_by_slide():
-    kw = dict(num_speakers=2, slides_per_speaker=10, image_size=16, text_encoder="random_bert:8",
-              text_max_length=16, ocr_max_length=8)
+    kw = dict(
+        num_speakers=2,
+        slides_per_speaker=10,
+        image_size=16,
+        text_encoder="random_bert:8",
+        text_max_length=16,
+        ocr_max_length=8,
+    )
     train, ev = lectures.synthetic_lectures(**kw)
     train2, _ = lectures.synthetic_lectures(**kw)
     np.testing.assert_array_equal(train.arrays["image"], train2.arrays["image"])

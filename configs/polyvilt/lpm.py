@@ -13,8 +13,9 @@ grafted into the figure encoder), BiGRU 384 x 2 + PIE-net K = 5, D = 768; loss h
 hardest negatives) + 0.01 diversity + 0.01 MMD; Adam (amsgrad) lr 2e-4, batch 8, clip 2.0,
 100 epochs. Evaluator "lecture_retrieval".
 
-  python -m kd_jax.main --config=configs/polyvilt/lpm.py:root=/data/LPM,vilt=/w/vilt-b32-mlm-itm,bert=/w/bert-base-uncased \
-      --workdir=runs/polyvilt_lpm
+  python -m kd_jax.main --workdir=runs/polyvilt_lpm \
+      --config=configs/polyvilt/lpm.py:root=/data/LPM,vilt=/w/vilt-b32-mlm-itm,bert=/w/bert-base
+  (vilt: a HF ViltModel folder, e.g. dandelin/vilt-b32-mlm-itm; bert: e.g. bert-base-uncased)
   python experiments/polyvilt/table.py runs/polyvilt_lpm
 
 Paper (Table 2, all speakers, 3 seeds): PolyViLT F2T R@1/5/10 4.94/19.16/30.35,
@@ -55,8 +56,10 @@ def get_config(arg=None):
     arms = tuple(a for a in str(arg.arms).split("+") if a)
     if set(arms) - set(ARMS):
         raise ValueError(f"Unknown arms {sorted(set(arms) - set(ARMS))}; choose from {ARMS}.")
-    text = "random_bert:16" if tiny else (
-        f"pretrained:hf_bert:{arg.bert}" if arg.bert else "pretrained:all-minilm-l6-v2"
+    text = (
+        "random_bert:16"
+        if tiny
+        else (f"pretrained:hf_bert:{arg.bert}" if arg.bert else "pretrained:all-minilm-l6-v2")
     )
     c = C.base_config()
     c.num_seeds = 2 if tiny else int(arg.seeds)
@@ -86,16 +89,32 @@ def get_config(arg=None):
     c.evaluator_kwargs = {"splits": ("val", "test"), "as_released": True}
 
     if tiny:
-        vilt = dict(preset="", hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
-                    patch_size=16, image_size=32, max_position=8)
+        vilt = dict(
+            preset="",
+            hidden_size=32,
+            num_layers=1,
+            num_heads=2,
+            intermediate_size=64,
+            patch_size=16,
+            image_size=32,
+            max_position=8,
+        )
         d, gru, attn = 32, 16, 16
     else:
         vilt = dict(preset=f"hf_vilt:{arg.vilt}" if arg.vilt else "vilt-b32")
         d, gru, attn = 768, 384, 384
 
     def student(k):
-        m = C.model("polyvilt", figure_encoder="vilt", figure_kwargs=vilt, embed_dim=d,
-                    gru_hidden=gru, num_embeds=k, attn_hidden=attn, dropout=0.1)
+        m = C.model(
+            "polyvilt",
+            figure_encoder="vilt",
+            figure_kwargs=vilt,
+            embed_dim=d,
+            gru_hidden=gru,
+            num_embeds=k,
+            attn_hidden=attn,
+            dropout=0.1,
+        )
         if arg.vilt and not tiny:
             m.init = f"pretrained:hf_vilt:{arg.vilt}"  # grafted into params["figure_encoder"]
         return m

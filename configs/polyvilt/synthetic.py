@@ -94,8 +94,12 @@ def get_config(arg=None):
         fig = dict(
             figure_encoder="vilt",
             figure_kwargs=dict(
-                hidden_size=d, num_layers=1 if tiny else 2, num_heads=2 if tiny else 4,
-                intermediate_size=2 * d, patch_size=8, image_size=image_size,
+                hidden_size=d,
+                num_layers=1 if tiny else 2,
+                num_heads=2 if tiny else 4,
+                intermediate_size=2 * d,
+                patch_size=8,
+                image_size=image_size,
                 max_position=12,
             ),
         )
@@ -106,8 +110,13 @@ def get_config(arg=None):
 
     def student(k, gru):
         return C.model(
-            "polyvilt", **fig, embed_dim=d, gru_hidden=gru, num_embeds=k,
-            attn_hidden=d // 2, dropout=0.1,
+            "polyvilt",
+            **fig,
+            embed_dim=d,
+            gru_hidden=gru,
+            num_embeds=k,
+            attn_hidden=d // 2,
+            dropout=0.1,
         )
 
     hinge = C.term("vse_hinge", 1.0, student="sim", margin=0.1, max_violation=True)
@@ -137,8 +146,9 @@ def get_config(arg=None):
         "teacher": teacher,
         "objective": {
             **full,
-            "kd": C.term("inbatch_similarity_kd", 1.0, student="sim", teacher="sim",
-                         temperature=0.1),
+            "kd": C.term(
+                "inbatch_similarity_kd", 1.0, student="sim", teacher="sim", temperature=0.1
+            ),
         },
     }
     c.stages = {a: stages[a] for a in arms}

@@ -68,8 +68,10 @@ SPOKEN_KIND = {
     "table": ("table", "rows", "columns"),
     "equation": ("equation", "formula", "expression"),
 }
-SPOKEN_TREND = {"increasing": ("goes up", "increases", "rises"), "decreasing": ("goes down",
-                                                                            "decreases", "drops")}
+SPOKEN_TREND = {
+    "increasing": ("goes up", "increases", "rises"),
+    "decreasing": ("goes down", "decreases", "drops"),
+}
 AXIS_WORDS = {
     "bar": ("count", "group"),
     "line": ("time", "value"),
@@ -79,17 +81,87 @@ AXIS_WORDS = {
     "equation": ("theorem", "proof"),
 }
 TOPICS = (
-    ("cell", "protein", "membrane", "enzyme", "gene", "mitosis", "nucleus", "ribosome", "tissue",
-     "receptor", "virus", "bacteria"),
-    ("tooth", "enamel", "gum", "crown", "root", "plaque", "implant", "nerve", "canal", "molar",
-     "bite", "jaw"),
-    ("gradient", "loss", "network", "layer", "kernel", "margin", "sample", "feature", "weight",
-     "bias", "tree", "cluster"),
-    ("memory", "emotion", "attention", "stress", "learning", "behaviour", "brain", "sleep",
-     "reward", "anxiety", "perception", "habit"),
+    (
+        "cell",
+        "protein",
+        "membrane",
+        "enzyme",
+        "gene",
+        "mitosis",
+        "nucleus",
+        "ribosome",
+        "tissue",
+        "receptor",
+        "virus",
+        "bacteria",
+    ),
+    (
+        "tooth",
+        "enamel",
+        "gum",
+        "crown",
+        "root",
+        "plaque",
+        "implant",
+        "nerve",
+        "canal",
+        "molar",
+        "bite",
+        "jaw",
+    ),
+    (
+        "gradient",
+        "loss",
+        "network",
+        "layer",
+        "kernel",
+        "margin",
+        "sample",
+        "feature",
+        "weight",
+        "bias",
+        "tree",
+        "cluster",
+    ),
+    (
+        "memory",
+        "emotion",
+        "attention",
+        "stress",
+        "learning",
+        "behaviour",
+        "brain",
+        "sleep",
+        "reward",
+        "anxiety",
+        "perception",
+        "habit",
+    ),
 )
-FILLER = ("so", "um", "okay", "now", "let", "us", "look", "at", "here", "we", "see", "that",
-          "this", "is", "the", "and", "you", "know", "right", "today", "basically", "again")
+FILLER = (
+    "so",
+    "um",
+    "okay",
+    "now",
+    "let",
+    "us",
+    "look",
+    "at",
+    "here",
+    "we",
+    "see",
+    "that",
+    "this",
+    "is",
+    "the",
+    "and",
+    "you",
+    "know",
+    "right",
+    "today",
+    "basically",
+    "again",
+)
 ASR_NOISE = ("uh", "the", "a", "of", "and", "in", "to")
 
 
@@ -111,8 +183,11 @@ def render_figure(kind: str, colour: str, trend: str, size: int, rng) -> np.ndar
             img[int(s * (1 - h)) : s - 1, x0 : x0 + max(w - 1, 1)] = c
     elif kind == "line":
         slope = (1 if up else -1) * rng.uniform(0.4, 0.8)
-        ys = 0.5 - slope * (np.arange(s) / s - 0.5) + 0.05 * np.sin(np.arange(s) * rng.uniform(0.2,
-                                                                                        0.6))
+        ys = (
+            0.5
+            - slope * (np.arange(s) / s - 0.5)
+            + 0.05 * np.sin(np.arange(s) * rng.uniform(0.2, 0.6))
+        )
         for x in range(s):
             y = int(np.clip(ys[x] * s, 0, s - 2))
             img[y : y + 2, x] = c

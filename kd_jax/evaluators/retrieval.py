@@ -79,7 +79,11 @@ def rank_metrics(ranks: np.ndarray) -> dict[str, float]:
 
 
 def retrieval_metrics(
-    sim: np.ndarray, slide: np.ndarray, speaker: np.ndarray, *, as_released: bool = True,
+    sim: np.ndarray,
+    slide: np.ndarray,
+    speaker: np.ndarray,
+    *,
+    as_released: bool = True,
     per_speaker: bool = False,
 ) -> dict[str, float]:
     """Both directions, per speaker then averaged. sim [N, N] (figure i vs text of example j),
@@ -139,8 +143,9 @@ def lecture_retrieval(ctx: EvalContext):
         keep = np.concatenate(cols["m"])
         fig = np.concatenate(cols["fig"], axis=1)[:, keep]
         txt = np.concatenate(cols["txt"], axis=1)[:, keep]
-        slide, speaker, split = (np.concatenate(cols[k])[keep] for k in ("slide", "speaker",
-                                                                         "split"))
+        slide, speaker, split = (
+            np.concatenate(cols[k])[keep] for k in ("slide", "speaker", "split")
+        )
         results: dict[str, list[float]] = {}
         for s in range(fig.shape[0]):
             for code, name in enumerate(("val", "test")):
@@ -151,7 +156,10 @@ def lecture_retrieval(ctx: EvalContext):
                 if random:
                     sim = np.random.default_rng(s).uniform(size=sim.shape)
                 m = retrieval_metrics(
-                    sim, slide[sel], speaker[sel], as_released=as_released,
+                    sim,
+                    slide[sel],
+                    speaker[sel],
+                    as_released=as_released,
                     per_speaker=per_speaker,
                 )
                 for k, v in m.items():

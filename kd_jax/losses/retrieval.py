@@ -117,7 +117,9 @@ def mmd_kernel(*, student, mask=None, reduction: str = "mean", gamma: float = 0.
     w = jnp.repeat(_valid(mask, b), k)
     pair = w[:, None] * w[None, :]
     total = (
-        laplace_kernel(x, x, gamma) - 2.0 * laplace_kernel(x, y, gamma) + laplace_kernel(y, y, gamma)
+        laplace_kernel(x, x, gamma)
+        - 2.0 * laplace_kernel(x, y, gamma)
+        + laplace_kernel(y, y, gamma)
     )
     if reduction == "none":
         raise ValueError("mmd_kernel is a batch-level term: use reduction 'mean' or 'sum'.")

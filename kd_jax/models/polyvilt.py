@@ -151,16 +151,21 @@ class PolyViLT(nn.Module):
         return sim, {**feats, "logits": sim}
 
 
-register("lecture_cnn", lambda dtype=jnp.float32, **kw: LectureCNN(dtype=dtype, **kw),
-         inputs=("image", "ocr_ids", "ocr_mask"))
+register(
+    "lecture_cnn",
+    lambda dtype=jnp.float32, **kw: LectureCNN(dtype=dtype, **kw),
+    inputs=("image", "ocr_ids", "ocr_mask"),
+)
 
 
 def _figure_cfg(kwargs):
     from ml_collections import ConfigDict
 
     return ConfigDict(
-        {"model": kwargs.get("figure_encoder", "lecture_cnn"),
-         "kwargs": dict(kwargs.get("figure_kwargs") or {})}
+        {
+            "model": kwargs.get("figure_encoder", "lecture_cnn"),
+            "kwargs": dict(kwargs.get("figure_kwargs") or {}),
+        }
     )
 
 
