@@ -40,7 +40,7 @@ def get_config(arg=None):
         arg,
         tiny=False,
         figure="vilt",
-        epochs=10,
+        epochs=6,
         slides=80,
         seeds=3,
         arms="+".join(ARMS),
