@@ -7,7 +7,7 @@ words; split per speaker by slide (test 20%, validation 10%, `split_seed`). The 
 the frozen all-MiniLM-L6-v2's last hidden states (computed once per transcript and cached).
 
 Stages (arms), each `num_seeds` replicas in one vmapped step:
-  random        no training: i.i.d. random scores (Table 2's "Random" row).
+  random        random unit embeddings (one per figure, K per slide text; Table 2's "Random").
   no_mil        K = 1 text embedding, VSE++ hinge (hardest negatives, margin 0.1).
   pvse          K = 5, the hinge alone (no diversity, no MMD): PVSE-style.
   polyvilt      K = 5, hinge + 0.01 diversity + 0.01 MMD (the released OursLoss).
@@ -24,7 +24,8 @@ Command (the experiment):
   python -m kd_jax.main --config=configs/polyvilt/synthetic.py --workdir=runs/polyvilt
   python experiments/polyvilt/table.py runs/polyvilt
 
-Arguments: figure=vilt|cnn (figure encoder: a small random-init ViLT, or the stand-in CNN),
+Arguments: figure=cnn|vilt (figure encoder: the stand-in CNN + OCR bag of words, the default
+because the small random-init ViLT hung inside the training loop here, see the README; or ViLT),
 epochs, slides (per speaker), seeds, arms ("+"-separated, default all), text=minilm|tiny, tiny.
 `tiny`: a random 1-layer text encoder, 6 slides per speaker, 16 x 16 figures, 2 seeds, 3 steps.
 """
@@ -39,8 +40,8 @@ def get_config(arg=None):
     arg = C.parse_arg(
         arg,
         tiny=False,
-        figure="vilt",
-        epochs=6,
+        figure="cnn",
+        epochs=15,
         slides=80,
         seeds=3,
         arms="+".join(ARMS),
