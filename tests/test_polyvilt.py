@@ -217,3 +217,29 @@ def test_tiny_config_learns_the_retrieval_task(tmp_path):
     losses = [r["loss/rank"] for r in rows if "loss/rank" in r]
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
     assert len(res["test/f2t_r10"]) == 2
+
+
+def test_random_embeddings_score_a_slides_duplicated_text_alike():
+    slide = np.array([0, 0, 1, 2, 2, 2])
+    sim = R.random_similarity(slide, 3, 8, seed=0)
+    np.testing.assert_array_equal(sim[:, 0], sim[:, 1])
+    np.testing.assert_array_equal(sim[:, 3], sim[:, 5])
+    assert not np.allclose(sim[:, 0], sim[:, 2])
+    np.testing.assert_array_equal(sim, R.random_similarity(slide, 3, 8, seed=0))
+    assert np.all(np.abs(sim) <= 1 + 1e-9)  # unit vectors
+
+
+def test_amsgrad_optimizer_keeps_the_running_max():
+    from kd_jax import optim
+
+    c = C.base_config()
+    with c.unlocked():
+        c.optimizer.name = "amsgrad"
+        c.optimizer.learning_rate = 0.1
+    tx, _ = optim.make_optimizer(c)
+    p = {"w": jnp.ones(2)}
+    s = tx.init(p)
+    _, s = tx.update({"w": jnp.array([3.0, 0.0])}, s, p)
+    _, s = tx.update({"w": jnp.array([0.0, 0.0])}, s, p)
+    nu_max = [x for x in jax.tree.leaves(s) if getattr(x, "shape", None) == (2,)][-1]
+    assert float(nu_max[0]) > 0  # the max of v survives a zero gradient
