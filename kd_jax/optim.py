@@ -40,9 +40,9 @@ def make_schedule(cfg) -> optax.Schedule:
 def make_optimizer(cfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
     o, schedule = cfg.optimizer, make_schedule(cfg)
     mu_dtype = jnp.dtype(o.mu_dtype) if o.mu_dtype else None
-    if mu_dtype is not None and o.name not in ("adam", "adamw"):
+    if mu_dtype is not None and o.name not in ("adam", "adamw", "amsgrad"):
         raise ConfigValueError(
-            f"optimizer.mu_dtype is an adam/adamw option; optimizer '{o.name}' has no first "
+            f"optimizer.mu_dtype is an adam/adamw/amsgrad option; optimizer '{o.name}' has no first "
             "moment to store in it. Remove optimizer.mu_dtype."
         )
     if o.name == "adamw":
@@ -56,6 +56,8 @@ def make_optimizer(cfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
         )
     elif o.name == "adam":
         tx = optax.adam(schedule, b1=o.b1, b2=o.b2, eps=o.eps, mu_dtype=mu_dtype)
+    elif o.name == "amsgrad":  # Adam with the running max of v (Reddi et al., arXiv:1904.09237)
+        tx = optax.amsgrad(schedule, b1=o.b1, b2=o.b2, eps=o.eps, mu_dtype=mu_dtype)
     elif o.name == "sgd":
         tx = optax.chain(
             optax.add_decayed_weights(o.weight_decay),
@@ -64,7 +66,9 @@ def make_optimizer(cfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
     elif o.name == "lamb":
         tx = optax.lamb(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
     else:
-        raise ConfigValueError(f"Unknown optimizer '{o.name}'; use adamw, adam, sgd or lamb.")
+        raise ConfigValueError(
+            f"Unknown optimizer '{o.name}'; use adamw, adam, amsgrad, sgd or lamb."
+        )
     if o.grad_clip_norm:
         tx = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), tx)
     return tx, schedule

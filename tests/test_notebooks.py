@@ -25,6 +25,7 @@ SLOW = pytest.mark.skipif(
         "orca.ipynb",
         "teacher_coach.ipynb",
         "monotakd.ipynb",
+        "polyvilt.ipynb",
         pytest.param("segmentation.ipynb", marks=SLOW),
     ],
 )

@@ -16,6 +16,7 @@ import numpy as np
 from kd_jax.data import (  # noqa: F401  (imported to register their datasets)
     cifar,
     kitti,
+    lectures,
     lpm,
     ncte,
     orca,

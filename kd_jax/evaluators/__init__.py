@@ -71,6 +71,7 @@ from kd_jax.evaluators import (  # noqa: E402, F401
     classification,
     lm,
     monotakd,
+    retrieval,
     segmentation,
     span,
 )

@@ -28,6 +28,7 @@ from kd_jax.losses.monotakd import (
 from kd_jax.losses.reduce import REDUCTIONS, reduce_loss
 from kd_jax.losses.registry import OBJECTIVES, accepts, get, names, optional, register, token_level
 from kd_jax.losses.relational import cc, crd, pkt, rkd, sp
+from kd_jax.losses.retrieval import inbatch_similarity_kd, mmd_kernel, pie_diversity, vse_hinge
 from kd_jax.losses.segmentation import dual_path_consistency, hcl, pea, pixel_kd, seg_ce
 from kd_jax.losses.sequence import forward_kl, generalized_jsd, reverse_kl, vocab_check
 from kd_jax.losses.span import span_ce
@@ -59,6 +60,7 @@ __all__ = [
     "get",
     "hcl",
     "hinton_kd",
+    "inbatch_similarity_kd",
     "jacobian_matching",
     "kd_logit_std",
     "minilm_attention",
@@ -70,12 +72,14 @@ __all__ = [
     "monotakd_cmrd",
     "monotakd_imd",
     "monotakd_response",
+    "mmd_kernel",
     "mse",
     "names",
     "nst",
     "ofd",
     "optional",
     "pea",
+    "pie_diversity",
     "pixel_kd",
     "pkt",
     "reduce_loss",
@@ -92,4 +96,5 @@ __all__ = [
     "topk_kl",
     "vid",
     "vocab_check",
+    "vse_hinge",
 ]

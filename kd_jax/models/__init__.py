@@ -14,6 +14,7 @@ from kd_jax.models import (  # noqa: F401  (imported to register their entries)
     lad,
     llama,
     monotakd,
+    polyvilt,
     segformer,
     segformer_loading,
     transkd,
