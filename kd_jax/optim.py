@@ -42,8 +42,8 @@ def make_optimizer(cfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
     mu_dtype = jnp.dtype(o.mu_dtype) if o.mu_dtype else None
     if mu_dtype is not None and o.name not in ("adam", "adamw", "amsgrad"):
         raise ConfigValueError(
-            f"optimizer.mu_dtype is an adam/adamw/amsgrad option; optimizer '{o.name}' has no first "
-            "moment to store in it. Remove optimizer.mu_dtype."
+            f"optimizer.mu_dtype is an adam/adamw/amsgrad option; optimizer '{o.name}' has no "
+            "first moment to store in it. Remove optimizer.mu_dtype."
         )
     if o.name == "adamw":
         tx = optax.adamw(
