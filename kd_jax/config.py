@@ -132,7 +132,9 @@ def base_config() -> ConfigDict:
     c.optimizer.eps = 1e-8
     c.optimizer.momentum = 0.9  # sgd only.
     c.optimizer.grad_clip_norm = 0.0  # 0 disables.
-    c.optimizer.mu_dtype = ""  # adam/adamw/amsgrad first-moment dtype, e.g. "bfloat16"; "" = params'.
+    c.optimizer.mu_dtype = (
+        ""  # adam/adamw/amsgrad first-moment dtype, e.g. "bfloat16"; "" = params'.
+    )
     c.schedule = ConfigDict(type_safe=False)
     c.schedule.name = "constant"  # constant | warmup_cosine | warmup_linear | poly | step
     c.schedule.power = 0.9  # poly only.
