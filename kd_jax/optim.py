@@ -21,8 +21,9 @@ def make_schedule(cfg) -> optax.Schedule:
     if s.name == "constant":
         return _after_warmup(lr, warm, optax.constant_schedule(lr))
     if s.name == "warmup_cosine":
+        warm = max(warm, 1)  # optax's warm-up needs a step; its decay needs one more
         return optax.warmup_cosine_decay_schedule(
-            0.0, lr, max(warm, 1), max(steps, warm + 1), end_value=lr * float(s.end_factor)
+            0.0, lr, warm, max(steps, warm + 1), end_value=lr * float(s.end_factor)
         )
     if s.name == "warmup_linear":
         decay = optax.linear_schedule(lr, lr * float(s.end_factor), max(steps - warm, 1))

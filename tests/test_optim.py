@@ -89,3 +89,9 @@ def test_mu_dtype_stores_the_first_moment_in_bfloat16_and_tracks_float32():
     c.optimizer.name, c.optimizer.mu_dtype = "sgd", "bfloat16"
     with pytest.raises(ConfigValueError, match="mu_dtype"):
         optim.make_optimizer(c)
+
+
+def test_warmup_cosine_builds_for_a_one_step_run():
+    # steps=1 without warm-up (a `tiny` config) used to fail inside optax (decay_steps=0).
+    f = make_schedule(_cfg("warmup_cosine", steps=1, lr=0.1, warmup_steps=0))
+    assert np.isfinite(float(f(0))) and float(f(1)) == pytest.approx(0.1)
