@@ -297,16 +297,7 @@ def test_bad_input_is_named():
 
 # -------------------------------------------------------------- OpenPCDet's evaluator itself
 def _fixture_annos(frames, score):
-    keys = (
-        "name",
-        "truncated",
-        "occluded",
-        "alpha",
-        "bbox",
-        "dimensions",
-        "location",
-        "rotation_y",
-    ) + (("score",) if score else ())
+    keys = K._GT_KEYS + (("score",) if score else ())
     return [_anno([{k: o[k] for k in keys} for o in objs], score) for objs in frames]
 
 
