@@ -106,6 +106,11 @@ OWN_CONTRACT = {
     "monotakd_response": "tests/test_monotakd.py",
     "centerpoint_det": "tests/test_monotakd.py",
     "depth_ce": "tests/test_monotakd.py",
+    # PolyViLT's retrieval objectives act on an in-batch similarity matrix or PIE residuals.
+    "vse_hinge": "tests/test_polyvilt.py",
+    "pie_diversity": "tests/test_polyvilt.py",
+    "mmd_kernel": "tests/test_polyvilt.py",
+    "inbatch_similarity_kd": "tests/test_polyvilt.py",
 }
 # The classic zoo (relational losses take a per-example mask only; AB and Tf-KD are not zero at
 # identity; FSP/CRD take tuples): its own contract and NumPy references in tests/test_zoo.py.
