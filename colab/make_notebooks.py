@@ -478,7 +478,7 @@ MONOTAKD = [
         "from kd_jax.models import batch_inputs, monotakd\n"
         "# prng_impl: RngBitGenerator keys, about half the initialisers' compile time on a CPU\n"
         "config = C.load('../configs/monotakd/toy.py:tiny', ['prng_impl=unsafe_rbg'])\n"
-        "config.stage_order = ('teacher', 'ta', 'monotakd')  # the as-released arm: see the README\n"
+        "config.stage_order = ('teacher', 'ta', 'monotakd')\n"
         "workdir = tempfile.mkdtemp()\n"
         "results = runner.run(config, workdir)\n"
         "for name, r in results.items():\n"
