@@ -65,33 +65,46 @@ class BertConfig:
     @classmethod
     def from_hf_json(cls, path, **overrides) -> BertConfig:
         """Reads a Hugging Face BERT `config.json` (file path, or a directory containing it)."""
-        if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
-        with open(path) as f:
-            hf = json.load(f)
-        if hf.get("hidden_act", "gelu") != "gelu":
-            raise ValueError(
-                f"only hidden_act='gelu' (erf) is supported, got {hf['hidden_act']!r}."
-            )
+        hf = read_hf_json(path)
         if hf.get("position_embedding_type", "absolute") != "absolute":
             raise ValueError(
                 "only position_embedding_type='absolute' is supported, got "
                 f"{hf['position_embedding_type']!r}."
             )
-        fields = dict(
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            num_layers=hf["num_hidden_layers"],
-            num_heads=hf["num_attention_heads"],
-            intermediate_size=hf["intermediate_size"],
-            max_position=hf["max_position_embeddings"],
-            type_vocab_size=hf.get("type_vocab_size", 2),
-            layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
-            hidden_dropout=hf.get("hidden_dropout_prob", 0.1),
-            attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
-        )
+        fields = hf_encoder_fields(hf, dropout=0.1)
         fields.update(overrides)
         return cls(**fields)
+
+
+def read_hf_json(path, model_type: str | None = None) -> dict:
+    """A Hugging Face `config.json` (its path, or its directory), checked for the exact GELU that
+    these encoders implement and, if given, the model type."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    with open(path) as f:
+        hf = json.load(f)
+    if model_type and hf.get("model_type", model_type) != model_type:
+        raise ValueError(f"{path}: model_type is {hf['model_type']!r}, expected {model_type!r}.")
+    if hf.get("hidden_act", "gelu") != "gelu":
+        raise ValueError(f"only hidden_act='gelu' (erf) is supported, got {hf['hidden_act']!r}.")
+    return hf
+
+
+def hf_encoder_fields(hf: dict, dropout: float) -> dict:
+    """The fields a BERT-style Hugging Face config shares with ours (`dropout`: the default of the
+    two dropout probabilities when the file has none)."""
+    return dict(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=hf["num_attention_heads"],
+        intermediate_size=hf["intermediate_size"],
+        max_position=hf["max_position_embeddings"],
+        type_vocab_size=hf.get("type_vocab_size", 2),
+        layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
+        hidden_dropout=hf.get("hidden_dropout_prob", dropout),
+        attention_dropout=hf.get("attention_probs_dropout_prob", dropout),
+    )
 
 
 def _dense(features: int, name: str, dtype) -> nn.Dense:

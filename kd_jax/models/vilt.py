@@ -23,8 +23,6 @@ equivariant, so the pooled output and every valid token's state are the same. Wi
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any
 
 import flax.linen as nn
@@ -33,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kd_jax.errors import ConfigValueError
-from kd_jax.models.bert import MASK_VALUE, _dense
+from kd_jax.models.bert import MASK_VALUE, _dense, hf_encoder_fields, read_hf_json
 from kd_jax.models.registry import preset_fields, register
 
 
@@ -81,34 +79,16 @@ class ViltConfig:
     @classmethod
     def from_hf_json(cls, path, **overrides) -> ViltConfig:
         """Reads a Hugging Face ViLT `config.json` (file path, or a directory containing it)."""
-        if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
-        with open(path) as f:
-            hf = json.load(f)
-        if hf.get("model_type", "vilt") != "vilt":
-            raise ValueError(f"{path}: model_type is {hf['model_type']!r}, expected 'vilt'.")
-        if hf.get("hidden_act", "gelu") != "gelu":
-            raise ValueError(
-                f"only hidden_act='gelu' (erf) is supported, got {hf['hidden_act']!r}."
-            )
+        hf = read_hf_json(path, "vilt")
         max_image_length = hf.get("max_image_length", -1)
         fields = dict(
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            num_layers=hf["num_hidden_layers"],
-            num_heads=hf["num_attention_heads"],
-            intermediate_size=hf["intermediate_size"],
-            max_position=hf["max_position_embeddings"],
-            type_vocab_size=hf.get("type_vocab_size", 2),
+            hf_encoder_fields(hf, dropout=0.0),
             modality_type_vocab_size=hf.get("modality_type_vocab_size", 2),
             image_size=hf.get("image_size", 384),
             patch_size=hf.get("patch_size", 32),
             num_channels=hf.get("num_channels", 3),
             qkv_bias=hf.get("qkv_bias", True),
-            layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
             max_image_length=-1 if max_image_length is None else int(max_image_length),
-            hidden_dropout=hf.get("hidden_dropout_prob", 0.0),
-            attention_dropout=hf.get("attention_probs_dropout_prob", 0.0),
         )
         fields.update(overrides)
         return cls(**fields)
