@@ -34,10 +34,8 @@ import sys
 import tempfile
 import time
 
-import jax
-import jax.numpy as jnp
-
-from kd_jax.losses import chunked, sequence
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from minilm_step import find_torch_python  # noqa: E402
 
 
 def memory(compiled) -> dict:
@@ -111,15 +109,6 @@ def torch_worker(path: str, chunk: int, iters: int) -> dict:
     return out
 
 
-def torch_python(candidate: str) -> str | None:
-    for python in (sys.executable, candidate):
-        if python and os.access(python, os.X_OK):
-            probe = [python, "-c", "import torch"]
-            if subprocess.run(probe, capture_output=True, check=False).returncode == 0:
-                return python
-    return None
-
-
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--torch_python", default="/tmp/torchenv/bin/python")
@@ -140,9 +129,14 @@ def main() -> None:
         help="tiniest shapes and 2 timed calls: checks that the script runs (a few s on CPU)",
     )
     args = p.parse_args()
-    if args.torch_worker:
+    if args.torch_worker:  # a PyTorch interpreter: no JAX here
         print(json.dumps(torch_worker(args.torch_worker, args.chunk, args.iters)))
         return
+    import jax
+    import jax.numpy as jnp
+
+    from kd_jax.losses import chunked, sequence
+
     if args.smoke:
         args.tokens, args.batch, args.vocab, args.chunk, args.iters = 64, 2, 256, 16, 2
         args.hidden = args.teacher_hidden = 16
@@ -215,7 +209,7 @@ def main() -> None:
     for name, v in times.items():
         print(f"{name:8s} step {med[name]:.3f} s (median of {len(v)}: {[round(s, 3) for s in v]})")
     print(f"time ratio chunked/naive (median): {med['chunked'] / med['naive']:.3f}")
-    python = torch_python(args.torch_python)
+    python = find_torch_python(args.torch_python, modules=("torch",))
     if python is None or args.divergence != "forward_kl":
         print(
             "PyTorch baseline: skipped ("

@@ -44,6 +44,8 @@ import numpy as np  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from minilm_step import find_torch_python, hook_last_qkv, torch_minilm_losses  # noqa: E402
 
 # Dense bf16 matrix peak (no sparsity), vendor datasheets; matched as a substring of the device
 # kind (`jax.devices()[0].device_kind`, `torch.cuda.get_device_name()`), longest first.
@@ -348,9 +350,6 @@ def torch_worker(batch_path: str, mode: str, precision: str, iters: int, warmup:
     import torch
     from transformers import BertConfig, BertModel
 
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from minilm_step import hook_last_qkv, torch_minilm_losses
-
     torch.manual_seed(0)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.backends.cuda.matmul.allow_tf32 = True  # float32 rows: TF32, like JAX's GPU default
@@ -425,16 +424,6 @@ def torch_worker(batch_path: str, mode: str, precision: str, iters: int, warmup:
         "peak_mem": torch.cuda.max_memory_allocated() if dev == "cuda" else 0,
         "torch": torch.__version__,
     }
-
-
-def torch_python(candidate: str) -> str | None:
-    """An interpreter that imports torch and transformers: this one, else `candidate`."""
-    for python in (sys.executable, candidate):
-        if python and os.access(python, os.X_OK):
-            probe = [python, "-c", "import torch, transformers"]
-            if subprocess.run(probe, capture_output=True, check=False).returncode == 0:
-                return python
-    return None
 
 
 def torch_rows(python: str, args, s: dict):
@@ -606,7 +595,7 @@ def main(argv=None) -> None:
                 print(f"  {ms:8.3f}  {100 * share:5.1f} %  {name[:110]}")
         sys.stdout.flush()
         save()
-    python = torch_python(args.torch_python)
+    python = find_torch_python(args.torch_python)
     if python:
         for name, r in torch_rows(python, args, s):
             t_rows[name] = r

@@ -127,13 +127,14 @@ def torch_worker(batch_path: str, teacher_dir: str, iters: int, lr: float, layer
     }
 
 
-def find_torch_python(candidate: str) -> str | None:
-    """An interpreter that can import torch and transformers: this one, else `candidate`
-    (--torch_python) if it exists and can; None when there is none (the comparison is skipped)."""
-    if all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers")):
+def find_torch_python(candidate: str, modules=("torch", "transformers")) -> str | None:
+    """An interpreter that can import `modules`: this one, else `candidate` (--torch_python) if
+    it exists and can; None when there is none (the comparison is skipped). Shared by the
+    benchmarks that compare with PyTorch."""
+    if all(importlib.util.find_spec(m) is not None for m in modules):
         return sys.executable
     if candidate and os.access(candidate, os.X_OK):
-        probe = [candidate, "-c", "import torch, transformers"]
+        probe = [candidate, "-c", f"import {', '.join(modules)}"]
         if subprocess.run(probe, capture_output=True, check=False).returncode == 0:
             return candidate
     return None

@@ -534,8 +534,14 @@ def train_stage(cfg, ctx: RunContext, make_step: Callable = make_train_step) -> 
         "num_seeds": cfg.num_seeds,
         "config": json.loads(cfg.to_json_best_effort()),
     }
-    if ckptr.latest_step() is not None:
+    resumed = None
+    if startup.resume:  # restore first: a finished stage returns before any cache or compile
         meta["resume_changes"] = check_resume(cfg, ckptr, meta)
+        resumed = startup.state()
+        done = read_result(workdir)
+        if resumed[2] >= cfg.steps and done is not None:
+            ckptr.close()
+            return done
     cache = None
     if cfg.teacher.placement == "cache" and teacher is not None:
         cache = teacher_lib.build_cache(
@@ -546,16 +552,8 @@ def train_stage(cfg, ctx: RunContext, make_step: Callable = make_train_step) -> 
             cfg.seeds_in_step,
             os.path.join(workdir, f"teacher_cache_{t_ident['fingerprint']}.npz"),
         )
-    if startup.resume:  # restore first: a finished stage returns before any compile
-        state, data_state, start = startup.state()
-        done = read_result(workdir)
-        if start >= cfg.steps and done is not None:
-            ckptr.close()
-            return done
-        train_step = startup.step(t_params, t_axis, cache)
-    else:  # compile while the student initialises
-        train_step = startup.step(t_params, t_axis, cache)
-        state, data_state, start = startup.state()
+    train_step = startup.step(t_params, t_axis, cache)  # meanwhile a fresh student initialises
+    state, data_state, start = resumed or startup.state()
 
     evaluate = evaluators.make(cfg.evaluator, eval_context(stage, t_axis))
     writer = MetricWriter(ctx.root if name != "main" else workdir, name)
