@@ -3,6 +3,7 @@ MIL / diversity / MMD / in-batch KD objectives against NumPy references, the mod
 the synthetic lectures and the configs."""
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -243,3 +244,42 @@ def test_amsgrad_optimizer_keeps_the_running_max():
     _, s = tx.update({"w": jnp.array([0.0, 0.0])}, s, p)
     nu_max = [x for x in jax.tree.leaves(s) if getattr(x, "shape", None) == (2,)][-1]
     assert float(nu_max[0]) > 0  # the max of v survives a zero gradient
+
+
+def _qr_operand_ranks(jaxpr) -> list[int]:
+    """Ranks of the operands of every QR-like primitive in a (closed) jaxpr, sub-jaxprs
+    included (a lax.map body is one)."""
+    ranks = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in ("qr", "geqrf", "householder_product"):
+            ranks.append(eqn.invars[0].aval.ndim)
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            ranks += _qr_operand_ranks(sub)
+    return ranks
+
+
+def test_multi_seed_init_runs_qr_one_seed_at_a_time_with_the_one_seed_values(tmp_path):
+    # A vmapped init batched the GRU's orthogonal-init QRs; XLA:CPU's batched LAPACK kernels
+    # wait on the intra-op pool they occupy, and a 3-seed ViLT PolyViLT run deadlocked on 2
+    # cores. The init now loops over seeds: no QR with a batch axis, and each seed's
+    # parameters are exactly the single-seed init of its own key.
+    from kd_jax import sharding
+    from kd_jax.trainers import kd
+
+    cfg = C.stage_config(C.load("configs/polyvilt/synthetic.py:tiny,arms=polyvilt"), "polyvilt")
+    assert cfg.num_seeds == 2
+    mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
+    stage = kd.build_stage(cfg, mesh, str(tmp_path))
+    ranks = _qr_operand_ranks(jax.make_jaxpr(stage.init_fn, static_argnums=0)(cfg.seed).jaxpr)
+    assert ranks and max(ranks) == 2, ranks  # orthogonal inits are there, unbatched
+    both = stage.init_fn(cfg.seed)
+    one_cfg = C.stage_config(
+        C.load("configs/polyvilt/synthetic.py:tiny,arms=polyvilt", ["num_seeds=1"]), "polyvilt"
+    )
+    for i in range(2):
+        one = kd.build_stage(one_cfg, mesh, str(tmp_path / f"one{i}")).init_fn(cfg.seed + i)
+        jax.tree.map(
+            lambda a, b, i=i: np.testing.assert_array_equal(np.asarray(a)[i], np.asarray(b)[0]),
+            both.params,
+            one.params,
+        )

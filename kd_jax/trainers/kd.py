@@ -161,7 +161,15 @@ def build_stage(cfg, mesh, workdir: str) -> Stage:
 
     def init_fn(seed):
         keys = jnp.stack([jax.random.PRNGKey(seed + i) for i in range(cfg.num_seeds)])
-        return jax.vmap(init_one)(keys)
+        if cfg.num_seeds == 1:
+            return jax.tree.map(lambda v: v[None], init_one(keys[0]))
+        # One seed at a time (a loop in the compiled init), not jax.vmap: a vmapped init batches
+        # the QR factorisations of orthogonal initialisers (GRU/LSTM recurrent kernels), and
+        # XLA:CPU's batched LAPACK kernels fan out onto the intra-op thread pool they run on and
+        # wait there; two of them at once on a 2-thread pool deadlock the process (a 3-seed
+        # PolyViLT run hung forever; native stacks in experiments/polyvilt/README.md). The values
+        # are the same: each seed's init reads only its own key.
+        return jax.lax.map(init_one, keys)
 
     # ---------------------------------------------------------------- Shard
     abstract_state = jax.eval_shape(init_fn, cfg.seed)
