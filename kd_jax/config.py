@@ -58,6 +58,18 @@ MLM_DEFAULTS = {
     "mask_token_id": 103,
     "special_ids": (0, 101, 102, 103),
 }
+# config.schedule.plateau (kd_jax.optim): PyTorch ReduceLROnPlateau's settings, one evaluation
+# counting as one epoch.
+PLATEAU_DEFAULTS = {
+    "metric": "",  # an evaluator metric, e.g. "val/rsum"; "" = off
+    "mode": "max",  # "max": higher is better (accuracy, recall sums); "min": lower (a loss)
+    "factor": 0.5,  # the learning rate is multiplied by this on a plateau
+    "patience": 10,  # evaluations without improvement tolerated; the next one reduces
+    "threshold": 1e-4,
+    "threshold_mode": "rel",  # "rel": better than best * (1 +- threshold); "abs": best +- threshold
+    "cooldown": 0,  # evaluations after a reduction during which no bad ones are counted
+    "min_lr": 0.0,  # the learning rate is never reduced below this
+}
 TERM_KEYS = ("fn", "weight", "student", "teacher", "adapter", "schedule", "kwargs")
 
 
@@ -142,6 +154,9 @@ def base_config() -> ConfigDict:
     c.schedule.end_factor = 0.0
     c.schedule.boundaries = ()
     c.schedule.decay = 0.1
+    # Reduce on plateau (PyTorch's ReduceLROnPlateau) over any schedule above: after each
+    # evaluation, the evaluator metric `plateau.metric` steps it; off while the metric is "".
+    c.schedule.plateau = ConfigDict(dict(PLATEAU_DEFAULTS))
 
     c.student = _model("cnn")
     c.teacher = _model(None)

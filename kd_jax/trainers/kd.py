@@ -282,7 +282,8 @@ def make_seed_step(stage: Stage, cached: bool, transform_batch: Callable | None 
                 (params, opt_state, model_state),
                 (state.params, state.opt_state, state.model_state),
             )
-        metrics.update(grad_norm=grad_norm, finite=finite, lr=stage.schedule(state.step))
+        lr = stage.schedule(state.step) * optim.lr_scale(state.opt_state)
+        metrics.update(grad_norm=grad_norm, finite=finite, lr=lr)
         metrics.update(extra)
         return TrainState(state.step + 1, params, opt_state, rng, model_state), metrics
 
@@ -564,6 +565,8 @@ def train_stage(cfg, ctx: RunContext, make_step: Callable = make_train_step) -> 
     state, data_state, start = resumed or startup.state()
 
     evaluate = evaluators.make(cfg.evaluator, eval_context(stage, t_axis))
+    # Metric-driven state changes after an evaluation (schedule.plateau); None when off.
+    after_eval = optim.make_eval_hook(cfg, stage.state_shardings)
     writer = MetricWriter(ctx.root if name != "main" else workdir, name)
     it = data.train_iter(data_state)
 
@@ -608,7 +611,9 @@ def train_stage(cfg, ctx: RunContext, make_step: Callable = make_train_step) -> 
             m["examples_per_sec"] = steps_done * data.global_batch / (time.time() - t0)
             writer.write(step + 1, m)
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
-            run_eval(step + 1)
+            res, _ = run_eval(step + 1)
+            if after_eval is not None:
+                state = after_eval(state, res)
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
             guard.check(*pending)  # a state is saved only once its step is known finite.
             pending = None
