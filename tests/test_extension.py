@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kd_jax import adapters, evaluators, losses, models, runner, sharding, trainers
+from kd_jax import adapters, evaluators, losses, models, report, runner, sharding, trainers
 from kd_jax import config as C
 from kd_jax import teacher as teacher_lib
 from kd_jax.losses.reduce import reduce_loss
@@ -57,7 +57,7 @@ adapters.ADAPTERS.register("ext_scaled_dense", lambda teacher: ScaledDense(teach
 
 
 # --------------------------------------------------------------------------- a new evaluator
-@evaluators.register("ext_margin")
+@evaluators.register("ext_margin", headline=(evaluators.Headline("eval/margin", "margin"),))
 def margin(ctx: evaluators.EvalContext):
     def one_seed(variables, batch):
         logits, _ = ctx.student_predict(variables, batch)
@@ -99,6 +99,10 @@ def test_user_registered_entries_run_in_one_config(tmp_path):
     c.stage_order = ("teacher", "kd", "probe")
     res = runner.run(C.validate(c), str(tmp_path))
     assert np.isfinite(res["kd"]["eval/margin"][0]) and res["kd"]["eval/margin"][0] > 0
+    # Its declared headline metric is a column of the run's report.
+    md = report.write(str(tmp_path), res)
+    kd_row = next(line for line in md.splitlines() if line.startswith("| kd |"))
+    assert "| margin |" in md and f" {np.mean(res['kd']['eval/margin']):.2f}" in kd_row
     assert res["probe"] == {
         "stage": "probe",
         "kind": "ext_probe",

@@ -5,12 +5,16 @@ An evaluator is registered under a name (`config.evaluator`) as a factory
 `EvalContext` is all an evaluator may depend on: the eval-mode predict functions, the global eval
 batches, the mesh, how seeds share a step, and its own settings (`config.evaluator_kwargs`). It
 never sees the trainer.
+
+An evaluator may also declare its headline metrics (`register(..., headline=(Headline(...),))`):
+the columns the end-of-run report (`kd_jax.report`, results.md) shows for a stage it evaluated.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator, Mapping
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import jax
@@ -54,8 +58,57 @@ class EvalContext:
         return out
 
 
-def register(name: str, factory: Callable | None = None):
-    return EVALUATORS.register(name, factory)
+@dataclasses.dataclass(frozen=True)
+class Headline:
+    """A metric the end-of-run report shows as a column.
+
+    key: the metric's key in the evaluate result, e.g. "eval/accuracy". A "*" matches the
+      characters of one path segment (no "/"): one column per matching key, in sorted order,
+      with the matched text put into the label's "{}" ("eval/accuracy_class*", "class {} acc.").
+    label: the column header. scale: the values are multiplied by it (100: a fraction shown in
+      %; 1: values already in %, AP points, a loss)."""
+
+    key: str
+    label: str
+    scale: float = 1.0
+
+    def expand(self, keys: Iterable[str]) -> list[Headline]:
+        """The columns this headline gives among `keys` (itself if present; one per match)."""
+        if "*" not in self.key:
+            return [self] if self.key in keys else []
+        parts = self.key.split("*")
+        rx = re.compile("([^/]*)".join(map(re.escape, parts)))
+        out = []
+        for k in sorted(keys):
+            m = rx.fullmatch(k)
+            if m:
+                out.append(Headline(k, self.label.format(*m.groups()), self.scale))
+        return out
+
+
+def register(name: str, factory: Callable | None = None, *, headline: Iterable[Headline] = ()):
+    """Registers evaluator `name` (decorator without `factory`). `headline`: the metrics the
+    report shows for its stages, in column order (`Headline`)."""
+    headline = tuple(headline) if not isinstance(headline, (str, Headline)) else (headline,)
+    bad = [h for h in headline if not isinstance(h, Headline)]
+    if bad:
+        raise TypeError(
+            f"evaluator '{name}': headline takes evaluators.Headline(key, label, scale) "
+            f"entries, got {bad[0]!r}."
+        )
+    return EVALUATORS.register(name, factory, headline=headline)
+
+
+def headline(name: str) -> tuple[Headline, ...]:
+    """The headline metrics evaluator `name` declares (() if none)."""
+    return EVALUATORS.meta(name).get("headline", ())
+
+
+def all_headlines() -> tuple[Headline, ...]:
+    """Every registered evaluator's headline metrics, deduplicated, evaluators by name."""
+    return tuple(
+        dict.fromkeys(h for _, e in EVALUATORS.items() for h in e.meta.get("headline", ()))
+    )
 
 
 def make(name: str, ctx: EvalContext) -> Callable | None:

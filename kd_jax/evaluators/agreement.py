@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kd_jax import sharding
-from kd_jax.evaluators import EvalContext, register
+from kd_jax.evaluators import EvalContext, Headline, register
 from kd_jax.replicas import over_seeds
 
 
@@ -164,7 +164,15 @@ def plot_distribution(path: str, series: dict, levels, *, title: str = "") -> st
     return path
 
 
-@register("rating_agreement")
+@register(
+    "rating_agreement",
+    headline=(
+        Headline("eval/spearman_uptake", "ρ vs mean rating"),
+        Headline("eval/spearman_zscore", "ρ vs z-score"),
+        Headline("eval/kappa", "κ"),
+        Headline("eval/kappa_quadratic", "κ quadratic"),
+    ),
+)
 def rating_agreement(ctx: EvalContext):
     levels = tuple(ctx.settings.get("levels", (0, 1, 2)))
     n_boot = int(ctx.settings.get("bootstrap", 200))

@@ -12,10 +12,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from kd_jax.evaluators import EvalContext, register
+from kd_jax.evaluators import EvalContext, Headline, register
 
 
-@register("classification")
+@register(
+    "classification",
+    headline=(
+        Headline("eval/accuracy", "accuracy (%)", 100),
+        Headline("eval/accuracy_class*", "class {} acc. (%)", 100),
+        Headline("eval/teacher_agreement", "teacher agreement (%)", 100),
+        Headline("eval/loss", "eval loss"),
+    ),
+)
 def classification(ctx: EvalContext):
     classes = tuple(int(c) for c in ctx.settings.get("class_accuracy", ()))
 

@@ -12,10 +12,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from kd_jax.evaluators import EvalContext, register
+from kd_jax.evaluators import EvalContext, Headline, register
 
 
-@register("lm")
+@register(
+    "lm",
+    headline=(
+        Headline("eval/perplexity", "perplexity"),
+        Headline("eval/teacher_agreement", "teacher agreement (%)", 100),
+        Headline("eval/loss", "eval loss"),
+    ),
+)
 def lm(ctx: EvalContext):
     """The reference tokens are in the batch; no teacher model is run."""
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from kd_jax.data.kitti import boxes_lidar_to_camera, lidar_to_camera_points
 from kd_jax.data.toy_kitti import box_corners
-from kd_jax.evaluators import EvalContext, register
+from kd_jax.evaluators import EvalContext, Headline, register
 from kd_jax.evaluators.kitti_ap import LOOSE_IOU, annos_from_example, kitti_eval
 from kd_jax.models.monotakd import TOY_RANGE, decode
 
@@ -107,7 +107,13 @@ def score(
     return out
 
 
-@register("monotakd_kitti")
+@register(
+    "monotakd_kitti",
+    headline=(
+        Headline("eval/*/bev_R40/moderate", "{} BEV AP_R40 mod."),
+        Headline("eval/*/3d_R40/moderate", "{} 3D AP_R40 mod."),
+    ),
+)
 def monotakd_kitti(ctx: EvalContext):
     s = ctx.settings
     pc_range = tuple(s.get("pc_range", TOY_RANGE))

@@ -36,7 +36,7 @@ import jax
 import numpy as np
 
 from kd_jax import sharding
-from kd_jax.evaluators import EvalContext, register
+from kd_jax.evaluators import EvalContext, Headline, register
 from kd_jax.replicas import over_seeds
 
 DIRECTIONS = ("f2t", "t2f")
@@ -128,7 +128,15 @@ def random_similarity(slide: np.ndarray, k: int, d: int, *, seed: int) -> np.nda
     return similarity(unit(fig), unit(txt))
 
 
-@register("lecture_retrieval")
+@register(
+    "lecture_retrieval",
+    headline=tuple(
+        Headline(f"test/{d}_{r}", f"test {d} R@{r[1:]}")
+        for d in DIRECTIONS
+        for r in ("r1", "r5", "r10")
+    )
+    + (Headline("test/rsum", "test rsum"),),
+)
 def lecture_retrieval(ctx: EvalContext):
     splits = tuple(ctx.settings.get("splits", ("val", "test")))
     as_released = bool(ctx.settings.get("as_released", True))

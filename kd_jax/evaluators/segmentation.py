@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kd_jax.evaluators import EvalContext, register
+from kd_jax.evaluators import EvalContext, Headline, register
 from kd_jax.losses.segmentation import resize_bilinear
 
 
@@ -85,7 +85,13 @@ def summary(conf) -> dict[str, jax.Array]:
 
 
 # ----------------------------------------------------------------------------- evaluator
-@register("segmentation")
+@register(
+    "segmentation",
+    headline=(
+        Headline("eval/miou", "mIoU (%)", 100),
+        Headline("eval/pixel_acc", "pixel accuracy (%)", 100),
+    ),
+)
 def segmentation(ctx: EvalContext):
     """{"eval/miou", "eval/pixel_acc"}: one value per seed, from the confusion matrix summed over
     the whole eval split (padding excluded). Setting: `ignore_index` (default 255)."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from kd_jax.evaluators import EvalContext, register
+from kd_jax.evaluators import EvalContext, Headline, register
 from kd_jax.losses.span import span_ce
 
 MAX_ANSWER_TOKENS = 30
@@ -44,7 +44,14 @@ def span_f1(ps, pe, gs, ge):
     return jnp.where(p_null | g_null, (p_null & g_null).astype(jnp.float32), f1)
 
 
-@register("span")
+@register(
+    "span",
+    headline=(
+        Headline("eval/token_f1", "token F1 (%)", 100),
+        Headline("eval/span_accuracy", "span accuracy (%)", 100),
+        Headline("eval/loss", "eval loss"),
+    ),
+)
 def span(ctx: EvalContext):
     def one_seed(variables, batch):
         logits, _ = ctx.student_predict(variables, batch)

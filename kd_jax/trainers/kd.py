@@ -639,6 +639,7 @@ def train_stage(cfg, ctx: RunContext, make_step: Callable = make_train_step) -> 
         "stage": name,
         "step": final_step,
         "num_seeds": cfg.num_seeds,
+        "evaluator": cfg.evaluator,  # the report's columns: its headline metrics
         **{k: np.asarray(v).tolist() for k, v in res.items()},
         "teacher": t_ident,
         "train_seconds": time.time() - t0,
