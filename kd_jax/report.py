@@ -72,14 +72,15 @@ def table(results: dict, headlines: Sequence[Headline] | None = None) -> str:
 
 
 def curve_keys(rows: Sequence[dict], eval_keys: Sequence[str] = ()) -> tuple:
-    """The two metrics `plot` draws (None: not logged): "loss/ce", else the first "loss/<term>";
+    """The two metrics `plot` draws (None: not logged): "loss/ce", else the total "loss", else
+    the first "loss/<term>";
     "eval/accuracy", else the first of `eval_keys` (the run's headline metrics) logged."""
     logged = [
         k for k in dict.fromkeys(k for r in rows for k in r) if not k.endswith(("/std", "/seeds"))
     ]
     first_loss = next((k for k in logged if k.startswith("loss/")), None)
     return (
-        "loss/ce" if "loss/ce" in logged else first_loss,
+        next((k for k in ("loss/ce", "loss") if k in logged), first_loss),
         next((k for k in ("eval/accuracy", *eval_keys) if k in logged), None),
     )
 
