@@ -215,15 +215,22 @@ def _jax_step(cfg, args):
     compile_s = time.perf_counter() - t0
     state, m = compiled(state, t_params, batch)
     first_loss = float(np.asarray(m["loss"]).reshape(-1)[0])
-    times = []
-    for _ in range(args.iters):
-        t = time.perf_counter()
-        state, m = compiled(state, t_params, batch)
-        jax.block_until_ready(m["loss"])
-        times.append(time.perf_counter() - t)
+    carry = {"state": state}
+
+    def timer(iters: int) -> float:
+        """Median seconds of `iters` more steps (the state carries on)."""
+        times = []
+        for _ in range(iters):
+            t = time.perf_counter()
+            carry["state"], m = compiled(carry["state"], t_params, batch)
+            jax.block_until_ready(m["loss"])
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
+
     host = stage.data.example_batch()
     return {
-        "median_s": statistics.median(times),
+        "median_s": timer(args.iters),
+        "timer": timer,
         "compile_s": compile_s,
         "first_loss": first_loss,
         "batch": {
@@ -263,6 +270,13 @@ def main() -> None:
     p.add_argument("--length", type=int, default=128)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="kd_jax and PyTorch timed in turn this many times; ratios are per round, then "
+        "their median (a shared machine's load drifts between two back-to-back timings)",
+    )
     p.add_argument("--student_layers", type=int, default=3)
     p.add_argument("--variants", default="default,tuned", help=f"kd_jax settings: {list(VARIANTS)}")
     p.add_argument("--torch_python", default="/tmp/torchenv/bin/python")
@@ -286,7 +300,7 @@ def main() -> None:
     if args.smoke:
         # A 1-layer student compiles in a third of the time; the real teacher still loads.
         args.batch, args.length, args.iters, args.student_layers = 2, 16, 2, 1
-        args.variants = "tuned"
+        args.variants, args.rounds = "tuned", 1
         args.mem_batch, args.mem_length, args.mem_chunk = 1, 32, 8
 
     import jax
@@ -295,6 +309,16 @@ def main() -> None:
     j = runs[args.variants.split(",")[0]]
     torch_python = find_torch_python(args.torch_python)
     t = torch_step(torch_python, j["batch"], args) if torch_python else None
+    # Rounds: kd_jax (every variant), then PyTorch, again and again; one ratio per round.
+    ratios: dict[str, list[float]] = {v: [] for v in runs}
+    for r in range(args.rounds if t else 0):
+        if r:
+            for run in runs.values():
+                run.setdefault("more", []).append(run["timer"](args.iters))
+            t.setdefault("more", []).append(torch_step(torch_python, j["batch"], args)["median_s"])
+        t_s = t["more"][-1] if r else t["median_s"]
+        for v, run in runs.items():
+            ratios[v].append((run["more"][-1] if r else run["median_s"]) / t_s)
     mem = relation_memory(args.mem_batch, args.mem_length, args.mem_chunk)
     with open("/proc/loadavg") as f:
         load = f.read().split()[:3]
@@ -314,11 +338,28 @@ def main() -> None:
             f"kd_jax {v:8s} {r['median_s'] * 1e3:9.1f} ms/step   (first loss "
             f"{r['first_loss']:.4f}; {' '.join(VARIANTS[v]) or 'engine defaults'})"
         )
+    # Model FLOPs (matmuls, as minilm_gpu.py counts them): per token and layer 24 d^2 + 4 T d;
+    # the teacher's 6 layers forward, the student's forward + backward (2x).
+    d, tokens = 384, args.batch * args.length
+    per_layer = (24 * d * d + 4 * args.length * d) * tokens
+    flops = per_layer * (6 + 3 * args.student_layers)
+    for v, r in runs.items():
+        if "more" in r:
+            print(f"kd_jax {v:8s} later rounds: " + ", ".join(f"{x * 1e3:.1f}" for x in r["more"]))
     if t:
         print(f"PyTorch {t['median_s'] * 1e3:9.1f} ms/step   (first loss {t['first_loss']:.4f})")
-        for v, r in runs.items():
+        if "more" in t:
+            print("PyTorch later rounds: " + ", ".join(f"{x * 1e3:.1f}" for x in t["more"]))
+        print(
+            f"model GFLOP/s ({flops / 1e9:.1f} GFLOP/step): "
+            + ", ".join(f"kd_jax {v} {flops / r['median_s'] / 1e9:.0f}" for v, r in runs.items())
+            + f", PyTorch {flops / t['median_s'] / 1e9:.0f}"
+        )
+        for v, rs in ratios.items():
+            per = ", ".join(f"{x:.3f}" for x in rs)
             print(
-                f"ratio kd_jax {v} / PyTorch = {r['median_s'] / t['median_s']:.3f}  (target <= 1)"
+                f"ratio kd_jax {v} / PyTorch = {statistics.median(rs):.3f}  (target <= 1; "
+                f"median of {len(rs)} rounds: {per})"
             )
     else:
         print(
