@@ -172,9 +172,7 @@ def test_plateau_in_the_loop_scales_lr_checkpoints_and_resumes_exactly(tmp_path)
     state = optim.scale_by_plateau(mode="min").init(None)
     expect = [1.0] * 3
     for acc in accs[:3]:
-        state = optim.plateau_step(
-            state, acc, base_lr=1e-2, mode="min", patience=0, factor=0.5
-        )
+        state = optim.plateau_step(state, acc, base_lr=1e-2, mode="min", patience=0, factor=0.5)
         expect += [float(state.scale)] * 3
     np.testing.assert_allclose(np.array(lrs) / 1e-2, expect[:12], rtol=1e-6)
     assert min(expect) < 1.0  # it did reduce
