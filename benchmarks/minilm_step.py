@@ -310,15 +310,13 @@ def main() -> None:
     torch_python = find_torch_python(args.torch_python)
     t = torch_step(torch_python, j["batch"], args) if torch_python else None
     # Rounds: kd_jax (every variant), then PyTorch, again and again; one ratio per round.
-    ratios: dict[str, list[float]] = {v: [] for v in runs}
-    for r in range(args.rounds if t else 0):
-        if r:
-            for run in runs.values():
-                run.setdefault("more", []).append(run["timer"](args.iters))
-            t.setdefault("more", []).append(torch_step(torch_python, j["batch"], args)["median_s"])
-        t_s = t["more"][-1] if r else t["median_s"]
+    jax_times = {v: [run["median_s"]] for v, run in runs.items()}
+    torch_times = [t["median_s"]] if t else []
+    for _ in range(1, args.rounds if t else 1):
         for v, run in runs.items():
-            ratios[v].append((run["more"][-1] if r else run["median_s"]) / t_s)
+            jax_times[v].append(run["timer"](args.iters))
+        torch_times.append(torch_step(torch_python, j["batch"], args)["median_s"])
+    ratios = {v: [a / b for a, b in zip(ts, torch_times)] for v, ts in jax_times.items()}
     mem = relation_memory(args.mem_batch, args.mem_length, args.mem_chunk)
     with open("/proc/loadavg") as f:
         load = f.read().split()[:3]
@@ -343,13 +341,14 @@ def main() -> None:
     d, tokens = 384, args.batch * args.length
     per_layer = (24 * d * d + 4 * args.length * d) * tokens
     flops = per_layer * (6 + 3 * args.student_layers)
-    for v, r in runs.items():
-        if "more" in r:
-            print(f"kd_jax {v:8s} later rounds: " + ", ".join(f"{x * 1e3:.1f}" for x in r["more"]))
+    ms = lambda xs: ", ".join(f"{x * 1e3:.1f}" for x in xs)  # noqa: E731
+    for v, ts in jax_times.items():
+        if len(ts) > 1:
+            print(f"kd_jax {v:8s} later rounds: {ms(ts[1:])}")
     if t:
         print(f"PyTorch {t['median_s'] * 1e3:9.1f} ms/step   (first loss {t['first_loss']:.4f})")
-        if "more" in t:
-            print("PyTorch later rounds: " + ", ".join(f"{x * 1e3:.1f}" for x in t["more"]))
+        if len(torch_times) > 1:
+            print(f"PyTorch later rounds: {ms(torch_times[1:])}")
         print(
             f"model GFLOP/s ({flops / 1e9:.1f} GFLOP/step): "
             + ", ".join(f"kd_jax {v} {flops / r['median_s'] / 1e9:.0f}" for v, r in runs.items())

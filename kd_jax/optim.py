@@ -135,15 +135,15 @@ def plateau_step(state: PlateauState, value, *, base_lr: float, **settings) -> P
     cooling = state.cooldown > 0
     cooldown = jnp.where(cooling, state.cooldown - 1, state.cooldown)
     bad = jnp.where(cooling, 0, bad)
-    reduce = bad > int(s["patience"])
+    plateaued = bad > int(s["patience"])
     lr = state.scale * base_lr
     new_lr = jnp.maximum(lr * float(s["factor"]), float(s["min_lr"]))
-    reduce = reduce & (lr - new_lr > 1e-8)
-    scale = jnp.where(reduce, new_lr / base_lr, state.scale).astype(jnp.float32)
-    cooldown = jnp.where(bad > int(s["patience"]), int(s["cooldown"]), cooldown)
-    bad = jnp.where(bad > int(s["patience"]), 0, bad)
+    scale = jnp.where(plateaued & (lr - new_lr > 1e-8), new_lr / base_lr, state.scale)
     return PlateauState(
-        scale, best.astype(jnp.float32), bad.astype(jnp.int32), cooldown.astype(jnp.int32)
+        scale.astype(jnp.float32),
+        best.astype(jnp.float32),
+        jnp.where(plateaued, 0, bad).astype(jnp.int32),
+        jnp.where(plateaued, int(s["cooldown"]), cooldown).astype(jnp.int32),
     )
 
 

@@ -33,7 +33,7 @@ from kd_jax import config as config_lib
 from kd_jax.config import ON_POLICY_DEFAULTS
 from kd_jax.errors import ConfigKeyError, ConfigValueError
 from kd_jax.models.generate import generate, left_align
-from kd_jax.trainers import kd, register
+from kd_jax.trainers import kd
 
 DEFAULTS = ON_POLICY_DEFAULTS  # config.on_policy's keys and defaults.
 
@@ -150,13 +150,4 @@ def make_train_step(stage, t_axis, cached: bool):
     return kd.jit_step(stage, step)
 
 
-def train(cfg, ctx):
-    return kd.train_stage(cfg, ctx, make_step=make_train_step)
-
-
-def preflight(cfg, ctx):
-    settings(cfg)
-    kd.preflight(cfg, ctx, make_step=make_train_step)
-
-
-register("gkd", train, settings=("on_policy",), preflight=preflight)
+kd.register_step_kind("gkd", make_train_step, settings=("on_policy",), check=settings)

@@ -4,8 +4,9 @@ Checkpoint -> Evals -> Loop.
 Every state leaf carries a leading seed axis of size `config.num_seeds`: independent replicas
 (init, dropout, teacher) train in one jitted step on the same batches (`kd_jax.replicas`).
 Other kinds reuse the loop through its two hooks: `train_stage(..., make_step=...)` replaces the
-jitted step (GKD), and `make_seed_step(..., transform_batch=...)` rewrites a seed's batch inside
-the step before the forward passes.
+jitted step (GKD; `register_step_kind` registers such a kind with its preflight), and
+`make_seed_step(..., transform_batch=...)` rewrites a seed's batch inside the step before the
+forward passes (MLM).
 """
 
 from __future__ import annotations
@@ -706,6 +707,23 @@ def preflight(cfg, ctx: RunContext, make_step: Callable = make_train_step) -> No
 
 
 register("kd", train_stage, preflight=preflight)
+
+
+def register_step_kind(
+    name: str, make_step: Callable, *, settings: tuple[str, ...], check: Callable
+) -> None:
+    """Registers stage kind `name`: the standard loop (`train_stage`) and its preflight with
+    `make_step` in place of the standard step; `check(cfg)` validates the kind's `settings`
+    (config keys) before its preflight traces a step."""
+
+    def train(cfg, ctx):
+        return train_stage(cfg, ctx, make_step=make_step)
+
+    def check_then_preflight(cfg, ctx):
+        check(cfg)
+        preflight(cfg, ctx, make_step=make_step)
+
+    register(name, train, settings=settings, preflight=check_then_preflight)
 
 
 __all__ = ["NonFiniteLossError", "Stage", "TrainState", "build_stage", "train_stage"]

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from kd_jax import config as config_lib
 from kd_jax.config import MLM_DEFAULTS
 from kd_jax.errors import ConfigKeyError, ConfigValueError
-from kd_jax.trainers import kd, register
+from kd_jax.trainers import kd
 
 DEFAULTS = MLM_DEFAULTS  # config.mlm's keys and defaults.
 _STREAM = 0x4D4C4D  # "MLM": keeps the masking stream apart from other uses of config.seed.
@@ -127,13 +127,4 @@ def make_train_step(stage, t_axis, cached: bool):
     return kd.jit_step(stage, kd.over_batch_seeds(stage, seed_step, t_axis))
 
 
-def train(cfg, ctx):
-    return kd.train_stage(cfg, ctx, make_step=make_train_step)
-
-
-def preflight(cfg, ctx):
-    settings(cfg)
-    kd.preflight(cfg, ctx, make_step=make_train_step)
-
-
-register("mlm", train, settings=("mlm",), preflight=preflight)
+kd.register_step_kind("mlm", make_train_step, settings=("mlm",), check=settings)
