@@ -226,8 +226,10 @@ def test_ffm_switch_changes_what_the_head_reads(camera):
     def head_sum(p, model):
         return model.apply({**v, "params": p}, *args)[0].sum()
 
-    g_off = jax.grad(head_sum)(v["params"], m_off)
-    g_on = jax.grad(head_sum)(v["params"], m_on)
+    # Jitted: an eager grad of the camera model compiles every op on its own (~20 s on CPU).
+    grad = jax.jit(jax.grad(head_sum), static_argnums=1)
+    g_off = grad(v["params"], m_off)
+    g_on = grad(v["params"], m_on)
     assert float(jnp.abs(g_off["sam_res"]["dconv"]["kernel"]).sum()) == 0.0
     assert float(jnp.abs(g_on["sam_res"]["dconv"]["kernel"]).sum()) > 0.0
 
@@ -251,7 +253,7 @@ def test_scnet_as_released_applies_one_block_fewer(camera):
     rel = M.MonoTAKDCamera(**{**kw, "refine_blocks": 2, "scnet_as_released": True})
     v_rel = rel.init(jax.random.key(0), *args)
     assert jax.tree.structure(v["params"]) == jax.tree.structure(v_rel["params"])
-    g = jax.grad(lambda p: rel.apply({**v, "params": p}, *args)[0].sum())(v["params"])
+    g = jax.jit(jax.grad(lambda p: rel.apply({**v, "params": p}, *args)[0].sum()))(v["params"])
     assert float(jnp.abs(g["refine_0"]["ConvBN_0"]["Conv_0"]["kernel"]).sum()) == 0.0
     assert float(jnp.abs(g["refine_1"]["ConvBN_0"]["Conv_0"]["kernel"]).sum()) > 0.0
 
