@@ -15,6 +15,13 @@ from kd_jax import checkpoint as ckpt_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+# kd_jax.checkpoint.integrity of the state in test_integrity_digests_are_pinned, as computed by
+# the single whole-state program of commit 1691861 (the per-leaf programs must agree).
+PINNED_DIGESTS = {
+    "['m']": "bfloat16[2]:855f4e00be000000",
+    "['step']": "int32[]:00000005afd46000",
+    "['w']": "float32[3, 4]:91107bbdc3cd5fdd",
+}
 
 
 def write_config(path, body: str) -> str:
@@ -82,3 +89,41 @@ def test_crash_during_save_leaves_previous_checkpoint(tmp_path):
     c.wait()
     assert c.latest_step() == 2
     c.close()
+
+
+def test_integrity_digests_are_pinned():
+    """The per-leaf checksums recorded in checkpoint metadata (and checked on restore) keep their
+    values: a change to the digest would make every existing checkpoint look corrupt."""
+    state = {
+        "w": jnp.arange(12, dtype=jnp.float32).reshape(3, 4) / 7,
+        "step": jnp.int32(5),
+        "m": jnp.ones((2,), jnp.bfloat16),
+    }
+    digests, finite = ckpt_lib.integrity(state)
+    assert finite
+    assert digests == PINNED_DIGESTS
+    state["w"] = state["w"].at[1, 2].set(jnp.nan)
+    digests_nan, finite = ckpt_lib.integrity(state)
+    assert not finite and digests_nan["['w']"] != digests["['w']"]
+
+
+def test_cpu_save_of_a_replicated_state_restores_exactly(tmp_path):
+    """On the 8 CPU devices one replica writes each replicated leaf (orbax's replica-parallel
+    save is turned off there: it compiled a slice program per leaf shape); the restored state is
+    the saved one, with the requested sharding."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    state = {"a": jnp.arange(8 * 13, dtype=jnp.float32).reshape(8, 13), "b": jnp.ones((24, 5))}
+    state = {"a": jax.device_put(state["a"], replicated), "b": jax.device_put(state["b"], rows)}
+    c = ckpt_lib.Checkpointer(str(tmp_path / "ckpt"), async_save=False)
+    c.save(1, state, data_state={"next_index": 0}, meta={})
+    c.wait()
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+    )
+    restored, _, _ = c.restore(target)
+    c.close()
+    for k in state:
+        np.testing.assert_array_equal(restored[k], state[k])
+        assert restored[k].sharding == state[k].sharding
