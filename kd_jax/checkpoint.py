@@ -30,6 +30,7 @@ crash mid-delete never leaves a half-deleted step that looks restorable.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import shutil
@@ -116,19 +117,15 @@ class _Corrupt(Exception):
 
 
 # ------------------------------------------------------------------------------- manager
-_ARRAY_HANDLER_SET = False
-
-
+@functools.cache
 def _cpu_arrays_saved_by_one_replica() -> None:
     """On CPU devices orbax's replica-parallel save only costs: every replica of a replicated
     array is in the same host memory, and splitting it among them compiles a slicing program per
     leaf shape (136 of them, 3-4 s, in a three-stage MonoTAKD run on the 8-device test mesh).
     There, one replica writes each array; GPU (orbax's own default) and TPU keep orbax's choice.
     The files are the same either way (one tensorstore array per leaf)."""
-    global _ARRAY_HANDLER_SET
-    if _ARRAY_HANDLER_SET or any(d.platform != "cpu" for d in jax.devices()):
+    if any(d.platform != "cpu" for d in jax.devices()):
         return
-    _ARRAY_HANDLER_SET = True
     try:  # orbax's own default handler, with its metadata store (no public path to it).
         from orbax.checkpoint._src.metadata import array_metadata_store
     except ImportError:  # another orbax layout: keep its default.

@@ -42,12 +42,12 @@ def test_notebook_runs(name, monkeypatch):
     # The test processes' persistent compilation cache (conftest.py), so a rerun of the suite
     # finds a notebook's programs compiled. (The kernel keeps JAX's one CPU device: with the
     # test mesh's eight, the MiniLM notebook took 51 s instead of 30 in one suite run.)
-    for key, value in {
-        "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.2",
-        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-    }.items():
-        monkeypatch.setenv(key, str(value))
+    for option in (
+        "jax_compilation_cache_dir",
+        "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes",
+    ):
+        monkeypatch.setenv(option.upper(), str(getattr(jax.config, option)))
     nb = nbformat.read(os.path.join(COLAB, name), as_version=4)
     NotebookClient(
         nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": COLAB}}
