@@ -9,11 +9,13 @@ restorable one.
 
 Integrity. Each array's checksum is two position-weighted sums of its bits modulo 2**32 (every
 element's bits, widened to uint32, times an odd weight that depends on the element's flat index),
-computed on the devices by one jitted function over the whole state. Integer sums modulo 2**32 do
-not depend on the order of the reduction, so the checksum of a global array is the same however
-it is sharded and over however many hosts: on a multi-host run every process computes it on its
-own shards, XLA's collectives combine them, and every process reads the same replicated result
-(no host ever gathers a whole array). A single changed element always changes the first sum (its
+computed where the array lives: arrays in host memory (CPU devices, one process) by NumPy, with
+nothing to compile; others on their devices, by a small jitted program per leaf shape. Integer
+sums modulo 2**32 do not depend on the order of the reduction, so both give the same checksum,
+and the checksum of a global array is the same however it is sharded and over however many
+hosts: on a multi-host run every process computes it on its own shards, XLA's collectives
+combine them, and every process reads the same replicated result (no host ever gathers a whole
+array). A single changed element always changes the first sum (its
 weight is odd); several changes escape both with probability about 2**-64. `restore` recomputes
 the checksums of what it read and compares; a step that is unreadable (truncated file,
 tensorstore error, bad JSON) or fails the comparison is logged as a warning naming the directory
@@ -49,6 +51,7 @@ log = logging.getLogger("kd_jax")
 ITEMS = ("state", "data", "meta", "integrity")
 _DELETING = ".deleting-"
 _ALGO = "wsum32x2-v1"
+_W1, _W2, _XOR = 0x9E3779B1, 0x85EBCA77, 0x5BD1E995  # the digest's weight constants.
 
 
 # ------------------------------------------------------------------------------- checksums
@@ -69,8 +72,8 @@ def _bits_u32(x) -> jax.Array:
 def _digest(x) -> tuple[jax.Array, jax.Array]:
     u = _bits_u32(x)
     i = jax.lax.iota(jnp.uint32, u.shape[0])
-    w1 = (i * jnp.uint32(0x9E3779B1)) << 1 | jnp.uint32(1)
-    w2 = ((i ^ jnp.uint32(0x5BD1E995)) * jnp.uint32(0x85EBCA77)) << 1 | jnp.uint32(1)
+    w1 = (i * jnp.uint32(_W1)) << 1 | jnp.uint32(1)
+    w2 = ((i ^ jnp.uint32(_XOR)) * jnp.uint32(_W2)) << 1 | jnp.uint32(1)
     rot = (u << 13) | (u >> 19)
     return jnp.sum(u * w1, dtype=jnp.uint32), jnp.sum(rot * w2, dtype=jnp.uint32)
 
@@ -91,6 +94,46 @@ def _leaf_integrity(x) -> jax.Array:
     return jnp.stack([a, b, _finite(x).astype(jnp.uint32)])
 
 
+_HOST_CHUNK = 1 << 22  # elements per NumPy pass: bounds the temporaries to a few 16 MiB arrays.
+
+
+def _host_bits_u32(x) -> np.ndarray:
+    """`_bits_u32` in NumPy, for an array in host memory."""
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    a = np.asarray(x)
+    if a.dtype == np.bool_:
+        return a.astype(np.uint32).reshape(-1)
+    if a.dtype.itemsize == 8:  # little-endian halves, as XLA's bitcast_convert_type.
+        return np.ascontiguousarray(a).reshape(-1).view(np.uint32)
+    unsigned = {4: np.uint32, 2: np.uint16, 1: np.uint8}[a.dtype.itemsize]
+    return np.ascontiguousarray(a).reshape(-1).view(unsigned)
+
+
+def _host_leaf_integrity(x) -> tuple[int, int, bool]:
+    """`_leaf_integrity` in NumPy (the same two sums modulo 2**32), chunk by chunk."""
+    u_all = _host_bits_u32(x)
+    a = b = 0
+    for start in range(0, u_all.shape[0], _HOST_CHUNK):
+        u = u_all[start : start + _HOST_CHUNK].astype(np.uint32)
+        i = np.arange(start, start + u.shape[0], dtype=np.uint32)
+        w1 = (i * np.uint32(_W1)) << np.uint32(1) | np.uint32(1)
+        w2 = ((i ^ np.uint32(_XOR)) * np.uint32(_W2)) << np.uint32(1) | np.uint32(1)
+        rot = (u << np.uint32(13)) | (u >> np.uint32(19))
+        a = (a + int(np.sum(u * w1, dtype=np.uint32))) & 0xFFFFFFFF
+        b = (b + int(np.sum(rot * w2, dtype=np.uint32))) & 0xFFFFFFFF
+    finite = True
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+        finite = bool(np.isfinite(np.asarray(x)).all())
+    return a, b, finite
+
+
+def _in_host_memory(x) -> bool:
+    return getattr(x, "is_fully_addressable", True) and all(
+        d.platform == "cpu" for d in x.sharding.device_set
+    )
+
+
 def _host(x) -> np.ndarray:
     # A replicated result is readable on every process, also when not fully addressable.
     if getattr(x, "is_fully_addressable", True):
@@ -102,10 +145,12 @@ def integrity(state) -> tuple[dict[str, str], bool]:
     """({leaf path: "dtype[shape]:checksum"}, every float leaf finite) of a state pytree."""
     flat = jax.tree_util.tree_flatten_with_path(state)[0]
     leaves = [x if isinstance(x, jax.Array) else jnp.asarray(x) for _, x in flat]
-    results = [_leaf_integrity(x) for x in leaves]  # all dispatched before the first read.
+    # Device leaves: all dispatched before the first read. Host leaves: nothing to compile
+    # (one program per leaf shape was most of a tiny run's checkpoint cost on XLA:CPU).
+    results = [None if _in_host_memory(x) else _leaf_integrity(x) for x in leaves]
     out, finite = {}, True
     for (path, _), x, r in zip(flat, leaves, results):
-        a, b, ok = (int(v) for v in _host(r))
+        a, b, ok = _host_leaf_integrity(x) if r is None else (int(v) for v in _host(r))
         dt = "key" if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x.dtype.name
         out[jax.tree_util.keystr(path)] = f"{dt}{list(x.shape)}:{a:08x}{b:08x}"
         finite = finite and bool(ok)

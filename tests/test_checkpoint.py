@@ -16,7 +16,8 @@ from kd_jax import checkpoint as ckpt_lib
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
 # kd_jax.checkpoint.integrity of the state in test_integrity_digests_are_pinned, as computed by
-# the single whole-state program of commit 1691861 (the per-leaf programs must agree).
+# the single whole-state program of commit 1691861 (the per-leaf programs and the NumPy path
+# must agree).
 PINNED_DIGESTS = {
     "['m']": "bfloat16[2]:855f4e00be000000",
     "['step']": "int32[]:00000005afd46000",
@@ -105,6 +106,37 @@ def test_integrity_digests_are_pinned():
     state["w"] = state["w"].at[1, 2].set(jnp.nan)
     digests_nan, finite = ckpt_lib.integrity(state)
     assert not finite and digests_nan["['w']"] != digests["['w']"]
+
+
+def test_host_and_device_checksums_agree():
+    """Arrays in host memory are checksummed by NumPy (nothing to compile), others by the jitted
+    per-leaf program; both give the same digest and finiteness for every dtype a state holds,
+    across the NumPy path's chunk boundary and for a row-sharded array."""
+    rng = np.random.default_rng(0)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    leaves = [
+        jnp.asarray(rng.standard_normal((5, 7, 3)), jnp.float32),
+        jnp.asarray(rng.standard_normal((4, 5)), jnp.bfloat16),
+        jnp.asarray(rng.standard_normal((4, 5)), jnp.float16),
+        jnp.asarray(rng.integers(-9, 9, (33,)), jnp.int32),
+        jnp.asarray(rng.integers(0, 255, (33,)), jnp.uint8),
+        jnp.array([True, False, True]),
+        jnp.array([1.0, jnp.inf, 2.0]),
+        jnp.zeros((0, 3)),
+        jax.random.key(3),
+        jnp.asarray(rng.standard_normal(ckpt_lib._HOST_CHUNK + 17), jnp.float32),
+        jax.device_put(jnp.arange(64.0).reshape(16, 4), rows),
+    ]
+    for x in leaves:
+        assert ckpt_lib._in_host_memory(x)
+        device = tuple(int(v) for v in ckpt_lib._host(ckpt_lib._leaf_integrity(x)))
+        a, b, finite = ckpt_lib._host_leaf_integrity(x)
+        assert (a, b, int(finite)) == device, (x.dtype, x.shape)
+    with jax.enable_x64(True):
+        x = jnp.asarray(rng.standard_normal(9), jnp.float64)
+        device = tuple(int(v) for v in ckpt_lib._host(ckpt_lib._leaf_integrity(x)))
+        assert ckpt_lib._host_leaf_integrity(x)[:2] == device[:2]
 
 
 def test_cpu_save_of_a_replicated_state_restores_exactly(tmp_path):
