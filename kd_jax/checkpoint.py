@@ -97,22 +97,21 @@ def _leaf_integrity(x) -> jax.Array:
 _HOST_CHUNK = 1 << 22  # elements per NumPy pass: bounds the temporaries to a few 16 MiB arrays.
 
 
-def _host_bits_u32(x) -> np.ndarray:
-    """`_bits_u32` in NumPy, for an array in host memory."""
-    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-        x = jax.random.key_data(x)
-    a = np.asarray(x)
+def _host_bits_u32(a: np.ndarray) -> np.ndarray:
+    """`_bits_u32` in NumPy."""
+    a = np.ascontiguousarray(a).reshape(-1)
     if a.dtype == np.bool_:
-        return a.astype(np.uint32).reshape(-1)
+        return a.astype(np.uint32)
     if a.dtype.itemsize == 8:  # little-endian halves, as XLA's bitcast_convert_type.
-        return np.ascontiguousarray(a).reshape(-1).view(np.uint32)
-    unsigned = {4: np.uint32, 2: np.uint16, 1: np.uint8}[a.dtype.itemsize]
-    return np.ascontiguousarray(a).reshape(-1).view(unsigned)
+        return a.view(np.uint32)
+    return a.view({4: np.uint32, 2: np.uint16, 1: np.uint8}[a.dtype.itemsize])
 
 
 def _host_leaf_integrity(x) -> tuple[int, int, bool]:
     """`_leaf_integrity` in NumPy (the same two sums modulo 2**32), chunk by chunk."""
-    u_all = _host_bits_u32(x)
+    key = jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+    host = np.asarray(jax.random.key_data(x) if key else x)  # one read of the array
+    u_all = _host_bits_u32(host)
     a = b = 0
     for start in range(0, u_all.shape[0], _HOST_CHUNK):
         u = u_all[start : start + _HOST_CHUNK].astype(np.uint32)
@@ -122,9 +121,7 @@ def _host_leaf_integrity(x) -> tuple[int, int, bool]:
         rot = (u << np.uint32(13)) | (u >> np.uint32(19))
         a = (a + int(np.sum(u * w1, dtype=np.uint32))) & 0xFFFFFFFF
         b = (b + int(np.sum(rot * w2, dtype=np.uint32))) & 0xFFFFFFFF
-    finite = True
-    if jnp.issubdtype(x.dtype, jnp.inexact):
-        finite = bool(np.isfinite(np.asarray(x)).all())
+    finite = key or not jnp.issubdtype(host.dtype, jnp.inexact) or bool(np.isfinite(host).all())
     return a, b, finite
 
 

@@ -123,6 +123,7 @@ def test_host_and_device_checksums_agree():
         jnp.asarray(rng.integers(0, 255, (33,)), jnp.uint8),
         jnp.array([True, False, True]),
         jnp.array([1.0, jnp.inf, 2.0]),
+        jnp.array([1.0, jnp.nan], jnp.bfloat16),  # NumPy alone does not call bf16 inexact.
         jnp.zeros((0, 3)),
         jax.random.key(3),
         jnp.asarray(rng.standard_normal(ckpt_lib._HOST_CHUNK + 17), jnp.float32),
