@@ -104,16 +104,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_cli(*args: str, timeout: int = 300):
-    """`python -m kd_jax.main *args` in a subprocess, as a user runs it (CPU backend)."""
+    """`python -m kd_jax.main *args` in a subprocess, as a user runs it (CPU backend), with the
+    test processes' compilation cache (`KD_JAX_COMPILATION_CACHE`; a `--compilation_cache`
+    argument still wins), so CLI runs of one config share their programs."""
     import subprocess
     import sys
 
+    cache = jax.config.jax_compilation_cache_dir
     return subprocess.run(
         [sys.executable, "-m", "kd_jax.main", *args],
         capture_output=True,
         text=True,
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"},
+        env={
+            **os.environ,
+            "PYTHONPATH": ROOT,
+            "JAX_PLATFORMS": "cpu",
+            **({"KD_JAX_COMPILATION_CACHE": cache} if cache else {}),
+        },
         timeout=timeout,
     )
 
