@@ -11,11 +11,16 @@ on the same real ShareGPT batch (tokenised with the teacher's WordPiece, padded 
            are importable here, else --torch_python; kd_jax never imports torch). Both use all
            the machine's cores (torch threads = os.cpu_count()). Without torch the comparison is
            skipped (the kd_jax numbers and the memory ratio are still printed).
+Host memory: as `python -m kd_jax.main` does, under KD_JAX_HOST_MALLOC=tuned the script
+re-executes itself with kd_jax's glibc malloc tunables (kd_jax/hostmem.py). The PyTorch worker
+runs with the environment the script was started with ("system"), and with --torch_malloc=both
+also under those tunables ("tuned"), one more row per round.
 Also prints the jitted step's compile time and the peak temp memory (XLA memory analysis of the
 compiled value-and-grad, `compiled.memory_analysis().temp_size_in_bytes`) of the dense vs chunked
 value-relation loss at sequence length --mem_length (512).
 
-  flock /tmp/kd_bench.lock .venv/bin/python benchmarks/minilm_step.py [--batch 16 --length 128]
+  [KD_JAX_HOST_MALLOC=tuned] flock /tmp/kd_bench.lock .venv/bin/python benchmarks/minilm_step.py \
+      [--batch 16 --length 128] [--torch_malloc both]
   python benchmarks/minilm_step.py --smoke   # tiny batch and lengths, 2 calls: does it run (CI)
 """
 
@@ -140,7 +145,16 @@ def find_torch_python(candidate: str, modules=("torch", "transformers")) -> str 
     return None
 
 
-def torch_step(python: str, batch: dict, args) -> dict:
+def torch_env(malloc: str) -> dict:
+    """The PyTorch worker's environment: the one this script was started with ("system", as
+    users run PyTorch), or that plus kd_jax's glibc malloc tunables ("tuned")."""
+    from kd_jax import hostmem
+
+    env = hostmem.started_env(os.environ)
+    return env if malloc == "system" else {**env, "GLIBC_TUNABLES": hostmem.TUNABLES}
+
+
+def torch_step(python: str, batch: dict, args, malloc: str = "system") -> dict:
     from kd_jax.models.bert_loading import find_minilm_l6
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -149,7 +163,9 @@ def torch_step(python: str, batch: dict, args) -> dict:
         cmd = [python, os.path.abspath(__file__), f"--torch_worker={path}"]
         cmd += [f"--iters={args.iters}", f"--lr={args.lr}", f"--teacher_dir={find_minilm_l6()}"]
         cmd += [f"--student_layers={args.student_layers}"]
-        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        res = subprocess.run(
+            cmd, capture_output=True, text=True, check=False, env=torch_env(malloc)
+        )
         if res.returncode:
             sys.exit(f"torch worker failed:\n{res.stderr[-3000:]}")
         return json.loads(res.stdout.strip().splitlines()[-1])
@@ -280,6 +296,13 @@ def main() -> None:
     p.add_argument("--student_layers", type=int, default=3)
     p.add_argument("--variants", default="default,tuned", help=f"kd_jax settings: {list(VARIANTS)}")
     p.add_argument("--torch_python", default="/tmp/torchenv/bin/python")
+    p.add_argument(
+        "--torch_malloc",
+        default="system",
+        choices=("system", "tuned", "both"),
+        help="PyTorch's glibc malloc settings: the environment this script started with, "
+        "kd_jax's tunables (kd_jax/hostmem.py), or both (one row each)",
+    )
     p.add_argument("--torch_worker", default="", help=argparse.SUPPRESS)
     p.add_argument("--teacher_dir", default="", help=argparse.SUPPRESS)
     p.add_argument("--mem_batch", type=int, default=8)
@@ -303,20 +326,32 @@ def main() -> None:
         args.variants, args.rounds = "tuned", 1
         args.mem_batch, args.mem_length, args.mem_chunk = 1, 32, 8
 
+    from kd_jax import hostmem
+
+    hostmem.reexec_tuned()  # KD_JAX_HOST_MALLOC=tuned, as `python -m kd_jax.main` does
     import jax
 
     runs = {v: jax_step(args, v) for v in args.variants.split(",")}
     j = runs[args.variants.split(",")[0]]
     torch_python = find_torch_python(args.torch_python)
-    t = torch_step(torch_python, j["batch"], args) if torch_python else None
-    # Rounds: kd_jax (every variant), then PyTorch, again and again; one ratio per round.
+    mallocs = ("system", "tuned") if args.torch_malloc == "both" else (args.torch_malloc,)
+    # Rounds: kd_jax (every variant), then PyTorch (each malloc setting), again and again; one
+    # ratio per round.
     jax_times = {v: [run["median_s"]] for v, run in runs.items()}
-    torch_times = [t["median_s"]] if t else []
-    for _ in range(1, args.rounds if t else 1):
-        for v, run in runs.items():
-            jax_times[v].append(run["timer"](args.iters))
-        torch_times.append(torch_step(torch_python, j["batch"], args)["median_s"])
-    ratios = {v: [a / b for a, b in zip(ts, torch_times)] for v, ts in jax_times.items()}
+    torch_runs = {m: [] for m in mallocs} if torch_python else {}
+    for i in range(args.rounds if torch_python else 1):
+        if i:
+            for v, run in runs.items():
+                jax_times[v].append(run["timer"](args.iters))
+        for m in torch_runs:
+            torch_runs[m].append(torch_step(torch_python, j["batch"], args, m))
+    t = torch_runs[mallocs[0]][0] if torch_runs else None
+    torch_times = {m: [r["median_s"] for r in rs] for m, rs in torch_runs.items()}
+    ratios = {
+        (v, m): [a / b for a, b in zip(ts, torch_times[m])]
+        for v, ts in jax_times.items()
+        for m in torch_times
+    }
     mem = relation_memory(args.mem_batch, args.mem_length, args.mem_chunk)
     with open("/proc/loadavg") as f:
         load = f.read().split()[:3]
@@ -326,6 +361,7 @@ def main() -> None:
         f"({jax.devices()[0].platform}), {torch_desc}"
         + ("  (--smoke: not a measurement)" if args.smoke else "")
     )
+    print(f"kd_jax host malloc: {hostmem.describe(os.environ)}")
     print(
         f"step: teacher 6x384 fwd + student {args.student_layers}x384 fwd/bwd + AT+VR + AdamW, "
         f"batch {args.batch}, "
@@ -346,19 +382,23 @@ def main() -> None:
         if len(ts) > 1:
             print(f"kd_jax {v:8s} later rounds: {ms(ts[1:])}")
     if t:
-        print(f"PyTorch {t['median_s'] * 1e3:9.1f} ms/step   (first loss {t['first_loss']:.4f})")
-        if len(torch_times) > 1:
-            print(f"PyTorch later rounds: {ms(torch_times[1:])}")
+        for m, ts in torch_times.items():
+            first = torch_runs[m][0]["first_loss"]
+            print(f"PyTorch ({m} malloc) {ts[0] * 1e3:9.1f} ms/step   (first loss {first:.4f})")
+            if len(ts) > 1:
+                print(f"PyTorch ({m} malloc) later rounds: {ms(ts[1:])}")
         print(
             f"model GFLOP/s ({flops / 1e9:.1f} GFLOP/step): "
             + ", ".join(f"kd_jax {v} {flops / r['median_s'] / 1e9:.0f}" for v, r in runs.items())
-            + f", PyTorch {flops / t['median_s'] / 1e9:.0f}"
+            + "".join(
+                f", PyTorch ({m} malloc) {flops / ts[0] / 1e9:.0f}" for m, ts in torch_times.items()
+            )
         )
-        for v, rs in ratios.items():
+        for (v, m), rs in ratios.items():
             per = ", ".join(f"{x:.3f}" for x in rs)
             print(
-                f"ratio kd_jax {v} / PyTorch = {statistics.median(rs):.3f}  (target <= 1; "
-                f"median of {len(rs)} rounds: {per})"
+                f"ratio kd_jax {v} / PyTorch ({m} malloc) = {statistics.median(rs):.3f}  "
+                f"(target <= 1; median of {len(rs)} rounds: {per})"
             )
     else:
         print(

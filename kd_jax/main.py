@@ -9,11 +9,16 @@ import logging
 import os
 import sys
 
-import jax
+from kd_jax import hostmem
 
-from kd_jax import config as config_lib
-from kd_jax import report, runner
-from kd_jax.errors import UserError
+if __name__ == "__main__":  # KD_JAX_HOST_MALLOC=tuned: before JAX allocates, as glibc asks
+    hostmem.reexec_tuned()
+
+import jax  # noqa: E402
+
+from kd_jax import config as config_lib  # noqa: E402
+from kd_jax import report, runner  # noqa: E402
+from kd_jax.errors import UserError  # noqa: E402
 
 
 def parse(argv):
@@ -53,6 +58,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     # orbax logs every file rename through absl at INFO; keep the console for our own lines.
     logging.getLogger("absl").setLevel(logging.WARNING)
+    logging.info("host malloc: %s (kd_jax/hostmem.py)", hostmem.describe(os.environ))
     # Flags take effect before the first computation initialises a backend.
     if args.cpu_devices:
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
