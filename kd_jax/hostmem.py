@@ -31,7 +31,7 @@ TUNABLES = (
     "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776"
 )
 _SWITCH = "KD_JAX_HOST_MALLOC"  # "system" (default) or "tuned"
-_DONE = "KD_JAX_HOST_MALLOC_APPLIED"  # set before the re-exec: never loop
+APPLIED = "KD_JAX_HOST_MALLOC_APPLIED"  # set by the re-exec (so it never loops)
 
 
 def tuned_env(environ: Mapping[str, str]) -> dict[str, str] | None:
@@ -39,11 +39,11 @@ def tuned_env(environ: Mapping[str, str]) -> dict[str, str] | None:
     choice = environ.get(_SWITCH, "system")
     if choice not in ("tuned", "system"):
         raise ValueError(f"{_SWITCH}={choice!r}; use 'system' (the default) or 'tuned'.")
-    if choice == "system" or environ.get(_DONE) or "GLIBC_TUNABLES" in environ:
+    if choice == "system" or environ.get(APPLIED) or "GLIBC_TUNABLES" in environ:
         return None
     if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
         return None
-    return {**environ, "GLIBC_TUNABLES": TUNABLES, _DONE: "1"}
+    return {**environ, "GLIBC_TUNABLES": TUNABLES, APPLIED: "1"}
 
 
 def reexec_tuned() -> None:
@@ -65,14 +65,14 @@ def started_env(environ: Mapping[str, str]) -> dict[str, str]:
     """`environ` as it was before `reexec_tuned` added the tunables (for child processes that
     should run with the system's settings, e.g. a PyTorch baseline)."""
     env = dict(environ)
-    if env.pop(_DONE, None):
+    if env.pop(APPLIED, None):
         env.pop("GLIBC_TUNABLES", None)
     return env
 
 
 def describe(environ: Mapping[str, str]) -> str:
     """One line for logs: which malloc settings this process runs with."""
-    if environ.get(_DONE):
+    if environ.get(APPLIED):
         return f"kd_jax tunables (GLIBC_TUNABLES={environ.get('GLIBC_TUNABLES')})"
     if "GLIBC_TUNABLES" in environ:
         return f"the user's GLIBC_TUNABLES={environ['GLIBC_TUNABLES']}"

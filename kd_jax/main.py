@@ -12,7 +12,10 @@ import sys
 from kd_jax import hostmem
 
 if __name__ == "__main__":  # KD_JAX_HOST_MALLOC=tuned: before JAX allocates, as glibc asks
-    hostmem.reexec_tuned()
+    try:
+        hostmem.reexec_tuned()
+    except ValueError as e:
+        sys.exit(f"kd_jax: error: {e}")
 
 import jax  # noqa: E402
 
@@ -58,7 +61,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     # orbax logs every file rename through absl at INFO; keep the console for our own lines.
     logging.getLogger("absl").setLevel(logging.WARNING)
-    logging.info("host malloc: %s (kd_jax/hostmem.py)", hostmem.describe(os.environ))
+    if os.environ.get(hostmem.APPLIED):
+        print(f"kd_jax: host malloc: {hostmem.describe(os.environ)}", file=sys.stderr)
     # Flags take effect before the first computation initialises a backend.
     if args.cpu_devices:
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)

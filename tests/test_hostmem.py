@@ -79,3 +79,33 @@ def test_reexec_keeps_freed_memory_in_process():
     # 20 x 64 MiB of fresh 4 KiB pages without the tunables (~330,000 faults), none with.
     assert system > 200_000, system
     assert tuned < 1_000, tuned
+
+
+def test_cli_reexecs_under_the_switch_and_rejects_a_bad_value(tmp_path):
+    """`python -m kd_jax.main` re-executes itself and says so (here on the quick path of a config
+    typo); a bad KD_JAX_HOST_MALLOC is a one-line error, not a traceback."""
+
+    def cli(**extra):
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "kd_jax.main",
+                f"--workdir={tmp_path}",
+                f"--config={ROOT}/configs/classic/mnist_kd.py:tiny",
+                "--config.optimizer.learning_rat=1",
+            ],
+            env=clean_env(JAX_PLATFORMS="cpu", **extra),
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
+
+    tuned = cli(KD_JAX_HOST_MALLOC="tuned")
+    assert tuned.returncode == 2 and "Did you mean 'learning_rate'" in tuned.stderr
+    if GLIBC:
+        assert f"host malloc: kd_jax tunables (GLIBC_TUNABLES={hostmem.TUNABLES})" in tuned.stderr
+    assert "host malloc" not in cli().stderr
+    bad = cli(KD_JAX_HOST_MALLOC="fast")
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert "KD_JAX_HOST_MALLOC='fast'; use 'system' (the default) or 'tuned'" in bad.stderr
