@@ -76,9 +76,13 @@ def test_reexec_keeps_freed_memory_in_process():
     tuned, tunables = run(KD_JAX_HOST_MALLOC="tuned")
     system, none = run()
     assert tunables == hostmem.TUNABLES and none == "None"
-    # 20 x 64 MiB of fresh 4 KiB pages without the tunables (~330,000 faults), none with.
-    assert system > 200_000, system
-    assert tuned < 1_000, tuned
+    # 20 x 64 MiB of fresh pages without the tunables: 327,680 faults of 4 KiB pages (640 of
+    # 2 MiB ones where transparent huge pages are "always" on); none with them.
+    thp = "/sys/kernel/mm/transparent_hugepage/enabled"
+    huge = os.path.exists(thp) and "[always]" in open(thp).read()
+    fresh = 20 * (64 << 20) // ((2 << 20) if huge else 4096)
+    assert system > fresh // 2, (system, fresh)
+    assert tuned < fresh // 10, (tuned, fresh)
 
 
 def test_cli_reexecs_under_the_switch_and_rejects_a_bad_value(tmp_path):
