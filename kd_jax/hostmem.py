@@ -52,11 +52,10 @@ def reexec_tuned() -> None:
     env = tuned_env(os.environ)
     if env is None:
         return
-    argv = list(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])
     sys.stdout.flush()
     sys.stderr.flush()
-    try:
-        os.execve(sys.executable, [sys.executable, *argv[1:]], env)
+    try:  # sys.orig_argv (Python >= 3.10): the interpreter's own options and `-m`/`-c` too
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
     except OSError:  # no exec here (a sandbox): run on with the system's settings
         return
 
