@@ -212,6 +212,15 @@ class BPETokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
+    def id_to_token(self, i: int) -> str | None:
+        return self._tok.id_to_token(int(i))
+
+    def save_json(self, path: str) -> str:
+        """Writes the tokenizer as a Hugging Face `tokenizer.json` (what
+        `transformers.PreTrainedTokenizerFast(tokenizer_file=...)` reads); returns `path`."""
+        self._tok.save(str(path))
+        return str(path)
+
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 

@@ -3,20 +3,21 @@ read back by kd_jax's own loaders; transformers parity only where torch is insta
 
 import importlib.util
 import json
+import logging
 import os
 
 import jax
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 from kd_jax import config as C
-from kd_jax import export, runner, sharding
-from kd_jax.errors import MissingPackageError
-from kd_jax.models import bert_loading, gguf_loading
+from kd_jax import export, runner, sharding, stage_source
+from kd_jax.errors import ConfigValueError, MissingPackageError
+from kd_jax.models import bert_loading, gguf_loading, llama_loading
 from kd_jax.models.bert import BertConfig, BertEncoder
 from kd_jax.models.llama import Llama, LlamaConfig
 from kd_jax.tokenizers import BPETokenizer, find_minilm_l6, find_smollm2_gguf
-from kd_jax.trainers import kd
 
 HAVE_TORCH = all(importlib.util.find_spec(m) for m in ("torch", "transformers"))
 BERT_KW = dict(
@@ -95,6 +96,62 @@ def test_bert_classifier_exports_its_encoder_and_other_vocab_has_no_tokenizer(tm
     assert not (tmp_path / "tokenizer.json").exists()
 
 
+def test_bert_without_pooler_warns_and_records_it(tmp_path, caplog):
+    st = _student("bert", BERT_KW)
+    notes = []
+    with caplog.at_level(logging.WARNING, logger="kd_jax"):
+        export.export_student(st, str(tmp_path), format="hf", notes=notes)
+    (note,) = [n for n in notes if "no pooler" in n]
+    assert "pooler.dense" in note and "randomly" in note and "mean pooling" in note
+    assert note in [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert not any(k.startswith("pooler.") for k in load_file(str(tmp_path / "model.safetensors")))
+
+
+def test_bert_heads_name_the_dropped_params_and_a_cls_pooler_is_exported(tmp_path):
+    kw = dict(BERT_KW, vocab_size=100)
+    st = _student("bert_classifier", dict(kw, num_classes=3))
+    notes = []
+    export.export_student(st, str(tmp_path / "cls"), format="hf", notes=notes)
+    state = load_file(str(tmp_path / "cls" / "model.safetensors"))
+    pooler = st.variables["params"]["pooler"]
+    np.testing.assert_array_equal(state["pooler.dense.weight"], pooler["kernel"].T)
+    np.testing.assert_array_equal(state["pooler.dense.bias"], pooler["bias"])
+    assert not any("no pooler" in n for n in notes)
+    assert any("head/bias [3], head/kernel [16, 3]" in n for n in notes), notes
+    notes = []
+    export.export_student(_student("bert_qa", kw), str(tmp_path / "qa"), format="hf", notes=notes)
+    assert any("qa_outputs/kernel [16, 2]" in n for n in notes), notes
+    assert any("no pooler" in n for n in notes)
+
+
+def test_unsupported_format_names_the_registered_models():
+    st = export.Student("bert", dict(BERT_KW), "float32", {}, stage="s")
+    with pytest.raises(ConfigValueError, match=r"\['llama', 'llama_packed'\]"):
+        export.export_student(st, "unused", format="gguf")
+    assert export.supported_models("hf") == [*export.BERT_MODELS, *export.LLAMA_MODELS]
+
+
+@pytest.mark.skipif(not HAVE_TORCH, reason="needs torch + transformers")
+def test_bert_classifier_pooler_transformers_parity(tmp_path):
+    import torch
+    import transformers
+
+    st = _student("bert_classifier", dict(BERT_KW, num_classes=3))
+    export.export_student(st, str(tmp_path), format="hf")
+    hf = transformers.BertModel.from_pretrained(str(tmp_path), attn_implementation="eager").eval()
+    ids = np.random.default_rng(4).integers(0, 30522, (2, 7)).astype(np.int32)
+    mask = np.ones_like(ids)
+    _, feats = st.module().apply(
+        {"params": st.variables["params"]}, ids, mask, np.zeros_like(ids), train=False
+    )
+    with torch.no_grad():
+        theirs = hf(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            attention_mask=torch.tensor(mask, dtype=torch.long),
+        ).pooler_output.numpy()
+    np.testing.assert_allclose(np.asarray(feats["pooled"]), theirs, atol=1e-5, rtol=0)
+
+
 @pytest.mark.skipif(not HAVE_TORCH, reason="needs torch + transformers")
 def test_bert_transformers_parity(tmp_path):
     import torch
@@ -124,13 +181,13 @@ def test_bert_transformers_parity(tmp_path):
 def test_llama_hf_round_trip(tmp_path, tie):
     st = _student("llama_packed", dict(LLAMA_KW, tie_embeddings=tie))
     export.export_student(st, str(tmp_path), format="hf")
-    config, loaded = export.load_hf_llama(str(tmp_path))
+    config, loaded = llama_loading.load_hf_llama(str(tmp_path))
     assert config == LlamaConfig(**dict(LLAMA_KW, tie_embeddings=tie))
     jax.tree.map(np.testing.assert_array_equal, loaded["params"], st.variables["params"])
     with open(tmp_path / "config.json") as f:
         hf = json.load(f)
     assert hf["tie_word_embeddings"] is tie and hf["architectures"] == ["LlamaForCausalLM"]
-    names = set(export.load_file(str(tmp_path / "model.safetensors")))
+    names = set(load_file(str(tmp_path / "model.safetensors")))
     assert ("lm_head.weight" in names) is not tie
     ids = np.random.default_rng(1).integers(0, 49152, (2, 9)).astype(np.int32)
     before = Llama(st.module().config).apply({"params": st.variables["params"]}, ids)[0]
@@ -261,8 +318,8 @@ def test_npz_round_trip_of_a_trained_batchnorm_student(seg_run, tmp_path, capsys
     module, variables = export.load_npz(str(out))
     assert set(variables) == {"params", "batch_stats"} and "cwd" not in variables["params"]
     mesh = sharding.make_mesh(cfg.mesh)
-    stacked, step = kd.restore_student_variables(
-        C.stage_config(cfg, "kd"), mesh, str(workdir / "kd")
+    stacked, step = stage_source.restore_student(
+        str(workdir / "kd"), mesh, C.stage_config(cfg, "kd").sharding_rules
     )
     assert step == 2
     want = jax.tree.map(lambda v: np.asarray(v)[1], stacked)

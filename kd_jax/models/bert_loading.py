@@ -25,7 +25,9 @@ from kd_jax.tokenizers import WordPieceTokenizer as Tokenizer
 # HF keys that carry no encoder weights: the position-id buffer, the [CLS] pooler and task heads.
 _IGNORED = re.compile(r"^(embeddings\.position_ids|pooler\..*|cls\..*)$")
 
-_EMBEDDINGS = {
+# HF embedding names -> (our module, leaf). Public, as `LAYER`: the exporter
+# (`kd_jax.export.hf_bert`) writes the same names back.
+EMBEDDINGS = {
     "embeddings.word_embeddings.weight": ("word_embeddings", "embedding"),
     "embeddings.position_embeddings.weight": ("position_embeddings", "embedding"),
     "embeddings.token_type_embeddings.weight": ("token_type_embeddings", "embedding"),
@@ -34,7 +36,7 @@ _EMBEDDINGS = {
 }
 
 # encoder.layer.{i}.<suffix> -> layer_{i}/<path>
-_LAYER = {
+LAYER = {
     "attention.self.query": ("attention", "query"),
     "attention.self.key": ("attention", "key"),
     "attention.self.value": ("attention", "value"),
@@ -56,15 +58,15 @@ def _canonical(key: str) -> str:
 
 def _target(key: str):
     """HF key -> (flax path tuple, is_linear_weight), or None if unknown."""
-    if key in _EMBEDDINGS:
-        return _EMBEDDINGS[key], False
+    if key in EMBEDDINGS:
+        return EMBEDDINGS[key], False
     m = _LAYER_KEY.match(key)
-    if not m or m.group(2) not in _LAYER:
+    if not m or m.group(2) not in LAYER:
         return None
     layer, module, kind = int(m.group(1)), m.group(2), m.group(3)
     is_ln = module.endswith("LayerNorm")
     leaf = ("scale" if is_ln else "kernel") if kind == "weight" else "bias"
-    return (f"layer_{layer}", *_LAYER[module], leaf), (kind == "weight" and not is_ln)
+    return (f"layer_{layer}", *LAYER[module], leaf), (kind == "weight" and not is_ln)
 
 
 def convert_hf_state(state: dict[str, np.ndarray], config: BertConfig) -> dict:
@@ -103,9 +105,9 @@ def convert_hf_state(state: dict[str, np.ndarray], config: BertConfig) -> dict:
 
 
 def _expected_paths(config: BertConfig):
-    yield from _EMBEDDINGS.values()
+    yield from EMBEDDINGS.values()
     for i in range(config.num_layers):
-        for module in _LAYER.values():
+        for module in LAYER.values():
             leaves = ("scale", "bias") if module[-1] == "LayerNorm" else ("kernel", "bias")
             for leaf in leaves:
                 yield (f"layer_{i}", *module, leaf)
@@ -172,4 +174,12 @@ PRESETS.register(
 # "hf_bert:/path/to/dir" reads a user's HF BERT checkpoint (e.g. bert-base-uncased).
 WEIGHT_FILES.register("hf_bert", WeightFile(_hf_bert_variables, _hf_bert_config))
 
-__all__ = ["MINILM_PACKAGE", "Tokenizer", "convert_hf_state", "find_minilm_l6", "load_bert"]
+__all__ = [
+    "EMBEDDINGS",
+    "LAYER",
+    "MINILM_PACKAGE",
+    "Tokenizer",
+    "convert_hf_state",
+    "find_minilm_l6",
+    "load_bert",
+]
