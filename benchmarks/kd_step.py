@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
 
 import jax
@@ -54,12 +53,11 @@ def build(args, widths):
     c.teacher.init = "random"
     kd = {"kd": C.term("hinton_kd", 0.9, teacher="logits"), "ce": C.term("ce", 0.1)}
     mesh = sharding.make_mesh(c.mesh)
-    with tempfile.TemporaryDirectory() as tmp:
-        c.objective = kd
-        kd_stage = kd_trainer.build_stage(C.stage_config(c, None), mesh, tmp)
-        c.objective = {"ce": C.term("ce")}
-        c.teacher.model = None
-        ce_stage = kd_trainer.build_stage(C.stage_config(c, None), mesh, tmp)
+    c.objective = kd
+    kd_stage = kd_trainer.build_stage(C.stage_config(c, None), mesh)
+    c.objective = {"ce": C.term("ce")}
+    c.teacher.model = None
+    ce_stage = kd_trainer.build_stage(C.stage_config(c, None), mesh)
 
     batch = sharding.make_global(mesh, kd_stage.data.example_batch(), args.batch)
     # The teacher's whole variables dict (the step's teacher argument is flax variables, not

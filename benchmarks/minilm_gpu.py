@@ -205,6 +205,7 @@ def jax_variant(args, variant: str, s: dict, marks: dict | None = None) -> dict:
     from kd_jax import sharding
     from kd_jax import teacher as teacher_lib
     from kd_jax.trainers import RunContext, kd
+    from kd_jax.trainers.startup import StartUp
 
     def mark(name):
         if marks is not None:
@@ -214,19 +215,22 @@ def jax_variant(args, variant: str, s: dict, marks: dict | None = None) -> dict:
     mesh = sharding.make_mesh(cfg.mesh)
     mark("config + mesh")
     with tempfile.TemporaryDirectory() as tmp:
-        stage = kd.build_stage(cfg, mesh, tmp)
+        stage = kd.build_stage(cfg, mesh)
         mark("build stage (data, models, shapes)")
         batch = sharding.make_global(mesh, stage.data.example_batch(), args.batch)
         if args.startup == "overlap" and marks is not None:
-            # The engine's start-up (kd.StartUp, as train_stage runs it): teacher load and
-            # student init in two threads, the step compiled ahead of time meanwhile.
+            # The engine's start-up (startup.StartUp, as train_stage runs it): the student's
+            # init compiles and runs in a worker while the teacher loads here, then the step
+            # compiles ahead of time in the worker.
             ckptr = ckpt_lib.Checkpointer(os.path.join(tmp, "ckpt"), async_save=False)
             ctx = RunContext(mesh, tmp, tmp, {None: cfg})
-            startup = kd.StartUp(stage, ctx, ckptr, kd.make_train_step)
-            _, t_params, t_axis, _ = startup.teacher()
+            startup = StartUp(stage, ctx, ckptr, kd.make_train_step)
+            example = kd.sample_inputs(stage.data, stage.teacher_inputs)
+            teacher = teacher_lib.load(cfg, mesh, example, {}, tmp)
+            t_params, t_axis = teacher.variables, teacher.axis
             mark("teacher init (student init running beside it)")
             t0 = time.perf_counter()
-            compiled = startup.step(t_params, t_axis, None).compiled
+            compiled = startup.step(t_params, t_axis, None).program()
             compile_s = time.perf_counter() - t0
             mark("trace + compile step (student init running beside it)")
             state = startup.state()[0]

@@ -219,7 +219,7 @@ def _jax_step(cfg, args):
 
     mesh = sharding.make_mesh(cfg.mesh)
     with tempfile.TemporaryDirectory() as tmp:
-        stage = kd.build_stage(cfg, mesh, tmp)
+        stage = kd.build_stage(cfg, mesh)
         example = kd.sample_inputs(stage.data, stage.teacher_inputs)
         teacher = teacher_lib.load(cfg, mesh, example, {}, tmp)
         t_params, t_axis = teacher.variables, teacher.axis

@@ -177,12 +177,12 @@ MINILM = [
     ),
     new_code_cell(
         "import os, tempfile\n"
-        "from kd_jax import config as C, runner, sharding\n"
+        "from kd_jax import config as C, restore, runner, sharding\n"
         "from kd_jax.trainers import kd\n"
         "cfg = C.load('../configs/minilm/minilm_v1.py:tiny')  # 3 x 384 student, 3 steps\n"
         "workdir = tempfile.mkdtemp()\n"
         "result = runner.run(cfg, workdir)['main']\n"
-        "params, step = kd.restore_student(\n"
+        "params, step = restore.restore_student(\n"
         "    C.stage_config(cfg, None), sharding.make_mesh(cfg.mesh), workdir)\n"
         "student = bert.BertEncoder(bert.BertConfig(**{**config.__dict__, 'num_layers': 3}))\n"
         "seed0 = jax.tree.map(lambda x: x[0], params)\n"
@@ -302,7 +302,7 @@ SEGMENTATION = [
         "import os, tempfile\n"
         "import jax, jax.numpy as jnp, numpy as np\n"
         "import matplotlib.pyplot as plt\n"
-        "from kd_jax import config as C, models, report, runner, sharding\n"
+        "from kd_jax import config as C, models, report, restore, runner, sharding\n"
         "from kd_jax.trainers import kd\n"
         "from kd_jax.data.segmentation import DATASETS\n"
         "from kd_jax.losses.segmentation import resize_bilinear\n"
@@ -323,7 +323,7 @@ SEGMENTATION = [
     ),
     new_markdown_cell(
         "## 2. Predictions on a few eval images\n\n"
-        "`kd.restore_state` returns the whole training state; `kd.student_variables` is "
+        "`restore.restore_state` returns the whole training state; `kd.student_variables` is "
         "the exported student (params + BatchNorm statistics, no CSF/PEA)."
     ),
     new_code_cell(
@@ -332,7 +332,7 @@ SEGMENTATION = [
         "states, nets = {}, {}\n"
         "for name in config.stage_order:\n"
         "    cfg = C.stage_config(config, name)\n"
-        "    states[name] = seed0(kd.restore_state(cfg, mesh, f'{workdir}/{name}'))\n"
+        "    states[name] = seed0(restore.restore_state(cfg, mesh, f'{workdir}/{name}'))\n"
         "    nets[name] = models.build(cfg.student)\n"
         "_, eval_src = DATASETS['shapes_seg'](**config.data.kwargs.to_dict())\n"
         "batch = eval_src.gather(np.arange(4))\n"
@@ -562,7 +562,7 @@ POLYVILT = [
         "import os, tempfile\n"
         "import jax, numpy as np\n"
         "import matplotlib.pyplot as plt\n"
-        "from kd_jax import config as C, models, runner, sharding\n"
+        "from kd_jax import config as C, models, restore, runner, sharding\n"
         "from kd_jax.data import lectures\n"
         "from kd_jax.evaluators.retrieval import similarity\n"
         "from kd_jax.trainers import kd\n"
@@ -606,7 +606,8 @@ POLYVILT = [
     ),
     new_code_cell(
         "cfg = C.stage_config(config, 'polyvilt')\n"
-        "state = kd.restore_state(cfg, sharding.make_mesh(config.mesh), f'{workdir}/polyvilt')\n"
+        "mesh = sharding.make_mesh(config.mesh)\n"
+        "state = restore.restore_state(cfg, mesh, f'{workdir}/polyvilt')\n"
         "variables = jax.tree.map(lambda x: np.asarray(x)[0], jax.device_get(\n"
         "    kd.student_variables(state)))\n"
         "net = models.build(cfg.student)\n"

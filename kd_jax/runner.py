@@ -1,19 +1,22 @@
 """Runs the stages of a config in order: resolve every stage's config once, then hand each to the
-trainer of its kind (`kd_jax.trainers`). The workdir is locked for the run (`kd_jax.lock`). A
-preempted stage (SIGTERM) stops the run; rerunning the same command resumes it."""
+trainer of its kind (`kd_jax.trainers`). The workdir is locked for the run (`kd_jax.lock`).
+SIGTERM (a preemption) during the run sets the stages' `ctx.stop`: the running stage saves a
+checkpoint at its next step and the run stops; rerunning the same command resumes it. The
+process's previous handler is back in place when `run` returns."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
+import signal
+import threading
 
 import jax
 
 from kd_jax import config as config_lib
-from kd_jax import lock, sharding, trainers
+from kd_jax import lock, sharding, stage_source, trainers
 from kd_jax.errors import ConfigValueError
-from kd_jax.trainers import kd
 
 log = logging.getLogger("kd_jax")
 
@@ -42,18 +45,34 @@ def resolve(config, workdir: str) -> dict:
                         f"only kind '{other}' reads; set kind='{other}' or remove config.{key}."
                     )
         prng_impl(cfg)  # an unknown name fails here, before any stage runs
+        stage_source.inherit(cfg, out)  # a "stage:" teacher without a model: its source's
         out[cfg.stage_name] = cfg
     return out
 
 
 def run(config, workdir: str, devices=None) -> dict:
     """Runs every stage of `config` in order; returns {stage: result}."""
-    kd.clear_stop()
     mesh = sharding.make_mesh(config.mesh, devices)
     log.info("mesh %s", dict(mesh.shape))
     stages = resolve(config, workdir)
-    with lock.workdir_lock(workdir):
-        return _run_stages(config, stages, mesh, workdir)
+    stop = threading.Event()
+    with lock.workdir_lock(workdir), stop_on_signals(stop):
+        return _run_stages(config, stages, mesh, workdir, stop)
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop: threading.Event, signals=(signal.SIGTERM,)):
+    """`signals` set `stop` while the block runs (only the main thread can install handlers;
+    elsewhere nothing changes); the previous handlers are restored after it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in signals}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 PRNG_IMPLS = ("", "threefry2x32", "rbg", "unsafe_rbg")
@@ -68,9 +87,10 @@ def prng_impl(cfg):
     return jax.default_prng_impl(cfg.prng_impl)
 
 
-def _contexts(config, stages, mesh, workdir: str):
+def _contexts(config, stages, mesh, workdir: str, stop=None):
+    stop = stop or threading.Event()
     for (name, cfg), raw in zip(stages.items(), config_lib.stage_names(config)):
-        yield name, cfg, trainers.RunContext(mesh, workdir, stage_dir(workdir, raw), stages)
+        yield name, cfg, trainers.RunContext(mesh, workdir, stage_dir(workdir, raw), stages, stop)
 
 
 def preflight(config, stages, mesh, workdir: str) -> None:
@@ -83,11 +103,11 @@ def preflight(config, stages, mesh, workdir: str) -> None:
                 check(cfg, ctx)
 
 
-def _run_stages(config, stages, mesh, workdir: str) -> dict:
+def _run_stages(config, stages, mesh, workdir: str, stop: threading.Event) -> dict:
     if config.preflight:
         preflight(config, stages, mesh, workdir)
     results = {}
-    for name, cfg, ctx in _contexts(config, stages, mesh, workdir):
+    for name, cfg, ctx in _contexts(config, stages, mesh, workdir, stop):
         with prng_impl(cfg):
             results[name] = trainers.TRAINERS.get(cfg.kind)(cfg, ctx)
         if results[name].get("preempted"):

@@ -33,8 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from kd_jax import checkpoint as ckpt_lib
-from kd_jax import models, sharding
-from kd_jax.errors import ConfigKeyError, ConfigValueError
+from kd_jax import models, sharding, stage_source
+from kd_jax.errors import ConfigValueError
 from kd_jax.models.registry import WEIGHT_FILES, load_pretrained
 from kd_jax.objective import lookup
 from kd_jax.replicas import over_seeds
@@ -58,27 +58,6 @@ def fingerprint(tree) -> str:
     return hashlib.sha1(np.asarray(leaves).tobytes()).hexdigest()[:16]
 
 
-def source_stage(key: str, init: str, stages: Mapping[str, Any]):
-    """`init` = "stage:<name>" -> (name, that stage's resolved config)."""
-    src = init.split(":", 1)[1]
-    if src not in stages:
-        raise ConfigKeyError(f"{key}='{init}' names no stage; stages: {sorted(stages)}.")
-    return src, stages[src]
-
-
-def stage_student(src_cfg, mesh, stage_dir: str, step: int | None = None):
-    """-> (the final student {"params", + e.g. "batch_stats"} of a stage, stacked over seeds,
-    its step). Shapes come from the checkpoint's own metadata; the training-only adapters
-    (params["aux"]) and the optimizer state are dropped."""
-    ckptr = ckpt_lib.Checkpointer(os.path.join(stage_dir, "checkpoints"), async_save=False)
-    try:
-        state = ckptr.restore_saved(mesh, src_cfg.sharding_rules, step)
-    finally:
-        ckptr.close()
-    variables = {"params": state["params"]["student"], **state["model_state"].get("student", {})}
-    return variables, int(np.asarray(jax.device_get(state["step"])).reshape(-1)[0])
-
-
 def _stage_ensemble(cfg, mesh, init: str, stages: Mapping[str, Any], root: str):
     """teacher.init = "stages:a,b,c" on an `ensemble` teacher -> (stacked variables, steps)."""
     if cfg.teacher.model != "ensemble":
@@ -92,19 +71,17 @@ def _stage_ensemble(cfg, mesh, init: str, stages: Mapping[str, Any], root: str):
         )
     members, steps = [], []
     for name in names:
-        src, src_cfg = source_stage("teacher.init", f"stage:{name}", stages)
+        source = stage_source.read(
+            "teacher.init", f"stage:{name}", stages, root, mesh, num_seeds=cfg.num_seeds
+        )
         want = (kw["base"], dict(kw.get("base_kwargs") or {}))
-        got = (src_cfg.student.model, src_cfg.student.kwargs.to_dict())
-        if want != got:
-            raise ConfigValueError(f"ensemble member {want} differs from stage '{src}' {got}.")
-        if src_cfg.num_seeds != cfg.num_seeds:
+        if want != (source.model, source.kwargs):
             raise ConfigValueError(
-                f"Stage '{src}' trained {src_cfg.num_seeds} seeds but this stage has "
-                f"num_seeds={cfg.num_seeds}; they must match."
+                f"ensemble member {want} differs from stage '{name}' "
+                f"{(source.model, source.kwargs)}."
             )
-        variables, step = stage_student(src_cfg, mesh, os.path.join(root, src))
-        members.append(variables)
-        steps.append(step)
+        members.append(source.variables)
+        steps.append(source.step)
     # Every member tree has a leading seed axis: members stack on axis 1.
     return models.wrappers.stack_members(members, axis=1), steps
 
@@ -147,35 +124,30 @@ def load(cfg, mesh, example: Sequence, stages: Mapping[str, Any], root: str) -> 
     init = cfg.teacher.init
     ident = {"model": cfg.teacher.model, "kwargs": cfg.teacher.kwargs.to_dict(), "init": init}
     pretrained = _pretrained_name(init)
-    if init.startswith("stage:"):
-        src, src_cfg = source_stage("teacher.init", init, stages)
-        got = (src_cfg.student.model, src_cfg.student.kwargs.to_dict())
+    if init.startswith(stage_source.STAGE):
+        source = stage_source.read(
+            "teacher.init", init, stages, root, mesh, num_seeds=cfg.num_seeds
+        )
         kw = cfg.teacher.kwargs.to_dict()
         # A parameter-free wrapper (e.g. `input_grad` for Jacobian matching) may read a stage
         # that trained its base model: the base's variables move under its submodule.
         base = models.registry.wrapped_base(cfg.teacher)
-        wraps_base = base is not None and got == base[:2]
-        if not wraps_base and got != (cfg.teacher.model, kw):
+        wraps_base = base is not None and (source.model, source.kwargs) == base[:2]
+        if not wraps_base and (source.model, source.kwargs) != (cfg.teacher.model, kw):
             raise ConfigValueError(
-                f"teacher model {cfg.teacher.model}{cfg.teacher.kwargs.to_dict()} differs from "
-                f"stage '{src}' student {src_cfg.student.model}{src_cfg.student.kwargs.to_dict()}."
+                f"teacher model {cfg.teacher.model}{kw} differs from stage "
+                f"'{init[len(stage_source.STAGE) :]}' student {source.model}{source.kwargs}; "
+                "leave teacher.model unset to inherit the stage's architecture."
             )
-        if src_cfg.num_seeds != cfg.num_seeds:
-            raise ConfigValueError(
-                f"Stage '{src}' trained {src_cfg.num_seeds} seeds but this stage has "
-                f"num_seeds={cfg.num_seeds}; they must match."
-            )
-        variables, ident["source_step"] = stage_student(src_cfg, mesh, os.path.join(root, src))
+        variables, ident["source_step"] = source.variables, source.step
         if wraps_base:
             variables = {col: {base[2]: tree} for col, tree in variables.items()}
-        axis = 0
     elif init.startswith("stages:"):
         variables, ident["source_steps"] = _stage_ensemble(cfg, mesh, init, stages, root)
-        axis = 0
     elif init.startswith("random:"):
         seed = int(init.split(":", 1)[1])
         zeros = [jnp.zeros(a.shape, a.dtype) for a in example]
-        variables, axis = dict(jax.jit(module.init)(jax.random.PRNGKey(seed), *zeros)), None
+        variables = dict(jax.jit(module.init)(jax.random.PRNGKey(seed), *zeros))
     elif pretrained or init:
         # Weights files are checked against (and orbax restores into) the module's shapes.
         abstract = jax.eval_shape(module.init, jax.random.key(0), *example)
@@ -188,12 +160,13 @@ def load(cfg, mesh, example: Sequence, stages: Mapping[str, Any], root: str) -> 
             models.check_shapes(abstract["params"], variables["params"], what)
         else:
             variables = {"params": ckpt_lib.load_params(init, abstract["params"])}
-        variables, axis = _init_missing(module, variables, abstract, example, init), None
+        variables = _init_missing(module, variables, abstract, example, init)
     else:
         raise ConfigValueError(
             "config.teacher.model is set but teacher.init is empty; use 'stage:<name>', "
             "'pretrained:<name>' or a path to an orbax params checkpoint."
         )
+    axis = stage_source.teacher_axis(init)
     placement = cfg.teacher.placement
     if placement not in PLACEMENTS:
         raise ConfigValueError(f"Unknown teacher.placement '{placement}'; use one of {PLACEMENTS}.")
@@ -216,11 +189,11 @@ def forward(module, inputs: Sequence[str], paths: Sequence[str], variables, batc
     return jax.lax.stop_gradient({p: lookup(feats, p, "teacher") for p in paths})
 
 
-def build_cache(
-    teacher: Teacher, paths, data, num_seeds: int, seeds_in_step: str, path: str
-) -> dict[str, np.ndarray]:
+def build_cache(teacher: Teacher, paths, data, cfg, stage_dir: str) -> dict[str, np.ndarray]:
     """Offline cache: teacher features for every training record, [N, S, ...] per path, stored
-    in `path` (an .npz in the stage directory, named by the teacher's fingerprint)."""
+    in the stage directory, named by the teacher's fingerprint."""
+    num_seeds, seeds_in_step = cfg.num_seeds, cfg.seeds_in_step
+    path = os.path.join(stage_dir, f"teacher_cache_{teacher.ident['fingerprint']}.npz")
     if os.path.exists(path):
         with np.load(path) as f:
             return {k: f[k] for k in f.files}

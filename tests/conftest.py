@@ -24,3 +24,14 @@ jax.config.update(
 )
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+import pytest  # noqa: E402
+
+from kd_jax import checkpoint  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _cpu_checkpoint_saves():
+    """The CLI's process-level opt-in (`kd_jax.main`), for the tests' in-process runs."""
+    with checkpoint.cpu_arrays_written_by_one_replica():
+        yield

@@ -10,8 +10,7 @@ import jax
 import numpy as np
 
 from kd_jax import config as C
-from kd_jax import losses, runner, sharding
-from kd_jax.trainers import kd
+from kd_jax import losses, restore, runner, sharding
 from tests.tolerances import f32_tol
 
 
@@ -59,7 +58,7 @@ def student_params(config, workdir, stage: str, devices=None):
 
     mesh = sharding.make_mesh(config.mesh, devices)
     cfg = C.stage_config(config, stage)
-    params, _ = kd.restore_student(cfg, mesh, os.path.join(str(workdir), stage))
+    params, _ = restore.restore_student(cfg, mesh, os.path.join(str(workdir), stage))
     return jax.tree.map(np.asarray, jax.device_get(params))
 
 

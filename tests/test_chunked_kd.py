@@ -384,21 +384,21 @@ def test_vocab_or_tokenizer_mismatch_fails_at_stage_build(tmp_path):
         student_kw={"tokenizer": "toy-a"}, teacher_kw={"vocab_size": 40, "tokenizer": "toy-b"}
     )
     with pytest.raises(ValueError) as e:
-        kd.build_stage(cfg, _mesh(), str(tmp_path))
+        kd.build_stage(cfg, _mesh())
     msg = str(e.value)
     assert all(s in msg for s in ("24", "40", "'toy-a'", "'toy-b'", "Objective term 'kd'"))
     assert "tokenizer" in msg and "slice both logits" in msg  # the fix is named
     # Same size, different tokenizers (TRL #4562: teacher fed the student's ids).
     cfg = _lm_config(student_kw={"tokenizer": "toy-a"}, teacher_kw={"tokenizer": "toy-b"})
     with pytest.raises(ValueError, match="student tokenizer 'toy-a' .* teacher tokenizer 'toy-b'"):
-        kd.build_stage(cfg, _mesh(), str(tmp_path))
+        kd.build_stage(cfg, _mesh())
     # Dense logits terms are checked the same way.
     cfg = _lm_config(teacher_kw={"vocab_size": 30})
     cfg.objective = {"kd": C.term("forward_kl", teacher="logits")}
     with pytest.raises(
         ValueError, match="student vocabulary size 24 .* teacher vocabulary size 30"
     ):
-        kd.build_stage(cfg, _mesh(), str(tmp_path))
+        kd.build_stage(cfg, _mesh())
 
 
 def test_on_policy_batch_holds_the_students_greedy_continuation():
@@ -433,7 +433,7 @@ def test_on_policy_step_compiles_once_and_learns(tmp_path):
     cfg = _lm_config(
         **{"on_policy.fraction": 0.5, "on_policy.max_new_tokens": 5, "on_policy.temperature": 1.0}
     )
-    stage = kd.build_stage(cfg, _mesh(), str(tmp_path))
+    stage = kd.build_stage(cfg, _mesh())
     t_vars = stage.teacher.init(jax.random.key(7), jnp.zeros((1, SEQ), jnp.int32))
     state = stage.init_fn(cfg.seed)
     step = gkd.make_train_step(stage, None, cached=False)
@@ -461,7 +461,7 @@ def test_on_policy_step_compiles_once_and_learns(tmp_path):
     # A teacher-less or cached setup cannot score the student's samples: fail before training.
     cfg = _lm_config(**{"on_policy.fraction": 1.0, "teacher.placement": "cache"})
     with pytest.raises(ValueError, match="live teacher"):
-        gkd.make_train_step(kd.build_stage(cfg, _mesh(), str(tmp_path)), None, cached=True)
+        gkd.make_train_step(kd.build_stage(cfg, _mesh()), None, cached=True)
 
 
 def test_contract_zero_on_identical_and_masked_tokens_do_not_count():

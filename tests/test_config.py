@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 
 from kd_jax import config as C
-from kd_jax import runner
+from kd_jax import restore, runner
 from kd_jax.errors import ConfigValueError
-from kd_jax.trainers import kd
 from tests import helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -153,7 +152,7 @@ def test_prng_impl_setting_runs_the_stage_with_that_prng(tmp_path):
     cfg = C.stage_config(c, "kd")
     mesh = runner.sharding.make_mesh(cfg.mesh)
     with jax.default_prng_impl("rbg"):  # a threefry checkpoint would not restore into this
-        state = kd.restore_state(cfg, mesh, str(tmp_path / "rbg" / "kd"))
+        state = restore.restore_state(cfg, mesh, str(tmp_path / "rbg" / "kd"))
     assert state.rng.shape[-1] == 4  # an rbg key's data, not threefry's 2 words
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
     c.prng_impl = "philox"

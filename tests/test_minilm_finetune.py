@@ -7,9 +7,8 @@ import pytest
 import tensorflow_datasets as tfds
 
 from kd_jax import config as C
-from kd_jax import runner, sharding
+from kd_jax import restore, runner, sharding
 from kd_jax.data import text
-from kd_jax.trainers import kd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GLUE = os.path.join(ROOT, "configs/minilm/glue.py")
@@ -34,7 +33,7 @@ def test_glue_tiny_finetunes_pretrained_encoder(tmp_path, task="sst2"):
     with tfds.testing.mock_data(num_examples=16):
         cfg = C.load(f"{GLUE}:tiny,task={task}")
         res = runner.run(cfg, str(tmp_path))["main"]
-        params, _ = kd.restore_student(C.stage_config(cfg, None), _mesh(cfg), str(tmp_path))
+        params, _ = restore.restore_student(C.stage_config(cfg, None), _mesh(cfg), str(tmp_path))
     assert res["step"] == 2 and 0.0 <= np.mean(res["eval/accuracy"]) <= 1.0
     # The encoder was warm-started from the bundled teacher, the head was not.
     from kd_jax.models import pretrained

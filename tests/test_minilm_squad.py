@@ -140,7 +140,7 @@ def test_squad_tiny_trains_on_mock_data(tmp_path):
 
 def test_pretrained_encoder_fits_bert_qa():
     # student.init=pretrained:all-minilm-l6-v2 grafts the weights into the "encoder" sub-tree
-    # (kd.graft_pretrained, exercised end to end by tests/test_minilm_finetune.py).
+    # (stage_source.graft_pretrained, exercised end to end by tests/test_minilm_finetune.py).
     from kd_jax.models import pretrained
 
     cfg = C.load(SQUAD)

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 
 from kd_jax import config as C
-from kd_jax import losses, models, runner, sharding
+from kd_jax import losses, models, restore, runner, sharding
 from kd_jax.errors import ConfigValueError
 from kd_jax.export import export
 from kd_jax.models.bert_loading import load_bert
 from kd_jax.models.bert_mlm import encoder_params
-from kd_jax.trainers import kd, mlm
+from kd_jax.trainers import mlm
 from tests import helpers
 from tests.tolerances import f32_tol
 
@@ -194,7 +194,7 @@ def test_encoder_exports_and_evaluates_like_a_distilled_student(trained, tmp_pat
 
     config, work = trained
     mesh = sharding.make_mesh(config.mesh, None)
-    params, _ = kd.restore_student(C.stage_config(config, None), mesh, str(work))
+    params, _ = restore.restore_student(C.stage_config(config, None), mesh, str(work))
     enc = jax.tree.map(lambda x: x[0], encoder_params(params))
     out = export(str(work), None, out=str(tmp_path / "hf"), format="hf")
     assert "model.safetensors" in {f.split("/")[-1] for f in out["files"]}

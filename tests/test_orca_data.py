@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from kd_jax import config as C
-from kd_jax import losses, runner, sharding, trainers
+from kd_jax import losses, restore, runner, sharding, trainers
 from kd_jax.data import orca, records
 from kd_jax.models import llama
-from kd_jax.trainers import _shards, kd
+from kd_jax.trainers import _shards
 from tests.tolerances import f32_tol
 
 # A tiny decoder over SmolLM2's real vocabulary (the tokenizer's ids index its embedding).
@@ -239,8 +239,8 @@ def test_progressive_stages_continue_the_student(tmp_path):
     assert res["flan5m"]["step"] == 2 and res["flan1m"]["step"] == 1
     assert np.isfinite(res["flan1m"]["eval/perplexity"]).all()
     mesh = sharding.make_mesh(c.mesh)
-    first, _ = kd.restore_student(C.stage_config(c, "flan5m"), mesh, str(tmp_path / "flan5m"))
-    second, _ = kd.restore_student(C.stage_config(c, "flan1m"), mesh, str(tmp_path / "flan1m"))
+    first, _ = restore.restore_student(C.stage_config(c, "flan5m"), mesh, str(tmp_path / "flan5m"))
+    second, _ = restore.restore_student(C.stage_config(c, "flan1m"), mesh, str(tmp_path / "flan1m"))
     # One Adam step (lr 2e-5, after 1 warm-up step) from stage 1's weights moves each by <= ~lr;
     # a fresh init would differ by O(0.02).
     diff = max(float(jnp.abs(a - b).max()) for a, b in zip(*map(jax.tree.leaves, (first, second))))

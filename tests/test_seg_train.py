@@ -10,7 +10,7 @@ import pytest
 
 from kd_jax import config as C
 from kd_jax import data as data_lib
-from kd_jax import losses, runner, sharding
+from kd_jax import losses, restore, runner, sharding
 from kd_jax.models import lad
 from kd_jax.objective import Objective
 from kd_jax.trainers import kd
@@ -56,15 +56,17 @@ def test_batchnorm_state_is_trained_checkpointed_and_exported(tmp_path):
     assert res["kd"]["teacher"]["source_step"] == 2
     mesh = sharding.make_mesh(cfg.mesh)
     stage_cfg = C.stage_config(cfg, "teacher")
-    exported, step = kd.restore_student_variables(stage_cfg, mesh, str(tmp_path / "teacher"))
+    exported, step = restore.restore_student_variables(stage_cfg, mesh, str(tmp_path / "teacher"))
     assert step == 2 and set(exported) == {"params", "batch_stats"}
     # Running statistics moved away from their init (mean 0, var 1) during training.
     mean = exported["batch_stats"]["backbone"]["stem_bn1"]["bn"]["mean"]
     assert float(jnp.abs(mean).max()) > 0
     # The kd stage's adapter (params["aux"]) is training-only: not in the exported student.
-    kd_vars, _ = kd.restore_student_variables(C.stage_config(cfg, "kd"), mesh, str(tmp_path / "kd"))
+    kd_vars, _ = restore.restore_student_variables(
+        C.stage_config(cfg, "kd"), mesh, str(tmp_path / "kd")
+    )
     assert "cwd" not in kd_vars["params"] and set(kd_vars) == {"params", "batch_stats"}
-    stage = kd.build_stage(C.stage_config(cfg, "kd"), mesh, str(tmp_path))
+    stage = kd.build_stage(C.stage_config(cfg, "kd"), mesh)
     assert set(stage.abstract_state.params["aux"]) == {"cwd"}
     assert set(stage.abstract_state.model_state["student"]) == {"batch_stats"}
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from kd_jax import stage_source
 from kd_jax import teacher as teacher_lib
 from kd_jax.models import check_shapes, deeplab, pretrained, segformer, segformer_loading
 from kd_jax.trainers import kd
@@ -166,7 +167,7 @@ def test_resnet18_v1b_round_trip_and_graft(tmp_path):
     np.testing.assert_array_equal(four["kernel"][:, :, :3], p["stem_conv1"]["kernel"])
     assert four["kernel"].shape[2] == 4 and 0.02 < np.std(four["kernel"][:, :, 3]) < 0.3
 
-    # kd.graft_pretrained puts params and batch_stats into the "backbone" sub-tree of
+    # stage_source.graft_pretrained puts params and batch_stats into the "backbone" sub-tree of
     # every seed and leaves the rest of the student alone.
     seeds = 2
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
@@ -184,7 +185,7 @@ def test_resnet18_v1b_round_trip_and_graft(tmp_path):
         model_state={"student": jax.tree.map(lambda _: rep, state.model_state["student"])},
     )
     stage = types.SimpleNamespace(cfg=types.SimpleNamespace(num_seeds=seeds), state_shardings=shard)
-    new = kd.graft_pretrained(stage, state, f"pretrained:resnet18_v1b:{path}")
+    new = stage_source.graft_pretrained(stage, state, f"pretrained:resnet18_v1b:{path}")
     np.testing.assert_array_equal(
         new.params["student"]["backbone"]["layer3_0"]["conv1"]["kernel"][1],
         p["layer3_0"]["conv1"]["kernel"],
@@ -210,7 +211,7 @@ def test_mit_graft_into_segformer():
     model = segformer.SegFormer(variant="tiny", num_classes=3, heads=TINY["heads"])
     v = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
     loaded = pretrained.load(f"mit:{MIT_FILE}")
-    # The file fits exactly the "encoder" sub-tree (what kd.graft_pretrained looks for).
+    # The file fits exactly the "encoder" sub-tree (what stage_source.graft_pretrained looks for).
     check_shapes(v["params"]["encoder"], loaded, "encoder")
     assert [k for k, sub in v["params"].items() if not check_shapes_bad(sub, loaded)] == ["encoder"]
 

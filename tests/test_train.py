@@ -35,7 +35,6 @@ def test_sharded_equals_single_device(tmp_path):
     stage = kd.build_stage(
         config_lib.stage_config(sharded, "kd"),
         sharding.make_mesh(sharded.mesh),
-        str(tmp_path),
     )
     spec = stage.state_shardings.params["student"]["dense0"]["kernel"].spec
     assert "fsdp" in tuple(spec)
@@ -85,9 +84,7 @@ def test_checkpoint_excludes_teacher_and_records_identity(tmp_path):
     ckptr = ckpt_lib.Checkpointer(str(tmp_path / "kd" / "checkpoints"), async_save=False)
     assert ckptr.read_meta()["teacher"]["fingerprint"] == ident["fingerprint"]
     ckptr.close()
-    stage = kd.build_stage(
-        config_lib.stage_config(cfg, "kd"), sharding.make_mesh(cfg.mesh), str(tmp_path)
-    )
+    stage = kd.build_stage(config_lib.stage_config(cfg, "kd"), sharding.make_mesh(cfg.mesh))
     assert set(stage.abstract_state.params) == {"student", "aux"}
     n_student = sum(x.size for x in jax.tree.leaves(stage.abstract_state.params))
     n_opt_and_params = sum(x.size for x in jax.tree.leaves(stage.abstract_state))
@@ -158,9 +155,7 @@ def test_mixed_precision_keeps_float32_params(tmp_path):
     assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype("float32")}
     assert np.isfinite(res["kd"]["eval/loss"]).all()
     # Activations really are bfloat16.
-    stage = kd.build_stage(
-        config_lib.stage_config(cfg, "kd"), sharding.make_mesh(cfg.mesh), str(tmp_path)
-    )
+    stage = kd.build_stage(config_lib.stage_config(cfg, "kd"), sharding.make_mesh(cfg.mesh))
     x = np.zeros((2, 8, 8, 1), np.float32)
     logits, _ = stage.student.apply({"params": jax.tree.map(lambda p: p[0], params)}, x)
     assert logits.dtype == jax.numpy.bfloat16
@@ -181,9 +176,7 @@ def test_tensor_parallel_rules_shard_over_model_axis_and_match_data_parallel(tmp
     np.testing.assert_allclose(
         helpers.metrics(tmp_path / "tp", "kd"), helpers.metrics(tmp_path / "dp", "kd"), rtol=1e-5
     )
-    stage = kd.build_stage(
-        config_lib.stage_config(tp, "kd"), sharding.make_mesh(tp.mesh), str(tmp_path)
-    )
+    stage = kd.build_stage(config_lib.stage_config(tp, "kd"), sharding.make_mesh(tp.mesh))
     student = stage.state_shardings.params["student"]
     assert tuple(student["dense0"]["kernel"].spec) == (None, None, "model")  # seed, in, out
     assert tuple(student["head"]["kernel"].spec) == (None, "model", None)

@@ -51,11 +51,10 @@ def get_config(arg=None):
     student = C.model("cnn", widths=(4, 8), hidden=0)
     transfer = {"batch_size": 64, "kwargs": {"train_limit": 300, "exclude_classes": (OMITTED,)}}
     c.stages.teacher = {"student": teacher, "objective": {"ce": C.term("ce")}, "steps": 300}
-    kd_teacher = C.model("cnn", widths=(16, 32), hidden=64)
-    kd_teacher.init, kd_teacher.placement = "stage:teacher", "replicated"
     c.stages.kd = {
         "student": student,
-        "teacher": kd_teacher,
+        # The final teacher stage's student, frozen; its architecture comes with it.
+        "teacher": {"init": "stage:teacher", "placement": "replicated"},
         "data": transfer,
         "steps": 300,
         "objective": {
@@ -81,18 +80,9 @@ def get_config(arg=None):
         c.progress_bar = False
         c.stages.teacher.student.kwargs.widths = (8, 8)
         c.stages.teacher.student.kwargs.hidden = 16
-        c.stages.kd.teacher.kwargs.widths = (8, 8)
-        c.stages.kd.teacher.kwargs.hidden = 16
         for s in ("kd", "scratch"):
-            c.stages[s].data = {
-                "batch_size": 16,
-                "kwargs": {
-                    "limit": 600,
-                    "num_eval": 100,
-                    "train_limit": 60,
-                    "exclude_classes": (OMITTED,),
-                },
-            }
+            c.stages[s].data.batch_size = 16
+            c.stages[s].data.kwargs.train_limit = 60
         for s in ("teacher", "kd", "scratch"):
             c.stages[s].steps = 4
     return c

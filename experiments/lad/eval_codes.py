@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kd_jax import config as C
-from kd_jax import sharding
+from kd_jax import restore, sharding
 from kd_jax.data.segmentation import DATASETS
 from kd_jax.evaluators import segmentation as seg
 from kd_jax.models import build
@@ -27,7 +27,7 @@ def main(workdir: str, args: str = "data=shapes", stage: str = "lad_teacher") ->
     config = C.load(f"configs/lad/lad.py:{args}")
     cfg = C.stage_config(config, stage)
     mesh = sharding.make_mesh(cfg.mesh)
-    state = kd.restore_state(cfg, mesh, f"{workdir}/{stage}")
+    state = restore.restore_state(cfg, mesh, f"{workdir}/{stage}")
     variables = jax.device_get(kd.student_variables(state))
     _, eval_src = DATASETS[cfg.data.name](**cfg.data.kwargs.to_dict())
     batch = eval_src.gather(np.arange(len(eval_src)))

@@ -210,10 +210,9 @@ class Evaluation:
 
     def add(self, run: str) -> None:
         from kd_jax import config as C
-        from kd_jax import models, sharding
+        from kd_jax import models, restore, sharding
         from kd_jax.evaluators import embedding as E
         from kd_jax.models.bert_mlm import encoder_params
-        from kd_jax.trainers import kd
 
         args = self.args
         for stage in [s for r, s in TRAINED if r == run]:
@@ -222,7 +221,7 @@ class Evaluation:
             cfg = C.stage_config(config, None if names == [None] else stage)
             stage_dir = os.path.join(args.workdir, run, stage if names != [None] else "")
             mesh = sharding.make_mesh(config.mesh, None)
-            params, step = kd.restore_student(cfg, mesh, stage_dir)
+            params, step = restore.restore_student(cfg, mesh, stage_dir)
             # An MLM student (bert_mlm) is evaluated through its encoder, like the distilled ones.
             model = models.build(C.model("bert", **dict(cfg.student.kwargs)))
             params = encoder_params(params)

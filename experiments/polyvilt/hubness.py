@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from kd_jax import config as C
-from kd_jax import models, sharding
+from kd_jax import models, restore, sharding
 from kd_jax.data import lectures
 from kd_jax.evaluators.retrieval import random_similarity, similarity
 from kd_jax.trainers import kd
@@ -29,7 +29,9 @@ def main() -> None:
     args = p.parse_args()
     config = C.load(f"configs/polyvilt/synthetic.py:{args.arg}")
     cfg = C.stage_config(config, args.stage)
-    state = kd.restore_state(cfg, sharding.make_mesh(config.mesh), f"{args.workdir}/{args.stage}")
+    state = restore.restore_state(
+        cfg, sharding.make_mesh(config.mesh), f"{args.workdir}/{args.stage}"
+    )
     variables = jax.device_get(kd.student_variables(state))
     _, ev = lectures.synthetic_lectures(**config.data.kwargs.to_dict())
     test = ev.gather(np.flatnonzero(ev.arrays["split"] == 1))

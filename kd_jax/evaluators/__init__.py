@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from kd_jax import sharding
+from kd_jax.errors import ConfigKeyError, ConfigValueError
 from kd_jax.registry import Registry
 from kd_jax.replicas import over_seeds
 
@@ -109,6 +110,69 @@ def all_headlines() -> tuple[Headline, ...]:
     return tuple(
         dict.fromkeys(h for _, e in EVALUATORS.items() for h in e.meta.get("headline", ()))
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """One evaluation of a stage: `evaluator` (a registered name) every `every` steps (0: only
+    at the end; every evaluation also runs at the end), with its `settings`."""
+
+    name: str
+    evaluator: str
+    every: int
+    settings: Mapping[str, Any]
+
+
+EVAL_KEYS = ("evaluator", "every", "kwargs")
+
+
+def specs(cfg) -> list[Spec]:
+    """A stage's evaluations: `config.evals` ({name: {evaluator, every, kwargs}}, in name
+    order), or else the shorthand `evaluator` / `eval_every` / `evaluator_kwargs` (none for
+    evaluator "none")."""
+    evals = cfg.get("evals") or {}
+    if not evals:
+        if cfg.evaluator == "none":
+            return []
+        return [Spec(cfg.evaluator, cfg.evaluator, int(cfg.eval_every), cfg.evaluator_kwargs)]
+    if int(cfg.eval_every) or dict(cfg.evaluator_kwargs):
+        raise ConfigValueError(
+            "config.evals is set, so eval_every and evaluator_kwargs are not read; give each "
+            "evaluation its own `every` and `kwargs` in config.evals."
+        )
+    out = []
+    for name in sorted(evals):
+        entry = dict(evals[name])
+        unknown = sorted(set(entry) - set(EVAL_KEYS))
+        if unknown or "evaluator" not in entry:
+            raise ConfigKeyError(
+                f"config.evals.{name}: keys {sorted(entry)}; each evaluation takes "
+                f"{list(EVAL_KEYS)} ('evaluator' required)."
+            )
+        every = entry.get("every", 0)
+        if not isinstance(every, int) or every < 0:
+            raise ConfigValueError(
+                f"config.evals.{name}.every={every!r}: use an integer >= 0 (0: at the end only)."
+            )
+        EVALUATORS.entry(entry["evaluator"])
+        out.append(Spec(name, entry["evaluator"], every, dict(entry.get("kwargs") or {})))
+    return out
+
+
+def run(evals, student_vars, teacher_vars) -> dict:
+    """Runs `evals` ([(Spec, evaluate)]) -> their metrics, merged; two evaluations that write the
+    same metric are a ConfigValueError."""
+    res: dict = {}
+    for spec, evaluate in evals:
+        got = evaluate(student_vars, teacher_vars)
+        clash = sorted(set(got) & set(res))
+        if clash:
+            raise ConfigValueError(
+                f"config.evals.{spec.name} writes metrics {clash}, as another evaluation of this "
+                "stage does; give each evaluation its own evaluator or settings."
+            )
+        res.update(got)
+    return res
 
 
 def make(name: str, ctx: EvalContext) -> Callable | None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -38,6 +39,9 @@ class RunContext:
     root: str  # the run's workdir
     stage_dir: str  # this stage's directory
     stages: Mapping[str, Any]  # stage name -> resolved config, every stage of the run
+    # Set by the runner's signal handlers (SIGTERM, SIGINT): a trainer saves and returns
+    # {"preempted": True, "step": ...} at its next step boundary.
+    stop: threading.Event = dataclasses.field(default_factory=threading.Event)
 
 
 def register(

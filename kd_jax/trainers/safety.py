@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 
 import jax
 import numpy as np
 from flax import traverse_util
 
+from kd_jax import adapters, evaluators, models
+from kd_jax import data as data_lib
 from kd_jax.errors import ConfigValueError, UserError
+from kd_jax.objective import Objective
 
 log = logging.getLogger("kd_jax")
 
@@ -24,6 +28,7 @@ RESUMABLE_KEYS = (
     "steps",
     "log_every",
     "eval_every",
+    "evals",
     "checkpoint_every",
     "keep_checkpoints",
     "async_checkpointing",
@@ -105,3 +110,31 @@ class FiniteGuard:
             "Lower the learning rate, enable optimizer.grad_clip_norm, set skip_nonfinite=True, "
             "or raise divergence_factor (0 turns the divergence check off)."
         )
+
+
+def check_names(cfg) -> None:
+    """Every registered name a stage config uses: models, adapters, evaluators, dataset (an
+    unknown one is an UnknownNameError naming the closest)."""
+    models.entry(cfg.student.model)
+    if cfg.teacher.model:
+        models.entry(cfg.teacher.model)
+    for t in Objective(cfg.objective).terms:
+        if t.adapter:
+            adapters.ADAPTERS.entry(t.adapter)
+    evaluators.specs(cfg)  # checks each evaluation's name and keys
+    if cfg.evaluator != "none":
+        evaluators.EVALUATORS.entry(cfg.evaluator)
+    data_lib.SOURCES.entry(cfg.data.name)
+
+
+def written_by_earlier_stage(cfg, root: str) -> list[str]:
+    """data.kwargs paths inside the run's workdir `root` that do not exist yet (an earlier stage
+    of this run writes them)."""
+    root = os.path.abspath(root)
+    return [
+        v
+        for v in dict(cfg.data.kwargs).values()
+        if isinstance(v, str)
+        and os.path.abspath(v.split(":", 1)[-1]).startswith(root)
+        and not os.path.exists(v.split(":", 1)[-1])
+    ]
