@@ -68,24 +68,24 @@ class Data:
 
 def build(data_cfg, *, seed: int, host_slice: slice, eval_host_slice: slice) -> Data:
     name = data_cfg.name
-    train_src, eval_src = SOURCES.get(name)(**dict(data_cfg.kwargs))
+    train_source, eval_source = SOURCES.get(name)(**dict(data_cfg.kwargs))
     global_batch = int(data_cfg.batch_size)
-    if len(train_src) < global_batch:
+    if len(train_source) < global_batch:
         raise ConfigValueError(
-            f"Dataset '{name}' has {len(train_src)} training examples, fewer than "
+            f"Dataset '{name}' has {len(train_source)} training examples, fewer than "
             f"data.batch_size={global_batch}."
         )
 
     def load(step: int, indices: np.ndarray) -> dict:
         local = indices[host_slice]
-        batch = train_src.gather(local)
-        if hasattr(train_src, "transform"):  # augmentation seeded by (seed, step, host rows).
-            batch = train_src.transform(batch, seed=(seed, step), offset=host_slice.start or 0)
+        batch = train_source.gather(local)
+        if hasattr(train_source, "transform"):  # augmentation seeded by (seed, step, host rows).
+            batch = train_source.transform(batch, seed=(seed, step), offset=host_slice.start or 0)
         batch["index"] = local.astype(np.int32)
         return batch
 
     ds = (
-        grain.MapDataset.range(len(train_src))
+        grain.MapDataset.range(len(train_source))
         .shuffle(seed=seed)  # reshuffled every epoch (grain derives a per-epoch seed).
         .repeat()
         .batch(global_batch, drop_remainder=True)
@@ -94,9 +94,9 @@ def build(data_cfg, *, seed: int, host_slice: slice, eval_host_slice: slice) -> 
     return Data(
         name,
         ds,
-        train_src,
-        eval_src,
-        len(train_src),
+        train_source,
+        eval_source,
+        len(train_source),
         global_batch,
         int(data_cfg.eval_batch_size),
         host_slice,

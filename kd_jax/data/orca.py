@@ -391,9 +391,9 @@ def orca_chat(
     if topk_cache:
         cache = records.read_topk_cache(topk_cache, tr["input_ids"])
         tr["teacher_topk_idx"], tr["teacher_topk_logprob"] = cache
-    train_src, eval_src = ArraySource(**tr), ArraySource(**ev)
-    train_src.stats, eval_src.stats = row_stats(tr), row_stats(ev)
-    return train_src, eval_src
+    train_source, eval_source = ArraySource(**tr), ArraySource(**ev)
+    train_source.stats, eval_source.stats = row_stats(tr), row_stats(ev)
+    return train_source, eval_source
 
 
 def row_stats(arrays: dict) -> dict:

@@ -37,8 +37,8 @@ def topk_cache_stage(cfg, ctx) -> dict:
     directory = ctx.stage_dir
     s = settings(cfg)
     kwargs = {k: v for k, v in dict(cfg.data.kwargs).items() if k != "topk_cache"}
-    train_src, _ = data_lib.SOURCES.get(cfg.data.name)(**kwargs)  # the packed rows, no cache
-    rows = train_src.arrays
+    train_source, _ = data_lib.SOURCES.get(cfg.data.name)(**kwargs)  # the packed rows, no cache
+    rows = train_source.arrays
     for key in ("input_ids", "positions", "segment_ids"):
         if key not in rows:
             raise ConfigKeyError(
