@@ -3,16 +3,17 @@
 XLA:CPU allocates each step's buffers (temporaries, new params and optimizer state) with glibc
 malloc. Blocks over the mmap threshold (32 MiB at most) come from fresh `mmap`s, and threads'
 arenas give their free pages back, so every step touches new pages: the MiniLM CPU step of
-benchmarks/minilm_step.py takes about 136,000 minor page faults and 0.47 s of kernel time per
-step (530 MB of pages the kernel zeroes). `TUNABLES` keep freed memory in the process instead:
-one arena (`arena_max=1`), no mmap'd blocks (`mmap_max=0`), and no trimming of the heap's top
-(`trim_threshold` of 1 TiB). From the second step on, a step reuses the pages of the one
-before: no faults, and that step takes 0.85x the time.
+benchmarks/minilm_step.py page-faults in hundreds of MB of fresh pages per step, which the
+kernel zeroes. `TUNABLES` keep freed memory in the process instead: one arena (`arena_max=1`),
+no mmap'd blocks (`mmap_max=0`), and no trimming of the heap's top (`trim_threshold` of 1 TiB).
+From the second step on, a step reuses the pages of the one before: no faults, and a shorter
+step.
 
-The price, measured (benchmarks/README.md, "Host memory"): XLA's compiler, many threads
-allocating from one arena, takes about 1.15x the time, and the process keeps its peak heap
-until it exits. So it is an opt-in for long CPU runs, where steps outweigh compiles:
-`KD_JAX_HOST_MALLOC=tuned python -m kd_jax.main ...` (default `system`: nothing changes).
+The price: XLA's compiler, many threads allocating from one arena, is slower, and the process
+keeps its peak heap until it exits (benchmarks/README.md, "Host memory", has the measured
+faults, kernel time and ratios of both sides). So it is an opt-in for long CPU runs, where
+steps outweigh compiles: `KD_JAX_HOST_MALLOC=tuned python -m kd_jax.main ...` (default
+`system`: nothing changes).
 
 glibc reads `GLIBC_TUNABLES` once, when the process starts, so `python -m kd_jax.main` (and
 the CPU benchmarks) re-execute themselves with it before importing JAX, once. Nothing happens

@@ -56,17 +56,6 @@ def _source(path: str) -> str:
     return kinds.pop()
 
 
-def from_batch(path: str) -> bool:
-    """A path "batch:<key>" (or "batch:a,batch:b") reads the batch, e.g. a cached teacher top-k:
-    teacher="batch:teacher_topk_idx,batch:teacher_topk_logprob"; it needs no teacher model."""
-    return _source(path) == "batch"
-
-
-def from_student(path: str) -> bool:
-    """A path "student:<feature>" reads the student's own features (under stop_gradient)."""
-    return _source(path) == "student"
-
-
 def _strip(path: str) -> str:
     return ",".join(p.strip().split(":", 1)[1] for p in path.split(","))
 

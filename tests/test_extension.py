@@ -103,21 +103,24 @@ def test_user_registered_entries_run_in_one_config(tmp_path):
     md = report.write(str(tmp_path), res)
     kd_row = next(line for line in md.splitlines() if line.startswith("| kd |"))
     assert "| margin |" in md and f" {np.mean(res['kd']['eval/margin']):.2f}" in kd_row
-    assert res["probe"] == {
-        "stage": "probe",
-        "kind": "ext_probe",
-        "source_step": 12,
-        "sq_norm": pytest.approx(res["probe"]["sq_norm"]),
-    }
-    # The user's objective is one term among the built-in ones, and it learns.
-    cos = helpers.metrics(tmp_path, "kd", "loss/cos")
-    assert cos[-1] < cos[0]
     # The adapter trained with the student, in params["aux"], never in the exported student.
     state_dir = os.path.join(str(tmp_path), "kd")
     params, _ = trainers.kd.restore_student(
         C.stage_config(c, "kd"), sharding.make_mesh(c.mesh), state_dir
     )
     assert set(params) == {"Dense_0", "Dense_1"}
+    # The probe stage read the kd stage's final student: its squared weight norm, in float64.
+    want = sum(float(np.sum(np.square(np.asarray(v, np.float64)))) for v in jax.tree.leaves(params))
+    assert want > 0
+    assert res["probe"] == {
+        "stage": "probe",
+        "kind": "ext_probe",
+        "source_step": 12,
+        "sq_norm": pytest.approx(want, rel=1e-5),
+    }
+    # The user's objective is one term among the built-in ones, and it learns.
+    cos = helpers.metrics(tmp_path, "kd", "loss/cos")
+    assert cos[-1] < cos[0]
     # A rerun of the finished run gives the same results.
     again = runner.run(C.validate(c), str(tmp_path))
     assert again["probe"] == res["probe"]

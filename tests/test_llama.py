@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 
+import gguf
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -345,8 +346,6 @@ def _llamacpp_permute(w, n_head):
 
 
 def _write_tiny_gguf(path, params, config):
-    import gguf
-
     w = gguf.GGUFWriter(path, "llama")
     w.add_block_count(config.num_layers)
     w.add_context_length(config.max_position)
@@ -396,7 +395,6 @@ def _write_tiny_gguf(path, params, config):
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory, tiny):
-    pytest.importorskip("gguf")
     _, params = tiny
     path = str(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
     _write_tiny_gguf(path, params, TINY)
@@ -473,7 +471,6 @@ def smollm2():
         path = gguf_loading.find_smollm2_gguf()
     except FileNotFoundError as e:
         pytest.skip(str(e))
-    pytest.importorskip("gguf")
     config, params, tok = gguf_loading.load_smollm2(path)
     return config, params, tok
 
@@ -554,6 +551,7 @@ def test_greedy_matches_transformers(smollm2, reference):
     reason="live comparison needs torch + transformers",
 )
 def test_live_against_transformers(smollm2):
+    pytest.importorskip("accelerate", reason="transformers loads a GGUF file only with accelerate")
     import torch
     import transformers
 

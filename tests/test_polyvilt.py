@@ -11,6 +11,8 @@ import pytest
 from kd_jax import config as C
 from kd_jax import models, runner
 from kd_jax.data import lectures
+from kd_jax.data import registry as data_registry
+from kd_jax.errors import ConfigValueError
 from kd_jax.evaluators import retrieval as R
 from kd_jax.losses import inbatch_similarity_kd, mmd_kernel, pie_diversity, vse_hinge
 from tests.tolerances import f32_tol
@@ -202,6 +204,17 @@ def test_synthetic_lectures_seeded_and_split_by_slide():
     assert train.arrays["image"].shape[1:] == (16, 16, 3)
     g = lectures.generate_lectures(num_speakers=1, slides_per_speaker=20)
     assert all(1 <= c <= 4 for c in np.bincount(g["slide"]))
+
+
+def test_text_encoders_come_from_the_models_registry():
+    # kd_jax.data never imports models: kd_jax.models registers the frozen text encoders.
+    assert {"pretrained", "random_bert"} <= set(data_registry.TEXT_ENCODERS)
+    enc = data_registry.build_text_encoder("random_bert:8")
+    ids = np.ones((2, 5), np.int32)
+    assert enc.tokenizer is None and enc.apply(enc.variables, ids, ids).shape == (2, 5, 8)
+    for bad in ("bert:8", "random_bert", "random_bert:"):
+        with pytest.raises(ConfigValueError, match="use '<kind>:<arg>'"):
+            data_registry.build_text_encoder(bad)
 
 
 def test_tiny_config_learns_the_retrieval_task(tmp_path):

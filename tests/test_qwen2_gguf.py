@@ -3,7 +3,7 @@
 metadata, no q/k un-permutation, untied head) and matches a NumPy forward pass of the same
 tensors; KV-cache generation equals step-by-step full forwards; the "qwen2" pre-tokenizer; a
 score stage with a GGUF teacher. The transformers parity test uses the committed fixture and
-skips when torch/transformers are missing."""
+skips when torch, transformers or accelerate (which transformers needs for GGUF) is missing."""
 
 import importlib.util
 import os
@@ -134,7 +134,7 @@ def test_score_stage_with_a_gguf_teacher(gguf_file, tmp_path):
 def test_transformers_gguf_parity():
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    pytest.importorskip("gguf")
+    pytest.importorskip("accelerate", reason="transformers loads a GGUF file only with accelerate")
     model = transformers.AutoModelForCausalLM.from_pretrained(
         os.path.dirname(FIXTURE), gguf_file=os.path.basename(FIXTURE), torch_dtype=torch.float32
     ).eval()

@@ -41,12 +41,12 @@ import logging
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from kd_jax.data.registry import register
+from kd_jax.data.registry import build_text_encoder, register
 from kd_jax.data.sources import ArraySource
 from kd_jax.errors import ConfigValueError
+from kd_jax.tokenizers import WordPieceTokenizer
 
 log = logging.getLogger("kd_jax")
 
@@ -314,46 +314,23 @@ def split_slides(
 
 
 # -------------------------------------------------------------------- frozen text encoder
-def _encoder(spec: str):
-    """(module, variables, tokenizer path or None) of a frozen text encoder spec:
-    "pretrained:all-minilm-l6-v2", "pretrained:hf_bert:<dir>" (e.g. BERT-base) or
-    "random_bert:<hidden>" (a 1-layer random BERT over MiniLM's vocabulary, for tests)."""
-    from kd_jax.models import bert
-    from kd_jax.models.registry import load_pretrained, preset_fields
-
-    if spec.startswith("random_bert:"):
-        h = int(spec.split(":", 1)[1])
-        cfg = bert.BertConfig(hidden_size=h, num_layers=1, num_heads=2, intermediate_size=2 * h)
-        module = bert.BertEncoder(cfg)
-        ids = jnp.zeros((1, 4), jnp.int32)
-        return module, module.init(jax.random.PRNGKey(0), ids, ids), None
-    if spec.startswith("pretrained:"):
-        name = spec.split(":", 1)[1]
-        module = bert.BertEncoder(bert.BertConfig(**preset_fields(name)))
-        tok = name.split(":", 1)[1] if name.startswith("hf_bert:") else None
-        return module, load_pretrained(name), tok
-    raise ConfigValueError(
-        f"text_encoder '{spec}': use 'pretrained:all-minilm-l6-v2', 'pretrained:hf_bert:<dir>' "
-        "(a HF BERT directory, e.g. bert-base-uncased) or 'random_bert:<hidden>'."
-    )
-
-
 def text_hidden_states(
     texts, *, encoder: str, max_length: int, cache_dir: str = "", batch_size: int = 32
 ) -> tuple[np.ndarray, np.ndarray]:
     """The frozen encoder's LAST hidden states (not its token embeddings) of `texts`:
     ([N, max_length, D] float32, [N, max_length] int32 mask). With `cache_dir`, stored once as
-    an npz keyed by a hash of (encoder, max_length, texts)."""
-    from kd_jax.tokenizers import WordPieceTokenizer
-
+    an npz keyed by a hash of (encoder, max_length, texts). `encoder`: a spec of
+    `kd_jax.data.registry.TEXT_ENCODERS`, which kd_jax.models registers (imported by the trainer):
+    "pretrained:all-minilm-l6-v2", "pretrained:hf_bert:<dir>" or "random_bert:<hidden>" (a
+    1-layer random BERT over MiniLM's vocabulary, for tests)."""
     key = hashlib.sha1(repr((encoder, max_length, list(texts))).encode()).hexdigest()[:16]
     path = os.path.join(cache_dir, f"text_hidden_{key}.npz") if cache_dir else ""
     if path and os.path.isfile(path):
         with np.load(path) as z:
             return z["hidden"], z["mask"]
-    module, variables, tok_path = _encoder(encoder)
-    tok = WordPieceTokenizer(tok_path, max_length=max_length)
-    apply = jax.jit(lambda v, i, m: module.apply(v, i, m)[0])
+    frozen = build_text_encoder(encoder)
+    tok = WordPieceTokenizer(frozen.tokenizer, max_length=max_length)
+    apply = jax.jit(frozen.apply)
     hidden, masks = [], []
     for start in range(0, len(texts), batch_size):
         enc = tok(list(texts[start : start + batch_size]))
@@ -361,7 +338,7 @@ def text_hidden_states(
         mask = np.zeros_like(ids)
         t = enc["input_ids"].shape[1]
         ids[:, :t], mask[:, :t] = enc["input_ids"], enc["attention_mask"]
-        hidden.append(np.asarray(apply(variables, ids, mask), np.float32))
+        hidden.append(np.asarray(apply(frozen.variables, ids, mask), np.float32))
         masks.append(mask)
     hidden, mask = np.concatenate(hidden), np.concatenate(masks)
     if path:
@@ -373,8 +350,6 @@ def text_hidden_states(
 
 def ocr_tokens(texts, *, max_length: int, tokenizer: str = "") -> tuple[np.ndarray, np.ndarray]:
     """WordPiece ids and mask [N, max_length] of OCR texts (MiniLM's = BERT-uncased vocabulary)."""
-    from kd_jax.tokenizers import WordPieceTokenizer
-
     tok = WordPieceTokenizer(tokenizer or None, max_length=max_length)
     enc = tok(list(texts))
     ids = np.zeros((len(texts), max_length), np.int32)

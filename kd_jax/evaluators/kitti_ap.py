@@ -43,6 +43,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from kd_jax.data import kitti as kd_kitti  # the box conventions and class names of the loader
 from kd_jax.errors import ConfigValueError
 
 DIFFICULTIES = ("easy", "moderate", "hard")
@@ -570,27 +571,11 @@ def kitti_eval(
     return out
 
 
-def format_results(results: Mapping[str, float], classes: Sequence[str] = ("Car",)) -> str:
-    """OpenPCDet-style text table of `kitti_eval`'s results (easy, moderate, hard per line)."""
-    lines = []
-    for cls in classes:
-        for rule in ("R11", "R40"):
-            lines.append(f"{cls} AP_{rule}:")
-            for metric in ("bbox", "bev", "3d", "aos"):
-                key = f"{cls}/{metric}_{rule}/"
-                if key + "easy" in results:
-                    vals = ", ".join(f"{results[key + d]:.4f}" for d in DIFFICULTIES)
-                    lines.append(f"  {metric:4s} AP: {vals}")
-    return "\n".join(lines)
-
-
 # ------------------------------------------------------------------- from model / loader data
 # Shared per-frame class ids: 0 Car, 1 Pedestrian, 2 Cyclist, -2 DontCare, -3 other, -1 padding.
 CLASS_IDS = {0: "Car", 1: "Pedestrian", 2: "Cyclist", -2: "DontCare", -3: "Misc"}
 # KITTI's label classes, indexed by the loader's optional gt_kitti_class.
-KITTI_CLASSES = (
-    "Car", "Van", "Truck", "Pedestrian", "Person_sitting", "Cyclist", "Tram", "Misc", "DontCare",
-)  # fmt: skip
+KITTI_CLASSES = kd_kitti.KITTI_CLASSES
 
 
 def annos_from_example(example: Mapping[str, np.ndarray], index: int | None = None) -> dict:
@@ -641,8 +626,6 @@ def annos_from_boxes_lidar(
     rotation_y - atan2(x, z) of the camera location (OpenPCDet computes the same angle from the
     LiDAR x, y, which differs by the few centimetres between the sensors).
     """
-    from kd_jax.data import kitti as kd_kitti  # the box conventions live with the loader
-
     cls = np.asarray(classes).reshape(-1)
     keep = cls >= 0
     boxes = np.asarray(boxes_lidar, np.float64).reshape(-1, 7)[keep]

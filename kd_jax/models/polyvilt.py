@@ -2,9 +2,10 @@
 multi-instance retrieval between lecture-slide figures and the slide's spoken text.
 
 Text side: the FROZEN language model's last hidden states (a batch input, `text_hidden`,
-computed once per transcript by the data source) -> a bidirectional GRU -> PIE-net (Song & Soleymani
-2019, PVSE, arXiv:1906.04402, section 3.1): K attention heads softmax(W2 tanh(W1 h)) over the
-GRU outputs give K local vectors; each becomes a residual sigmoid(FC(.)) (dropout) added to the
+computed once per transcript by the data source with a frozen encoder this module registers in
+`kd_jax.data.registry.TEXT_ENCODERS`) -> a bidirectional GRU -> PIE-net (Song & Soleymani 2019,
+PVSE, arXiv:1906.04402, section 3.1): K attention heads softmax(W2 tanh(W1 h)) over the GRU
+outputs give K local vectors; each becomes a residual sigmoid(FC(.)) (dropout) added to the
 global vector (the GRU's final states), then LayerNorm, then L2 normalisation -> K embeddings.
 
 Figure side: a registered figure encoder (ViLT over the figure crop and its OCR text, model
@@ -26,8 +27,11 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from ml_collections import ConfigDict
 
-from kd_jax.models.registry import MODELS, input_keys, register
+from kd_jax.data.registry import TEXT_ENCODERS, FrozenTextEncoder
+from kd_jax.models import bert
+from kd_jax.models.registry import MODELS, input_keys, load_pretrained, preset_fields, register
 from kd_jax.models.vilt import pixels_from_image
 
 TEXT_INPUTS = ("text_hidden", "text_mask")
@@ -159,8 +163,6 @@ register(
 
 
 def _figure_cfg(kwargs):
-    from ml_collections import ConfigDict
-
     return ConfigDict(
         {
             "model": kwargs.get("figure_encoder", "lecture_cnn"),
@@ -196,3 +198,29 @@ def polyvilt(
     encoder = MODELS.get(figure_encoder)(dtype=dtype, **dict(cfg.kwargs))
     n = len(_figure_inputs(spec))
     return PolyViLT(encoder, n, vilt_inputs=figure_encoder == "vilt", **kwargs)
+
+
+# The frozen text encoders of the lecture sources (`kd_jax.data.lectures`, text_encoder=...).
+def _bert_text_encoder(module: bert.BertEncoder, variables: dict, tokenizer: str | None):
+    return FrozenTextEncoder(
+        lambda v, ids, mask: module.apply(v, ids, mask)[0], variables, tokenizer
+    )
+
+
+@TEXT_ENCODERS.register("pretrained")
+def _pretrained_text_encoder(name: str) -> FrozenTextEncoder:
+    """Spec "pretrained:<preset>" (e.g. all-minilm-l6-v2) or "pretrained:hf_bert:<dir>" (a HF
+    BERT directory, e.g. bert-base-uncased, whose vocabulary it reads)."""
+    module = bert.BertEncoder(bert.BertConfig(**preset_fields(name)))
+    tok = name.split(":", 1)[1] if name.startswith("hf_bert:") else None
+    return _bert_text_encoder(module, load_pretrained(name), tok)
+
+
+@TEXT_ENCODERS.register("random_bert")
+def _random_text_encoder(hidden: str) -> FrozenTextEncoder:
+    """Spec "random_bert:<hidden>": a 1-layer random BERT over MiniLM's vocabulary (tests)."""
+    h = int(hidden)
+    cfg = bert.BertConfig(hidden_size=h, num_layers=1, num_heads=2, intermediate_size=2 * h)
+    module = bert.BertEncoder(cfg)
+    ids = jnp.zeros((1, 4), jnp.int32)
+    return _bert_text_encoder(module, module.init(jax.random.PRNGKey(0), ids, ids), None)

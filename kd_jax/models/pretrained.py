@@ -11,7 +11,7 @@ statistics). Loader modules register both kinds (`kd_jax.models.registry.PRESETS
 
 from __future__ import annotations
 
-from kd_jax.models.registry import load_pretrained, preset_fields
+from kd_jax.models.registry import load_pretrained
 
 
 def load_variables(name: str) -> dict:
@@ -22,8 +22,3 @@ def load_variables(name: str) -> dict:
 def load(name: str):
     """-> params of the pretrained model `name`."""
     return load_pretrained(name)["params"]
-
-
-def config_fields(name: str) -> dict:
-    """The architecture fields of `name`, for building the matching module (`preset=`)."""
-    return preset_fields(name)
