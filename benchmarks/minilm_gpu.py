@@ -225,7 +225,7 @@ def jax_variant(args, variant: str, s: dict, marks: dict | None = None) -> dict:
             ckptr = ckpt_lib.Checkpointer(os.path.join(tmp, "ckpt"), async_save=False)
             ctx = RunContext(mesh, tmp, tmp, {None: cfg})
             startup = StartUp(stage, ctx, ckptr, kd.make_train_step)
-            example = kd.sample_inputs(stage.data, stage.teacher_inputs)
+            example = stage.data.abstract_inputs(stage.teacher_inputs)
             teacher = teacher_lib.load(cfg, mesh, example, {}, tmp)
             t_params, t_axis = teacher.variables, teacher.axis
             mark("teacher init (student init running beside it)")
@@ -238,7 +238,7 @@ def jax_variant(args, variant: str, s: dict, marks: dict | None = None) -> dict:
             mark("student + optimizer init done")
             ckptr.close()
         else:
-            example = kd.sample_inputs(stage.data, stage.teacher_inputs)
+            example = stage.data.abstract_inputs(stage.teacher_inputs)
             teacher = teacher_lib.load(cfg, mesh, example, {}, tmp)
             t_params, t_axis = teacher.variables, teacher.axis
             jax.block_until_ready(t_params)

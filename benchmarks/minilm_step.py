@@ -220,7 +220,7 @@ def _jax_step(cfg, args):
     mesh = sharding.make_mesh(cfg.mesh)
     with tempfile.TemporaryDirectory() as tmp:
         stage = kd.build_stage(cfg, mesh)
-        example = kd.sample_inputs(stage.data, stage.teacher_inputs)
+        example = stage.data.abstract_inputs(stage.teacher_inputs)
         teacher = teacher_lib.load(cfg, mesh, example, {}, tmp)
         t_params, t_axis = teacher.variables, teacher.axis
     batch = sharding.make_global(mesh, stage.data.example_batch(), args.batch)

@@ -130,6 +130,18 @@ def tree_shardings(
     return jax.tree_util.tree_map_with_path(one, tree)
 
 
+def check_batch(mesh: Mesh, size: int, key: str) -> None:
+    """A global batch of `size` (config key `key`) must split evenly over the mesh's batch
+    shards and the processes."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if size % shards or size % jax.process_count():
+        raise ConfigValueError(
+            f"{key}={size} must be divisible by the {shards} batch shards of mesh "
+            f"{dict(mesh.shape)} and by {jax.process_count()} process(es); "
+            f"use a multiple of {shards * jax.process_count()}."
+        )
+
+
 def host_batch_slice(mesh: Mesh, global_batch: int) -> slice:
     """The rows of a global batch that this process feeds (contiguous for standard meshes)."""
     sharding = batch_sharding(mesh)

@@ -11,9 +11,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kd_jax import adapters, evaluators, losses, models, report, runner, sharding, trainers
+from kd_jax import (
+    adapters,
+    evaluators,
+    losses,
+    models,
+    report,
+    restore,
+    runner,
+    sharding,
+    stage_source,
+    trainers,
+)
 from kd_jax import config as C
-from kd_jax import teacher as teacher_lib
 from kd_jax.losses.reduce import reduce_loss
 from tests import helpers
 
@@ -79,7 +89,9 @@ def margin(ctx: evaluators.EvalContext):
 def probe(cfg, ctx: trainers.RunContext) -> dict:
     """Reads the final student of stage "kd" (no stage rebuilt) and reports its weight norm."""
     src = ctx.stages["kd"]
-    variables, step = teacher_lib.stage_student(src, ctx.mesh, os.path.join(ctx.root, "kd"))
+    variables, step = stage_source.restore_student(
+        os.path.join(ctx.root, "kd"), ctx.mesh, src.sharding_rules
+    )
     norm = float(sum(np.sum(np.square(np.asarray(v))) for v in jax.tree.leaves(variables)))
     result = {"stage": cfg.stage_name, "kind": cfg.kind, "source_step": step, "sq_norm": norm}
     trainers.write_result(ctx.stage_dir, result)
@@ -105,7 +117,7 @@ def test_user_registered_entries_run_in_one_config(tmp_path):
     assert "| margin |" in md and f" {np.mean(res['kd']['eval/margin']):.2f}" in kd_row
     # The adapter trained with the student, in params["aux"], never in the exported student.
     state_dir = os.path.join(str(tmp_path), "kd")
-    params, _ = trainers.kd.restore_student(
+    params, _ = restore.restore_student(
         C.stage_config(c, "kd"), sharding.make_mesh(c.mesh), state_dir
     )
     assert set(params) == {"Dense_0", "Dense_1"}

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import grain
+import jax
 import numpy as np
 
 from kd_jax.data import (  # noqa: F401  (imported to register their datasets)
@@ -27,7 +28,7 @@ from kd_jax.data import (  # noqa: F401  (imported to register their datasets)
     toy_kitti,
 )
 from kd_jax.data.registry import SOURCES, register
-from kd_jax.errors import ConfigValueError
+from kd_jax.errors import ConfigKeyError, ConfigValueError
 
 __all__ = ["SOURCES", "Data", "build", "register"]
 
@@ -52,6 +53,23 @@ class Data:
 
     def example_batch(self) -> dict:
         return self.train[0]
+
+    def abstract_inputs(self, keys) -> tuple:
+        """Abstract global-batch inputs (ShapeDtypeStructs) for the batch `keys` a model reads,
+        in order; a key the dataset does not give is a ConfigKeyError."""
+        batch = self.example_batch()
+        missing = [k for k in keys if k not in batch]
+        if missing:
+            raise ConfigKeyError(
+                f"Model reads batch keys {list(keys)} but dataset '{self.name}' gives "
+                f"{sorted(batch)}; missing {missing}."
+            )
+        return tuple(
+            jax.ShapeDtypeStruct(
+                (self.global_batch, *np.shape(batch[k])[1:]), np.asarray(batch[k]).dtype
+            )
+            for k in keys
+        )
 
     def eval_batches(self) -> Iterator[dict]:
         """Host-local eval batches of the global eval size; the last is padded, with

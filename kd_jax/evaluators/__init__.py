@@ -22,6 +22,7 @@ import numpy as np
 
 from kd_jax import sharding
 from kd_jax.errors import ConfigKeyError, ConfigValueError
+from kd_jax.models import batch_inputs
 from kd_jax.registry import Registry
 from kd_jax.replicas import over_seeds
 
@@ -157,6 +158,36 @@ def specs(cfg) -> list[Spec]:
         EVALUATORS.entry(entry["evaluator"])
         out.append(Spec(name, entry["evaluator"], every, dict(entry.get("kwargs") or {})))
     return out
+
+
+def context(stage, t_axis, settings) -> EvalContext:
+    """The EvalContext of a built stage (`kd_jax.trainers.kd.Stage`): its eval batches over the
+    mesh, its models' eval-mode forwards, its seeds."""
+
+    def predict(module, keys):
+        return lambda v, batch: module.apply(v, *batch_inputs(batch, keys), train=False)
+
+    def batches():
+        for local in stage.data.eval_batches():
+            yield sharding.make_global(stage.mesh, local, stage.data.eval_batch)
+
+    return EvalContext(
+        mesh=stage.mesh,
+        student_predict=predict(stage.student, stage.student_inputs),
+        teacher_predict=predict(stage.teacher, stage.teacher_inputs) if stage.teacher else None,
+        batches=batches,
+        seeds_in_step=stage.cfg.seeds_in_step,
+        teacher_axis=t_axis,
+        settings=dict(settings),
+    )
+
+
+def for_stage(stage, t_axis) -> list[tuple[Spec, Callable]]:
+    """[(Spec, evaluate)] of a built stage's evaluations (`specs`)."""
+    return [
+        (spec, make(spec.evaluator, context(stage, t_axis, spec.settings)))
+        for spec in specs(stage.cfg)
+    ]
 
 
 def run(evals, student_vars, teacher_vars) -> dict:

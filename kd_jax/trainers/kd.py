@@ -31,7 +31,7 @@ from kd_jax import checkpoint as ckpt_lib
 from kd_jax import data as data_lib
 from kd_jax import evaluators, models, optim, sharding, stage_source
 from kd_jax import teacher as teacher_lib
-from kd_jax.errors import ConfigKeyError, ConfigValueError
+from kd_jax.errors import ConfigValueError
 from kd_jax.metric_writer import Clock, MetricWriter, progress_bar
 from kd_jax.models import batch_inputs
 from kd_jax.objective import Objective
@@ -40,9 +40,8 @@ from kd_jax.trainers import RunContext, read_result, register, write_result
 from kd_jax.trainers.safety import (
     FiniteGuard,
     NonFiniteLossError,
-    check_names,
     check_resume,
-    written_by_earlier_stage,
+    trace_one_step,
 )
 from kd_jax.trainers.startup import StartUp
 
@@ -79,40 +78,13 @@ class Stage:
     teacher_inputs: tuple[str, ...]
 
 
-# -------------------------------------------------------------------- Mesh, Input
-def _check_batch(mesh, size: int, key: str) -> None:
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if size % shards or size % jax.process_count():
-        raise ConfigValueError(
-            f"{key}={size} must be divisible by the {shards} batch shards of mesh "
-            f"{dict(mesh.shape)} and by {jax.process_count()} process(es); "
-            f"use a multiple of {shards * jax.process_count()}."
-        )
-
-
-def sample_inputs(data: data_lib.Data, keys) -> tuple:
-    """Abstract global-batch inputs for the batch `keys` a model reads."""
-    batch = data.example_batch()
-    missing = [k for k in keys if k not in batch]
-    if missing:
-        raise ConfigKeyError(
-            f"Model reads batch keys {list(keys)} but dataset '{data.name}' gives "
-            f"{sorted(batch)}; missing {missing}."
-        )
-    return tuple(
-        jax.ShapeDtypeStruct(
-            (data.global_batch, *np.shape(batch[k])[1:]), np.asarray(batch[k]).dtype
-        )
-        for k in keys
-    )
-
-
+# -------------------------------------------------------------------- Build
 def build_stage(cfg, mesh) -> Stage:
     """Everything a stage needs before its first step; builds nothing on disk."""
     stage_source.check_student_init(cfg.student.init)
     # ---------------------------------------------------------------- Mesh
-    _check_batch(mesh, cfg.data.batch_size, "data.batch_size")
-    _check_batch(mesh, cfg.data.eval_batch_size, "data.eval_batch_size")
+    sharding.check_batch(mesh, cfg.data.batch_size, "data.batch_size")
+    sharding.check_batch(mesh, cfg.data.eval_batch_size, "data.eval_batch_size")
     # ---------------------------------------------------------------- Input
     data = data_lib.build(
         cfg.data,
@@ -132,13 +104,13 @@ def build_stage(cfg, mesh) -> Stage:
     tx, schedule = optim.make_optimizer(cfg)
     s_keys = models.input_keys(cfg.student)
     t_keys = models.input_keys(cfg.teacher) if teacher is not None else ()
-    x = sample_inputs(data, s_keys)
+    x = data.abstract_inputs(s_keys)
     s_feats = jax.eval_shape(
         lambda v, x: student.apply(v, *x)[1], jax.eval_shape(student.init, jax.random.key(0), *x), x
     )
     t_feats = {}
     if teacher is not None:
-        t_x = sample_inputs(data, t_keys)
+        t_x = data.abstract_inputs(t_keys)
         t_vars = jax.eval_shape(teacher.init, jax.random.key(0), *t_x)
         t_feats = jax.eval_shape(lambda v, x: teacher.apply(v, *x)[1], t_vars, t_x)
         # Token-level terms: one vocabulary and tokenizer, checked here, before any step.
@@ -147,7 +119,7 @@ def build_stage(cfg, mesh) -> Stage:
         )
 
     example = data.example_batch()
-    image = sample_inputs(data, ("image",))[0] if "image" in example else None
+    image = data.abstract_inputs(("image",))[0] if "image" in example else None
 
     def init_one(rng):
         r_student, r_aux, r_state = jax.random.split(rng, 3)
@@ -310,34 +282,8 @@ def checkpoint_meta(cfg, teacher) -> dict:
 
 
 # -------------------------------------------------------------------- Evals
-def eval_context(stage: Stage, t_axis, settings=None) -> evaluators.EvalContext:
-    def predict(module, keys):
-        return lambda v, batch: module.apply(v, *batch_inputs(batch, keys), train=False)
-
-    def batches():
-        for local in stage.data.eval_batches():
-            yield sharding.make_global(stage.mesh, local, stage.data.eval_batch)
-
-    return evaluators.EvalContext(
-        mesh=stage.mesh,
-        student_predict=predict(stage.student, stage.student_inputs),
-        teacher_predict=predict(stage.teacher, stage.teacher_inputs) if stage.teacher else None,
-        batches=batches,
-        seeds_in_step=stage.cfg.seeds_in_step,
-        teacher_axis=t_axis,
-        settings=dict(stage.cfg.evaluator_kwargs if settings is None else settings),
-    )
-
-
-def make_evals(stage: Stage, t_axis) -> list[tuple[evaluators.Spec, Callable]]:
-    """The stage's evaluations (`evaluators.specs`: `config.evals` or the shorthand)."""
-    return [
-        (spec, evaluators.make(spec.evaluator, eval_context(stage, t_axis, spec.settings)))
-        for spec in evaluators.specs(stage.cfg)
-    ]
-
-
 def run_evals(evals, state: TrainState, t_vars, step: int, writer: MetricWriter) -> dict:
+    """The stage's evaluations (`evaluators.for_stage`) of the state's student, written."""
     res = evaluators.run(evals, student_variables(state), t_vars)
     if evals:
         writer.write(step, res)
@@ -362,7 +308,7 @@ def _train(stage: Stage, ctx: RunContext, ckptr, startup: StartUp) -> dict:
     cfg, name, data, mesh = stage.cfg, stage.name, stage.data, stage.mesh
     teacher = None
     if stage.teacher is not None:
-        example = sample_inputs(data, stage.teacher_inputs)
+        example = data.abstract_inputs(stage.teacher_inputs)
         teacher = teacher_lib.load(cfg, mesh, example, ctx.stages, ctx.root)
     t_vars, t_axis = (teacher.variables, teacher.axis) if teacher else (None, None)
     meta = checkpoint_meta(cfg, teacher)
@@ -381,7 +327,7 @@ def _train(stage: Stage, ctx: RunContext, ckptr, startup: StartUp) -> dict:
     train_step = startup.step(t_vars, t_axis, cache)  # compiles while the student initialises
     state, data_state, start = resumed or startup.state()
 
-    evals = make_evals(stage, t_axis)
+    evals = evaluators.for_stage(stage, t_axis)  # config.evals, or the one-evaluator shorthand
     after_eval = optim.make_eval_hook(cfg, stage.state_shardings)  # schedule.plateau, or None
     writer = MetricWriter(ctx.root if name != "main" else ctx.stage_dir, name)
     it = data.train_iter(data_state)
@@ -452,25 +398,8 @@ def _train(stage: Stage, ctx: RunContext, ckptr, startup: StartUp) -> dict:
 
 
 def preflight(cfg, ctx: RunContext, make_step: Callable = make_train_step) -> None:
-    """Checks a stage before any stage of the run trains: every registered name, and, by tracing
-    one step abstractly (`jax.eval_shape`), every feature path, adapter shape and loss shape.
-    Stages whose data an earlier stage writes are checked by name only."""
-    check_names(cfg)
-    if written_by_earlier_stage(cfg, ctx.root):
-        log.info("preflight %s: data written by an earlier stage; names checked", cfg.stage_name)
-        return
-    stage = build_stage(cfg, ctx.mesh)
-    example = stage.data.example_batch()
-    batch = dict(zip(example, sample_inputs(stage.data, example)))
-    t_vars, t_axis = None, stage_source.teacher_axis(cfg.teacher.init)
-    if stage.teacher is not None:
-        t_x = sample_inputs(stage.data, stage.teacher_inputs)
-        t_vars = jax.eval_shape(stage.teacher.init, jax.random.key(0), *t_x)
-        if t_axis == 0:
-            t_vars = jax.tree.map(
-                lambda a: jax.ShapeDtypeStruct((cfg.num_seeds, *a.shape), a.dtype), t_vars
-            )
-    jax.eval_shape(make_step(stage, t_axis, False), stage.abstract_state, t_vars, batch)
+    """Checks a stage before any stage of the run trains (`safety.trace_one_step`)."""
+    trace_one_step(cfg, ctx, build_stage, make_step)
 
 
 register("kd", train_stage, preflight=preflight)

@@ -6,12 +6,13 @@ from __future__ import annotations
 import collections
 import logging
 import os
+from collections.abc import Callable
 
 import jax
 import numpy as np
 from flax import traverse_util
 
-from kd_jax import adapters, evaluators, models
+from kd_jax import adapters, evaluators, models, stage_source
 from kd_jax import data as data_lib
 from kd_jax.errors import ConfigValueError, UserError
 from kd_jax.objective import Objective
@@ -138,3 +139,25 @@ def written_by_earlier_stage(cfg, root: str) -> list[str]:
         and os.path.abspath(v.split(":", 1)[-1]).startswith(root)
         and not os.path.exists(v.split(":", 1)[-1])
     ]
+
+
+def trace_one_step(cfg, ctx, build_stage: Callable, make_step: Callable) -> None:
+    """A stage's preflight: every registered name, and, by tracing one step abstractly
+    (`jax.eval_shape`), every feature path, adapter shape and loss shape. Stages whose data an
+    earlier stage writes are checked by name only."""
+    check_names(cfg)
+    if written_by_earlier_stage(cfg, ctx.root):
+        log.info("preflight %s: data written by an earlier stage; names checked", cfg.stage_name)
+        return
+    stage = build_stage(cfg, ctx.mesh)
+    example = stage.data.example_batch()
+    batch = dict(zip(example, stage.data.abstract_inputs(example)))
+    t_vars, t_axis = None, stage_source.teacher_axis(cfg.teacher.init)
+    if stage.teacher is not None:
+        t_x = stage.data.abstract_inputs(stage.teacher_inputs)
+        t_vars = jax.eval_shape(stage.teacher.init, jax.random.key(0), *t_x)
+        if t_axis == 0:
+            t_vars = jax.tree.map(
+                lambda a: jax.ShapeDtypeStruct((cfg.num_seeds, *a.shape), a.dtype), t_vars
+            )
+    jax.eval_shape(make_step(stage, t_axis, False), stage.abstract_state, t_vars, batch)
