@@ -16,9 +16,9 @@ GLUE = os.path.join(ROOT, "configs/minilm/glue.py")
 
 def test_glue_source_tokenises_pairs():
     with tfds.testing.mock_data(num_examples=6):
-        train_src, eval_src = text.glue_tfds("mnli", max_length=24)
-        assert len(eval_src) == 6
-        b = train_src.gather(np.arange(3))
+        train_source, eval_source = text.glue_tfds("mnli", max_length=24)
+        assert len(eval_source) == 6
+        b = train_source.gather(np.arange(3))
     assert b["input_ids"].shape == (3, 24) and b["label"].dtype == np.int32
     # premise in segment 0, hypothesis in segment 1
     assert (b["token_type_ids"] == 1).any(axis=1).all()

@@ -204,8 +204,8 @@ def test_topk_cache_roundtrip_and_corrupt_shard(tmp_path):
     res = _run_stage(cfg, out)
     assert res["rows"] == 6 and res["k"] == k and res["shards_written"] == 2
     assert 6 * k <= res["bytes_per_slot"] < 6 * k + 8  # uint16 ids + float32 log-probs
-    train_src, _ = orca.orca_chat(**dict(c.data.kwargs), topk_cache=out)
-    a = train_src.arrays
+    train_source, _ = orca.orca_chat(**dict(c.data.kwargs), topk_cache=out)
+    a = train_source.arrays
     assert a["teacher_topk_idx"].shape == (6, 64, k) and a["teacher_topk_idx"].dtype == np.int32
     # Equal to the teacher's full-vocabulary log-softmax at those ids, sorted descending.
     module, variables, _ = _shards.load_teacher(cfg, _ctx(out))
