@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 import uuid
 
@@ -158,6 +159,20 @@ class _Corrupt(Exception):
     pass
 
 
+_KEY = re.compile(r"\.(\w+)|\['((?:[^'\\]|\\.)*)'\]|\[(-?\d+)\]|\[\"([^\"]*)\"\]")
+
+
+def canonical_path(keystr: str) -> str:
+    """A leaf path as "/"-joined key names, however the tree spells it: the attribute of a
+    dataclass (`.params`), a dict key (`['params']`) and a sequence index (`[0]`) alike, so a
+    TrainState's checksums match the same arrays restored as plain dicts."""
+    return "/".join(next(g for g in m.groups() if g is not None) for m in _KEY.finditer(keystr))
+
+
+def _by_path(checksums: dict) -> dict:
+    return {canonical_path(p): c for p, c in checksums.items()}
+
+
 # ------------------------------------------------------------------------------- manager
 @contextlib.contextmanager
 def cpu_arrays_written_by_one_replica():
@@ -183,8 +198,13 @@ class Checkpointer:
     def __init__(self, directory: str, *, keep: int = 2, async_save: bool = True):
         self.directory = os.path.abspath(directory)
         self.keep = max(1, int(keep))
+        # cleanup_tmp_directories: a save a kill interrupted leaves orbax's temporary
+        # directory (`<step>.orbax-checkpoint-tmp-*`); it is removed when the manager opens.
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=None, enable_async_checkpointing=async_save, create=True
+            max_to_keep=None,
+            enable_async_checkpointing=async_save,
+            create=True,
+            cleanup_tmp_directories=True,
         )
         # Handlers named up front, so a fresh manager can read a step's metadata
         # (`restore_saved`) before any save or restore in this process.
@@ -242,9 +262,16 @@ class Checkpointer:
         except Exception as e:  # tensorstore, orbax and json raise many types for bad files.
             raise _Corrupt(f"unreadable ({type(e).__name__}: {_short(e)})") from e
         if verify:
-            stored = (out["integrity"] or {}).get("arrays", {})
-            got, _ = integrity(out["state"])
-            bad = [p for p, c in got.items() if p in stored and stored[p] != c]
+            stored = _by_path((out["integrity"] or {}).get("arrays", {}))
+            got = _by_path(integrity(out["state"])[0])
+            missing, extra = sorted(set(stored) - set(got)), sorted(set(got) - set(stored))
+            if missing or extra:
+                raise _Corrupt(
+                    f"the arrays read do not match the stored checksums: {len(missing)} stored "
+                    f"array(s) not read (first: {(missing or ['-'])[0]}), {len(extra)} read "
+                    f"array(s) without a checksum (first: {(extra or ['-'])[0]})"
+                )
+            bad = [p for p, c in got.items() if stored[p] != c]
             if bad:
                 raise _Corrupt(
                     f"{len(bad)} array(s) fail their checksum (first: {bad[0]}: stored "

@@ -40,8 +40,25 @@ class CorruptFileError(UserError, ValueError):
     """A user-supplied or cached file that cannot be read (truncated, altered, wrong format)."""
 
 
+class UnsupportedFileError(UserError, ValueError):
+    """An intact user file that holds what kd_jax does not read: another architecture, tokenizer
+    or file type, or weights that do not match the model the config describes."""
+
+
+class FileEntryError(UnsupportedFileError, KeyError):
+    """A user file lacks an entry kd_jax needs (a tensor, a metadata key)."""
+
+
 class WorkdirBusyError(UserError):
     """Another run holds the workdir's lock."""
+
+
+class UnfinishedStageError(UserError):
+    """An export of a stage that has not finished (or that a live run holds) without a step."""
+
+
+class ExportWriteError(UserError, OSError):
+    """An export that could not be written (a full disk, no permission): nothing was left."""
 
 
 class CheckpointError(UserError):
@@ -62,3 +79,12 @@ def corrupt_file(path: str, what: str, error: BaseException, *, line: int | None
         f"Cannot read {what} {where}: {type(error).__name__}: {text}. The file is truncated, "
         "altered or not in that format; copy or download it again."
     )
+
+
+class Preempted(Exception):
+    """Not an error: raised inside a stage when `ctx.stop` is set at a point with nothing (more)
+    to save; the stage returns {"preempted": True, "step": step}."""
+
+    def __init__(self, step: int = 0):
+        super().__init__(f"stopped at step {step}")
+        self.step = step

@@ -109,6 +109,19 @@ def _remove_if_same(path: str, holder: dict) -> None:
             os.remove(path)
 
 
+def holder(workdir: str) -> dict | None:
+    """The live run holding `<workdir>/.lock` ({"host", "pid", "started"}), or None when the
+    lock is absent or left by a dead process on this host (a lock of another host counts as
+    live: its process cannot be checked from here)."""
+    info = _read(os.path.join(workdir, LOCK_NAME))
+    if info is None:
+        return None
+    h_host, h_pid = info.get("host"), info.get("pid")
+    if h_host == socket.gethostname() and isinstance(h_pid, int) and not _pid_alive(h_pid):
+        return None
+    return info
+
+
 def release(path: str) -> None:
     """Removes the lock if this process holds it."""
     holder = _read(path)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 from kd_jax import hostmem
@@ -57,6 +58,12 @@ def parse(argv):
 
 
 def main(argv=None) -> int:
+    # SIGTERM and SIGINT from the first line: a stop request, acted on at the next safe point.
+    with runner.stop_on_signals(runner.Stop()) as stop:
+        return _main(argv, stop)
+
+
+def _main(argv, stop) -> int:
     args, overrides = parse(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     # orbax logs every file rename through absl at INFO; keep the console for our own lines.
@@ -76,14 +83,31 @@ def main(argv=None) -> int:
     except (UserError, KeyError, ValueError, AttributeError, FileNotFoundError) as e:
         # A config mistake is the user's to fix: show the message, not a traceback.
         return _user_error("config error", e)
+    results = {}
     try:
-        with checkpoint.cpu_arrays_written_by_one_replica():  # CPU saves: no replica slicing
-            results = runner.run(config, args.workdir)
+        if not stop.is_set():
+            with checkpoint.cpu_arrays_written_by_one_replica():  # CPU saves: no replica slicing
+                results = runner.run(config, args.workdir, stop=stop)
     except UserError as e:  # a bad data path, a corrupt user file, a busy workdir...
         return _user_error("error", e)
-    if jax.process_index() == 0 and not any(r.get("preempted") for r in results.values()):
+    if stop.is_set():
+        return _stopped(stop, results, args.workdir)
+    if jax.process_index() == 0:
         print(report.write(args.workdir, results))
     return 0
+
+
+def _stopped(stop, results: dict, workdir: str) -> int:
+    """One line for a run a signal stopped; exit status 128 + the signal's number."""
+    where = next((r for r in results.values() if r.get("preempted")), None)
+    at = f" in stage {where.get('stage')} at step {where.get('step')}" if where else ""
+    name = signal.Signals(stop.signum).name
+    print(
+        f"kd_jax: stopped by {name}{at}; what was done is saved, the lock is released: rerun "
+        f"the same command to resume ({workdir}).",
+        file=sys.stderr,
+    )
+    return 128 + int(stop.signum)
 
 
 def enable_compilation_cache(path: str | None) -> None:

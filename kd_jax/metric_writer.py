@@ -9,23 +9,27 @@ import time
 
 import jax
 import numpy as np
+from tensorboardX import SummaryWriter
 from tqdm.auto import tqdm
 
 
 class MetricWriter:
-    def __init__(self, workdir: str, stage: str):
+    """Rows of `stage` appended to `<workdir>/metrics.jsonl` and TensorBoard events (process 0).
+    `resume_step`: the stage resumes from that step, so its rows past it (written by the run
+    that was stopped after its last checkpoint) are cut from metrics.jsonl first, and TensorBoard
+    is told to purge its events past it: every step has one row, from the run that continued."""
+
+    def __init__(self, workdir: str, stage: str, resume_step: int | None = None):
         self.enabled = jax.process_index() == 0
         self.stage = stage
         self._tb = None
         if self.enabled:
             os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-            try:
-                from tensorboardX import SummaryWriter
-
-                self._tb = SummaryWriter(os.path.join(workdir, "tb", stage))
-            except ImportError:  # TensorBoard output is optional; JSONL always works.
-                self._tb = None
+            path = os.path.join(workdir, "metrics.jsonl")
+            if resume_step is not None:
+                _cut(path, stage, resume_step)
+            self._jsonl = open(path, "a")
+            self._tb = SummaryWriter(os.path.join(workdir, "tb", stage), purge_step=resume_step)
 
     def write(self, step: int, metrics: dict) -> dict:
         """Per-seed arrays -> mean (+ std and per-seed values in JSONL)."""
@@ -85,3 +89,24 @@ def progress_bar(cfg, name: str, start: int, global_batch: int):
         mininterval=2.0,
         leave=False,
     )
+
+
+def _cut(path: str, stage: str, step: int) -> None:
+    """Drops the rows of `stage` past `step` from a metrics.jsonl (atomically)."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:  # a line cut short by a kill: dropped.
+            continue
+        if row.get("stage") == stage and int(row.get("step", 0)) > step:
+            continue
+        keep.append(line if line.endswith("\n") else line + "\n")
+    if len(keep) != len(lines):
+        with open(path + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(path + ".tmp", path)

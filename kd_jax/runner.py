@@ -1,8 +1,13 @@
 """Runs the stages of a config in order: resolve every stage's config once, then hand each to the
 trainer of its kind (`kd_jax.trainers`). The workdir is locked for the run (`kd_jax.lock`).
-SIGTERM (a preemption) during the run sets the stages' `ctx.stop`: the running stage saves a
-checkpoint at its next step and the run stops; rerunning the same command resumes it. The
-process's previous handler is back in place when `run` returns."""
+
+Signals: SIGTERM (a preemption) and SIGINT (Ctrl-C) set the run's `Stop` (every stage's
+`ctx.stop`): the running stage keeps what it has (a checkpoint at its next step; the finished
+record shards of a data-writing stage; an unfinished teacher cache is discarded) and returns, no
+later stage starts, the lock is released, and rerunning the same command resumes. A second
+Ctrl-C stops at once (KeyboardInterrupt). `kd_jax.main` installs the handlers at its first line
+(`stop_on_signals`); `run` called from Python installs them for its own duration. The previous
+handlers are back in place afterwards."""
 
 from __future__ import annotations
 
@@ -50,26 +55,51 @@ def resolve(config, workdir: str) -> dict:
     return out
 
 
-def run(config, workdir: str, devices=None) -> dict:
-    """Runs every stage of `config` in order; returns {stage: result}."""
-    mesh = sharding.make_mesh(config.mesh, devices)
-    log.info("mesh %s", dict(mesh.shape))
-    stages = resolve(config, workdir)
-    stop = threading.Event()
-    with lock.workdir_lock(workdir), stop_on_signals(stop):
+def run(config, workdir: str, devices=None, stop: Stop | None = None) -> dict:
+    """Runs every stage of `config` in order; returns {stage: result}. `stop`: a `Stop` whose
+    signal handlers the caller installed (`kd_jax.main`); None: installed for this call."""
+    with contextlib.ExitStack() as stack:
+        if stop is None:
+            stop = stack.enter_context(stop_on_signals(Stop()))
+        mesh = sharding.make_mesh(config.mesh, devices)
+        log.info("mesh %s", dict(mesh.shape))
+        stages = resolve(config, workdir)
+        stack.enter_context(lock.workdir_lock(workdir))
         return _run_stages(config, stages, mesh, workdir, stop)
 
 
+class Stop(threading.Event):
+    """The run's stop request: set by SIGTERM or SIGINT; `signum` says which."""
+
+    signum: int | None = None
+
+    def request(self, signum: int) -> None:
+        self.signum = signum
+        self.set()
+
+
 @contextlib.contextmanager
-def stop_on_signals(stop: threading.Event, signals=(signal.SIGTERM,)):
-    """`signals` set `stop` while the block runs (only the main thread can install handlers;
-    elsewhere nothing changes); the previous handlers are restored after it."""
+def stop_on_signals(stop: Stop, signals=(signal.SIGTERM, signal.SIGINT)):
+    """While the block runs, `signals` request `stop` (a second SIGINT raises
+    KeyboardInterrupt); the previous handlers are restored after it. Only the main thread can
+    install handlers: elsewhere nothing changes."""
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield stop
         return
-    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in signals}
+
+    def handle(signum, frame):
+        if stop.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        log.warning(
+            "%s: stopping at the next safe point (a checkpoint is saved); rerun to resume%s",
+            signal.Signals(signum).name,
+            "; Ctrl-C again stops at once" if signum == signal.SIGINT else "",
+        )
+        stop.request(signum)
+
+    previous = {s: signal.signal(s, handle) for s in signals}
     try:
-        yield
+        yield stop
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -93,10 +123,12 @@ def _contexts(config, stages, mesh, workdir: str, stop=None):
         yield name, cfg, trainers.RunContext(mesh, workdir, stage_dir(workdir, raw), stages, stop)
 
 
-def preflight(config, stages, mesh, workdir: str) -> None:
+def preflight(config, stages, mesh, workdir: str, stop=None) -> None:
     """Every stage's checks (`trainers.register(preflight=...)`) before any stage trains, so a
     mistake in the last stage fails at once, not after hours of the first ones."""
-    for _, cfg, ctx in _contexts(config, stages, mesh, workdir):
+    for _, cfg, ctx in _contexts(config, stages, mesh, workdir, stop):
+        if ctx.stop.is_set():
+            return
         check = trainers.TRAINERS.meta(cfg.kind).get("preflight")
         if check is not None and trainers.read_result(ctx.stage_dir) is None:
             with prng_impl(cfg):
@@ -105,9 +137,12 @@ def preflight(config, stages, mesh, workdir: str) -> None:
 
 def _run_stages(config, stages, mesh, workdir: str, stop: threading.Event) -> dict:
     if config.preflight:
-        preflight(config, stages, mesh, workdir)
+        preflight(config, stages, mesh, workdir, stop)
     results = {}
     for name, cfg, ctx in _contexts(config, stages, mesh, workdir, stop):
+        if stop.is_set():  # stopped between stages: the next one does not start.
+            results[name] = {"stage": name, "preempted": True, "step": 0}
+            break
         with prng_impl(cfg):
             results[name] = trainers.TRAINERS.get(cfg.kind)(cfg, ctx)
         if results[name].get("preempted"):

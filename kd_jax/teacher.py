@@ -34,7 +34,7 @@ import numpy as np
 
 from kd_jax import checkpoint as ckpt_lib
 from kd_jax import models, sharding, stage_source
-from kd_jax.errors import ConfigValueError
+from kd_jax.errors import ConfigValueError, Preempted
 from kd_jax.models.registry import WEIGHT_FILES, load_pretrained
 from kd_jax.objective import lookup
 from kd_jax.replicas import over_seeds
@@ -189,9 +189,13 @@ def forward(module, inputs: Sequence[str], paths: Sequence[str], variables, batc
     return jax.lax.stop_gradient({p: lookup(feats, p, "teacher") for p in paths})
 
 
-def build_cache(teacher: Teacher, paths, data, cfg, stage_dir: str) -> dict[str, np.ndarray]:
+def build_cache(
+    teacher: Teacher, paths, data, cfg, stage_dir: str, stop=None
+) -> dict[str, np.ndarray]:
     """Offline cache: teacher features for every training record, [N, S, ...] per path, stored
-    in the stage directory, named by the teacher's fingerprint."""
+    in the stage directory, named by the teacher's fingerprint, written once complete. `stop`
+    (the run's `ctx.stop`) set: the unfinished cache is discarded (nothing written) and
+    `Preempted` raised; the rerun builds it again."""
     num_seeds, seeds_in_step = cfg.num_seeds, cfg.seeds_in_step
     path = os.path.join(stage_dir, f"teacher_cache_{teacher.ident['fingerprint']}.npz")
     if os.path.exists(path):
@@ -212,6 +216,8 @@ def build_cache(teacher: Teacher, paths, data, cfg, stage_dir: str) -> dict[str,
         fwd = jax.jit(over_seeds(fwd_one, (0, None), seeds_in_step))
     out: dict[str, list] = {}
     for start in range(0, n, b):
+        if stop is not None and stop.is_set():
+            raise Preempted(0)
         idx = np.minimum(np.arange(start, start + b), n - 1)
         feats = jax.device_get(fwd(teacher.variables, data.train_source.gather(idx)))
         for k, v in feats.items():

@@ -14,6 +14,7 @@ from safetensors.numpy import load_file
 from kd_jax import config as C
 from kd_jax import export, runner, sharding, stage_source
 from kd_jax.errors import ConfigValueError, MissingPackageError
+from kd_jax.export import cli as export_cli
 from kd_jax.models import bert_loading, gguf_loading, llama_loading
 from kd_jax.models.bert import BertConfig, BertEncoder
 from kd_jax.models.llama import Llama, LlamaConfig
@@ -341,7 +342,7 @@ def test_npz_round_trip_of_a_trained_batchnorm_student(seg_run, tmp_path, capsys
     cfg, workdir = seg_run
     out = tmp_path / "npz"
     argv = ["--workdir", str(workdir), "--stage", "kd", "--seed", "1", "--format", "npz"]
-    assert export.main([*argv, "--out", str(out)]) == 0
+    assert export_cli.main([*argv, "--out", str(out)]) == 0
     module, variables = export.load_npz(str(out))
     assert set(variables) == {"params", "batch_stats"} and "cwd" not in variables["params"]
     mesh = sharding.make_mesh(cfg.mesh)
@@ -366,13 +367,13 @@ def test_npz_round_trip_of_a_trained_batchnorm_student(seg_run, tmp_path, capsys
 def test_export_errors_name_stage_and_steps(seg_run, tmp_path, capsys):
     _, workdir = seg_run
     base = ["--workdir", str(workdir), "--out", str(tmp_path / "x")]
-    assert export.main([*base, "--stage", "kd", "--step", "7", "--format", "npz"]) == 2
+    assert export_cli.main([*base, "--stage", "kd", "--step", "7", "--format", "npz"]) == 2
     err = capsys.readouterr().err
     assert "Stage 'kd'" in err and "step 7" in err and "[1, 2]" in err
-    assert export.main([*base, "--stage", "student", "--format", "npz"]) == 2
+    assert export_cli.main([*base, "--stage", "student", "--format", "npz"]) == 2
     err = capsys.readouterr().err
     assert "'student'" in err and "['kd']" in err
-    assert export.main([*base, "--stage", "kd", "--seed", "2", "--format", "npz"]) == 2
+    assert export_cli.main([*base, "--stage", "kd", "--seed", "2", "--format", "npz"]) == 2
     assert "2 seed(s)" in capsys.readouterr().err
-    assert export.main([*base, "--stage", "kd", "--format", "gguf"]) == 2
+    assert export_cli.main([*base, "--stage", "kd", "--format", "gguf"]) == 2
     assert "deeplabv3" in capsys.readouterr().err

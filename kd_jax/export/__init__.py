@@ -1,12 +1,17 @@
 """Export a distilled student to the formats people deploy.
 
     python -m kd_jax.export --workdir=W --stage=S [--seed=i] [--step=N] --format=hf|gguf|npz \
-        --out=DIR [--dtype=float32|float16] [--tokenizer=PATH]
+        --out=DIR [--dtype=float32|float16] [--tokenizer=PATH] [--overwrite] [--allow_unfinished]
 
 or `kd_jax.export.export(workdir, stage, out=..., format=...)` in a notebook. The stage's final
-(or `step`) checkpoint is read with the config saved in its metadata (no data, teacher or
-optimizer is built); one seed replica is taken and everything that is not the student (the
-adapters under params["aux"], the optimizer state) is left out.
+checkpoint (an unfinished stage, or one a live run holds, needs `step`: `source.py`) is read,
+verified, with the config saved in its metadata (no data, teacher or optimizer is built); one
+seed replica is taken and everything that is not the student (the adapters under
+params["aux"], the optimizer state) is left out.
+
+Nothing is half-written: the files are built in a temporary directory beside `out` and renamed
+into place when complete; a non-empty `out` is refused unless `overwrite`, and a full disk
+leaves `out` as it was, with one message.
 
 One module per format, each registering its writer and the student models it supports in
 `WRITERS` (`base.register`):
@@ -15,19 +20,18 @@ One module per format, each registering its writer and the student models it sup
                BertModel safetensors, tokenizer and sentence-transformers files.
   hf_llama.py  `hf` for `llama` / `llama_packed`: LlamaForCausalLM safetensors (+ tokenizer).
   gguf.py      `gguf` for `llama` / `llama_packed`: one .gguf (F32 or F16), llama.cpp's names.
-The CLI is `__main__.py`.
+The CLI is `cli.py` (`python -m kd_jax.export`).
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
+import tempfile
+import uuid
 
-import jax
-import numpy as np
-
-from kd_jax import checkpoint as ckpt_lib
-from kd_jax import sharding, stage_source
-from kd_jax.errors import ConfigValueError, UserFileNotFoundError
+from kd_jax.errors import ConfigValueError, ExportWriteError
 from kd_jax.export import gguf, hf_bert, hf_llama, npz  # noqa: F401  (register their writers)
 from kd_jax.export.base import (
     DTYPES,
@@ -42,80 +46,10 @@ from kd_jax.export.gguf import GGUF_FILE, LLAMA_MODELS, gguf_tensors, permute_qk
 from kd_jax.export.hf_bert import BERT_MODELS, bert_hf_config, bert_hf_state, write_hf_bert
 from kd_jax.export.hf_llama import llama_hf_config, llama_hf_state, write_hf_llama
 from kd_jax.export.npz import ARCHITECTURE_FILE, VARIABLES_FILE, load_npz, write_npz
+from kd_jax.export.source import load_student, stage_dirs
 from kd_jax.models.llama_loading import llama_from_hf_state, load_hf_llama
 
 check_formats()
-
-
-# ----------------------------------------------------------------------------- checkpoints
-def stage_dirs(workdir: str) -> dict[str, str]:
-    """{stage name: its directory} of every stage in `workdir` that has checkpoints ("main" is
-    a single-stage run's workdir itself)."""
-    out = {}
-    if os.path.isdir(os.path.join(workdir, "checkpoints")):
-        out["main"] = workdir
-    if os.path.isdir(workdir):
-        for name in sorted(os.listdir(workdir)):
-            if os.path.isdir(os.path.join(workdir, name, "checkpoints")):
-                out[name] = os.path.join(workdir, name)
-    return out
-
-
-def _one_device_mesh():
-    return sharding.make_mesh({"data": 1, "fsdp": 1, "model": 1}, jax.devices()[:1])
-
-
-def load_student(workdir: str, stage: str | None = None, *, seed: int = 0, step=None) -> Student:
-    """The student of `stage` in `workdir` (its final checkpoint, or `step`), seed replica
-    `seed`. Errors name the stage, the step and the ones that exist."""
-    workdir = str(workdir)
-    dirs = stage_dirs(workdir)
-    if not dirs:
-        raise UserFileNotFoundError(f"No stage with checkpoints in workdir {workdir}.")
-    if stage is None:
-        if len(dirs) > 1:
-            raise ConfigValueError(f"Name the stage to export (--stage); stages: {sorted(dirs)}.")
-        stage = next(iter(dirs))
-    if stage not in dirs:
-        raise UserFileNotFoundError(
-            f"Stage '{stage}' has no checkpoints in {workdir}; stages with checkpoints: "
-            f"{sorted(dirs)}."
-        )
-    ckptr = ckpt_lib.Checkpointer(os.path.join(dirs[stage], "checkpoints"), async_save=False)
-    try:
-        steps = ckptr.all_steps()
-        if step is not None and int(step) not in steps:
-            raise UserFileNotFoundError(
-                f"Stage '{stage}' has no checkpoint at step {step}; its steps: {steps}."
-            )
-        meta = ckptr.read_meta(None if step is None else int(step))
-    finally:
-        ckptr.close()
-    cfg = meta.get("config") or {}
-    student = cfg.get("student") or {}
-    if not student.get("model"):
-        raise ConfigValueError(f"Stage '{stage}' checkpoint metadata names no student model.")
-    num_seeds = int(meta.get("num_seeds", cfg.get("num_seeds", 1)))
-    if not 0 <= seed < num_seeds:
-        raise ConfigValueError(
-            f"Stage '{stage}' trained {num_seeds} seed(s); --seed={seed} is not in "
-            f"0..{num_seeds - 1}."
-        )
-    rules = ((".*", "replicate"),)
-    variables, got = stage_source.restore_student(
-        dirs[stage], _one_device_mesh(), rules, None if step is None else int(step)
-    )
-    one = jax.tree.map(lambda v: np.asarray(jax.device_get(v))[seed], variables)
-    return Student(
-        model=student["model"],
-        kwargs=dict(student.get("kwargs") or {}),
-        dtype=cfg.get("compute_dtype", "float32"),
-        variables=one,
-        stage=stage,
-        step=got,
-        seed=seed,
-        teacher=dict(cfg.get("teacher") or {}),
-    )
 
 
 # ----------------------------------------------------------------------------- export
@@ -129,17 +63,24 @@ def export(
     step: int | None = None,
     dtype: str = "float32",
     tokenizer: str | None = None,
+    overwrite: bool = False,
+    allow_unfinished: bool = False,
 ) -> dict:
-    """Exports `stage`'s student from `workdir` to `out` -> {"format", "files", "stage", "step",
-    "seed", "model", "notes"} ("notes": the warnings of the export, e.g. a BERT without a
-    pooler). `dtype`: the stored weights' type (hf, gguf; GGUF keeps norms float32);
+    """Exports `stage`'s student from `workdir` to directory `out` -> {"format", "files",
+    "stage", "step", "seed", "model", "notes"} ("notes": the warnings of the export, e.g. a BERT
+    without a pooler). `dtype`: the stored weights' type (hf, gguf; GGUF keeps norms float32);
     `tokenizer`: a .gguf (llama) or HF tokenizer directory (bert) to take the tokenizer from,
-    instead of the bundled teacher's when the vocabulary sizes match."""
+    instead of the bundled teacher's when the vocabulary sizes match. `overwrite`: replace a
+    non-empty `out`; `allow_unfinished`: export the newest checkpoint of an unfinished stage."""
     _check_format(format, dtype)
-    student = load_student(workdir, stage, seed=seed, step=step)
+    check_out(out, overwrite)
+    student = load_student(workdir, stage, seed=seed, step=step, allow_unfinished=allow_unfinished)
     notes: list[str] = []
-    files = export_student(
-        student, out, format=format, dtype=dtype, tokenizer=tokenizer, notes=notes
+    files = write_atomically(
+        out,
+        lambda tmp: export_student(
+            student, tmp, format=format, dtype=dtype, tokenizer=tokenizer, notes=notes
+        ),
     )
     return {
         "format": format,
@@ -175,11 +116,48 @@ def export_student(
     return write(student, out, dtype=dtype, tokenizer=tokenizer, notes=notes)
 
 
-def main(argv=None) -> int:
-    """The CLI (`python -m kd_jax.export`, kd_jax/export/__main__.py)."""
-    from kd_jax.export.__main__ import main as cli
+def check_out(out: str, overwrite: bool) -> None:
+    """`out` must be a directory path: absent, empty, or (with `overwrite`) replaceable."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigValueError(f"--out={out} is a file; name a directory to export into.")
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise ConfigValueError(
+            f"--out={out} is not empty ({len(os.listdir(out))} entries); pass --overwrite to "
+            "replace it, or name another directory."
+        )
 
-    return cli(argv)
+
+def write_atomically(out: str, write) -> list[str]:
+    """`write(tmp_dir) -> files` into a temporary directory beside `out`, then renamed to `out`
+    (an existing `out` is moved aside first and removed after); -> the files under `out`. On
+    any error the temporary directory is removed and `out` is left as it was."""
+    out = os.path.abspath(out)
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.export-", dir=parent)
+    try:
+        files = write(tmp)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ExportWriteError(
+                f"No space left on the device while writing the export for {out} ({e}); nothing "
+                "was written. Free some space, or export to another --out."
+            ) from e
+        raise ExportWriteError(
+            f"Cannot write the export for {out} ({e}); nothing was written."
+        ) from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if os.path.isdir(out):
+        old = os.path.join(parent, f".{os.path.basename(out)}.old-{uuid.uuid4().hex[:8]}")
+        os.rename(out, old)
+    os.rename(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return [os.path.join(out, os.path.relpath(f, tmp)) for f in files]
 
 
 __all__ = [
@@ -192,6 +170,7 @@ __all__ = [
     "VARIABLES_FILE",
     "WRITERS",
     "Student",
+    "check_out",
     "bert_hf_config",
     "bert_hf_state",
     "export",
@@ -203,12 +182,12 @@ __all__ = [
     "load_hf_llama",
     "load_npz",
     "load_student",
-    "main",
     "permute_qk",
     "stage_dirs",
     "supported_models",
     "write_gguf",
     "write_hf_bert",
     "write_hf_llama",
+    "write_atomically",
     "write_npz",
 ]

@@ -28,6 +28,7 @@ from typing import Any
 
 import jax
 
+from kd_jax.errors import Preempted  # noqa: F401  (stage kinds raise it)
 from kd_jax.registry import Registry
 
 TRAINERS: Registry[Callable] = Registry("stage kind")

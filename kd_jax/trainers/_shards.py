@@ -20,7 +20,7 @@ from kd_jax import models
 from kd_jax import teacher as teacher_lib
 from kd_jax.data import records
 from kd_jax.errors import ConfigValueError
-from kd_jax.trainers import read_result, write_result
+from kd_jax.trainers import Preempted, read_result, write_result
 
 log = logging.getLogger("kd_jax")
 
@@ -81,12 +81,16 @@ def check_manifest(directory: str, manifest: dict) -> None:
         os.remove(stale)  # a shard a crash left half-written; it is redone below.
 
 
-def run_shards(directory, manifest, make_shard, s) -> dict:
+def run_shards(directory, manifest, make_shard, s, stop=None) -> dict:
+    """Writes the shards not yet written (each one whole, or not at all); `stop` (the run's
+    `ctx.stop`) set: raises Preempted between shards, the finished ones kept for the rerun."""
     check_manifest(directory, manifest)
     n = manifest["num_shards"]
     written = skipped = 0
     t0 = time.time()
     for i in range(n):
+        if stop is not None and stop.is_set():
+            raise Preempted(i)
         path = records.shard_path(directory, manifest["prefix"], i, n)
         # A finished shard is kept if it passes its checks; a corrupt one is set aside and
         # written again.
@@ -122,7 +126,10 @@ def run_stage(kind_fn, cfg, ctx) -> dict:
             missing[0],
         )
     os.makedirs(directory, exist_ok=True)
-    result = {"stage": cfg.stage_name, "kind": cfg.kind, **kind_fn(cfg, ctx)}
+    try:
+        result = {"stage": cfg.stage_name, "kind": cfg.kind, **kind_fn(cfg, ctx)}
+    except Preempted as e:
+        return {"stage": cfg.stage_name, "preempted": True, "step": e.step}
     log.info("stage %s (%s): %s", cfg.stage_name, cfg.kind, result)
     write_result(directory, result)
     return result

@@ -97,7 +97,7 @@ def generate_stage(cfg, ctx) -> dict:
                 "shard": i,
             }
 
-    out = run_shards(directory, manifest, lambda i: list(make_shard(i)), s)
+    out = run_shards(directory, manifest, lambda i: list(make_shard(i)), s, ctx.stop)
     recs = records.read_dataset(directory)
     lengths = [len(r["response_ids"]) for r in recs]
     out.update(

@@ -36,7 +36,7 @@ from kd_jax.metric_writer import Clock, MetricWriter, progress_bar
 from kd_jax.models import batch_inputs
 from kd_jax.objective import Objective
 from kd_jax.replicas import over_seeds
-from kd_jax.trainers import RunContext, read_result, register, write_result
+from kd_jax.trainers import Preempted, RunContext, read_result, register, write_result
 from kd_jax.trainers.safety import (
     FiniteGuard,
     NonFiniteLossError,
@@ -291,6 +291,12 @@ def run_evals(evals, state: TrainState, t_vars, step: int, writer: MetricWriter)
 
 
 # -------------------------------------------------------------------- Loop
+def _check_stop(ctx: RunContext, ckptr) -> None:
+    """Before the first step: a stop request leaves the stage as its checkpoints have it."""
+    if ctx.stop.is_set():
+        raise Preempted(ckptr.latest_step() or 0)
+
+
 def train_stage(cfg, ctx: RunContext, make_step: Callable = make_train_step) -> dict:
     """Trains one stage in `ctx.stage_dir`; resumes from its latest checkpoint. `make_step`
     `(stage, teacher_axis, cached) -> jitted step` is the hook other stage kinds replace."""
@@ -299,6 +305,8 @@ def train_stage(cfg, ctx: RunContext, make_step: Callable = make_train_step) -> 
     startup = StartUp(stage, ctx, ckptr, make_step)  # the student's init starts compiling
     try:
         return _train(stage, ctx, ckptr, startup)
+    except Preempted as e:  # stopped before its first step: nothing new to save
+        return {"stage": stage.name, "preempted": True, "step": e.step}
     finally:
         startup.close()
         ckptr.close()
@@ -311,6 +319,7 @@ def _train(stage: Stage, ctx: RunContext, ckptr, startup: StartUp) -> dict:
         example = data.abstract_inputs(stage.teacher_inputs)
         teacher = teacher_lib.load(cfg, mesh, example, ctx.stages, ctx.root)
     t_vars, t_axis = (teacher.variables, teacher.axis) if teacher else (None, None)
+    _check_stop(ctx, ckptr)
     meta = checkpoint_meta(cfg, teacher)
     resumed = None
     if startup.resume:  # restore first: a finished stage returns before any cache or compile
@@ -322,14 +331,17 @@ def _train(stage: Stage, ctx: RunContext, ckptr, startup: StartUp) -> dict:
     cache = None
     if cfg.teacher.placement == "cache" and teacher is not None:
         cache = teacher_lib.build_cache(
-            teacher, stage.objective.teacher_paths, data, cfg, ctx.stage_dir
+            teacher, stage.objective.teacher_paths, data, cfg, ctx.stage_dir, ctx.stop
         )
     train_step = startup.step(t_vars, t_axis, cache)  # compiles while the student initialises
     state, data_state, start = resumed or startup.state()
+    _check_stop(ctx, ckptr)
 
     evals = evaluators.for_stage(stage, t_axis)  # config.evals, or the one-evaluator shorthand
     after_eval = optim.make_eval_hook(cfg, stage.state_shardings)  # schedule.plateau, or None
-    writer = MetricWriter(ctx.root if name != "main" else ctx.stage_dir, name)
+    writer = MetricWriter(
+        ctx.root if name != "main" else ctx.stage_dir, name, start if startup.resume else None
+    )
     it = data.train_iter(data_state)
     bar = progress_bar(cfg, name, start, data.global_batch)
     guard, clock, last_saved = FiniteGuard(cfg, name, ckptr), Clock(), ckptr.latest_step()
@@ -377,7 +389,7 @@ def _train(stage: Stage, ctx: RunContext, ckptr, startup: StartUp) -> dict:
         bar.close()
     if final_step < cfg.steps:  # stopped by a signal (the runner's `ctx.stop`)
         writer.close()
-        return {"preempted": True, "step": final_step}
+        return {"stage": name, "preempted": True, "step": final_step}
     res = run_evals(evals, state, t_vars, final_step, writer)
     writer.close()
     student_shapes = stage.abstract_state.params["student"]

@@ -329,7 +329,7 @@ def score_stage(cfg, ctx) -> dict:
                 "shard": i,
             }
 
-    out = run_shards(ctx.stage_dir, manifest, lambda i: list(make_shard(i)), s)
+    out = run_shards(ctx.stage_dir, manifest, lambda i: list(make_shard(i)), s, ctx.stop)
     recs = records.read_dataset(ctx.stage_dir)
     out["records"] = len(recs)
     out["teacher"] = ident

@@ -89,7 +89,7 @@ def topk_cache_stage(cfg, ctx) -> dict:
                 )
         return out
 
-    out = run_shards(directory, manifest, make_shard, s)
+    out = run_shards(directory, manifest, make_shard, s, ctx.stop)
     real = int((rows["segment_ids"] > 0).sum())
     out.update(
         rows=n,
