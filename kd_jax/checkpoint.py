@@ -51,6 +51,7 @@ log = logging.getLogger("kd_jax")
 
 ITEMS = ("state", "data", "meta", "integrity")
 _DELETING = ".deleting-"
+_ORBAX_TMP = ".orbax-checkpoint-tmp"
 _ALGO = "wsum32x2-v1"
 _W1, _W2, _XOR = 0x9E3779B1, 0x85EBCA77, 0x5BD1E995  # the digest's weight constants.
 
@@ -195,16 +196,16 @@ def cpu_arrays_written_by_one_replica():
 
 
 class Checkpointer:
-    def __init__(self, directory: str, *, keep: int = 2, async_save: bool = True):
+    def __init__(
+        self, directory: str, *, keep: int = 2, async_save: bool = True, read_only: bool = False
+    ):
+        """`read_only`: a reader of a directory another process may be writing (export,
+        notebooks, a `stage:` source): it never cleans up, rotates or saves."""
+        self.read_only = read_only
         self.directory = os.path.abspath(directory)
         self.keep = max(1, int(keep))
-        # cleanup_tmp_directories: a save a kill interrupted leaves orbax's temporary
-        # directory (`<step>.orbax-checkpoint-tmp-*`); it is removed when the manager opens.
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=None,
-            enable_async_checkpointing=async_save,
-            create=True,
-            cleanup_tmp_directories=True,
+            max_to_keep=None, enable_async_checkpointing=async_save, create=True
         )
         # Handlers named up front, so a fresh manager can read a step's metadata
         # (`restore_saved`) before any save or restore in this process.
@@ -215,9 +216,11 @@ class Checkpointer:
             item_handlers={"state": ocp.StandardCheckpointHandler(), **json_items},
         )
         self._finite: dict[int, bool | None] = {}  # step -> meta["finite"], as read or saved.
-        if jax.process_index() == 0:
+        if jax.process_index() == 0 and not read_only:
             for name in os.listdir(self.directory):
-                if name.startswith(_DELETING):  # a delete a crash interrupted.
+                # A delete a crash interrupted; orbax's temporary directory of a save a kill
+                # interrupted (`<step>.orbax-checkpoint-tmp-<time>`: never a restorable step).
+                if name.startswith(_DELETING) or _ORBAX_TMP in name:
                     shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
     def latest_step(self) -> int | None:
@@ -228,6 +231,8 @@ class Checkpointer:
 
     def save(self, step: int, state, *, data_state: dict, meta: dict, force: bool = False) -> bool:
         """Saves `state` (and the data iterator's state, and `meta` plus `finite`) at `step`."""
+        if self.read_only:
+            raise RuntimeError(f"Checkpointer of {self.directory} is read-only.")
         if not force and not self.manager.should_save(step):
             return False
         self.manager.wait_until_finished()  # orbax would wait for the previous save anyway.
@@ -392,11 +397,11 @@ class Checkpointer:
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
-        self._rotate()
+        if not self.read_only:
+            self._rotate()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self._rotate()
+        self.wait()
         self.manager.close()
 
 

@@ -22,7 +22,9 @@ def restore_state(cfg, mesh, stage_dir: str, step: int | None = None) -> kd.Trai
     typed as the stage builds it (restoring only the student needs no stage:
     `restore_student_variables`)."""
     stage = kd.build_stage(cfg, mesh)
-    ckptr = ckpt_lib.Checkpointer(os.path.join(stage_dir, "checkpoints"), async_save=False)
+    ckptr = ckpt_lib.Checkpointer(
+        os.path.join(stage_dir, "checkpoints"), async_save=False, read_only=True
+    )
     try:
         abstract = ckpt_lib.abstract(stage.abstract_state, stage.state_shardings)
         return ckptr.restore(abstract, step)[0]

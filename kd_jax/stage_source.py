@@ -63,7 +63,9 @@ def restore_student(stage_dir: str, mesh, rules, step: int | None = None):
     intact step, or `step`), stacked over seeds, its step). Shapes come from the checkpoint's own
     metadata; `rules` lay it out on `mesh`; the training-only adapters (params["aux"]) and the
     optimizer state are dropped."""
-    ckptr = ckpt_lib.Checkpointer(os.path.join(stage_dir, "checkpoints"), async_save=False)
+    ckptr = ckpt_lib.Checkpointer(
+        os.path.join(stage_dir, "checkpoints"), async_save=False, read_only=True
+    )
     try:
         state = ckptr.restore_saved(mesh, rules, step)
     finally:

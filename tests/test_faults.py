@@ -51,7 +51,7 @@ def test_main_bad_float_override_and_user_error_in_run(tmp_path, capsys, monkeyp
     err = capsys.readouterr().err
     assert "optimizer.learning_rate=abc" in err and "expected a float" in err
 
-    def busy(config, workdir):
+    def busy(config, workdir, **_):
         raise WorkdirBusyError(f"Workdir {workdir} is in use by another run (host h, pid 7).")
 
     monkeypatch.setattr(runner, "run", busy)

@@ -207,9 +207,12 @@ def test_a_locked_workdir_exports_only_a_named_step(trained, tmp_path):
     _, w = _copy(trained, tmp_path / "w")
     lock = w / ".lock"
     lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": 0}))
+    in_flight = w / "kd" / "checkpoints" / "3.orbax-checkpoint-tmp-1"  # the live run's save
+    in_flight.mkdir()
     with pytest.raises(UnfinishedStageError, match="running run"):
         export.load_student(str(w), "kd")
     assert export.load_student(str(w), "kd", step=2).step == 2
+    assert in_flight.exists()  # a reader never cleans up or rotates another run's checkpoints
 
 
 def test_a_stop_during_start_up_trains_nothing_and_keeps_no_partial_cache(tmp_path):
@@ -231,3 +234,14 @@ def test_a_stop_during_start_up_trains_nothing_and_keeps_no_partial_cache(tmp_pa
     with pytest.raises(Preempted):
         teacher_lib.build_cache(t, ["logits"], stage.data, cfg, str(cache_dir), stop)
     assert not cache_dir.exists() or not os.listdir(cache_dir)
+
+
+def test_a_killed_save_leaves_no_temporary_directory_behind(tmp_path):
+    c = ckpt_lib.Checkpointer(str(tmp_path / "c"), async_save=False)
+    c.save(1, {"w": jax.numpy.ones(3)}, data_state={}, meta={})
+    c.close()
+    leftover = tmp_path / "c" / "2.orbax-checkpoint-tmp-1234567"
+    (leftover / "state").mkdir(parents=True)
+    c = ckpt_lib.Checkpointer(str(tmp_path / "c"), async_save=False)
+    assert c.all_steps() == [1] and not leftover.exists()
+    c.close()

@@ -80,7 +80,9 @@ def load_student(
             f"Stage '{stage}' has no checkpoints in {workdir}; stages with checkpoints: "
             f"{sorted(dirs)}."
         )
-    ckptr = ckpt_lib.Checkpointer(os.path.join(dirs[stage], "checkpoints"), async_save=False)
+    ckptr = ckpt_lib.Checkpointer(
+        os.path.join(dirs[stage], "checkpoints"), async_save=False, read_only=True
+    )
     try:
         steps = ckptr.all_steps()
         if step is not None and int(step) not in steps:
