@@ -27,9 +27,10 @@ def _fmt(values, scale: float = 100.0) -> str:
 def _declared(result: dict, headlines) -> tuple[Headline, ...]:
     if headlines is not None:
         return tuple(headlines)
-    name = result.get("evaluator")
-    if name in evaluators.EVALUATORS and evaluators.headline(name):
-        return evaluators.headline(name)
+    names = result.get("evaluators") or [result.get("evaluator")]  # config.evals: several
+    known = [n for n in names if n in evaluators.EVALUATORS and evaluators.headline(n)]
+    if known:
+        return tuple(dict.fromkeys(h for n in known for h in evaluators.headline(n)))
     return evaluators.all_headlines()
 
 

@@ -37,12 +37,7 @@ from kd_jax.models import batch_inputs
 from kd_jax.objective import Objective
 from kd_jax.replicas import over_seeds
 from kd_jax.trainers import Preempted, RunContext, read_result, register, write_result
-from kd_jax.trainers.safety import (
-    FiniteGuard,
-    NonFiniteLossError,
-    check_resume,
-    trace_one_step,
-)
+from kd_jax.trainers.safety import FiniteGuard, NonFiniteLossError, check_resume, trace_one_step
 from kd_jax.trainers.startup import StartUp
 
 log = logging.getLogger("kd_jax")
