@@ -144,8 +144,8 @@ def make_train_step(stage, t_axis, cached: bool):
         for flag, fn in ((True, on_policy), (False, off_policy))
     }
 
-    def step(state, t_params, batch):
-        return choose(stage.cfg, state.step, branches.__getitem__, (state, t_params, batch))
+    def step(state, t_vars, batch):
+        return choose(stage.cfg, state.step, branches.__getitem__, (state, t_vars, batch))
 
     return kd.jit_step(stage, step)
 
