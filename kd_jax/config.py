@@ -277,7 +277,64 @@ def validate(config: ConfigDict) -> ConfigDict:
             raise ConfigKeyError(
                 f"stage_order names '{name}' but config.stages has {sorted(config.stages.keys())}."
             )
+    _check_values(config, "")
+    for name, stage in config.stages.items():
+        _check_values(stage, f"stages.{name}.")
     return config
+
+
+# (dotted key, least value, what the value means): integer settings the loops divide by or count
+# with. A stage override is checked under its own `stages.<name>.` prefix.
+_INT_RANGES = (
+    ("num_seeds", 1, "independent replicas trained at once"),
+    ("steps", 0, "training steps (0: evaluate only)"),
+    ("log_every", 1, "steps between metric lines"),
+    ("eval_every", 0, "steps between evaluations (0: at the end only)"),
+    ("checkpoint_every", 0, "steps between checkpoints (0: at the end only)"),
+    ("keep_checkpoints", 1, "checkpoints kept"),
+    ("data.batch_size", 1, "examples per training step"),
+    ("data.eval_batch_size", 1, "examples per evaluation batch"),
+    ("schedule.warmup_steps", 0, "warm-up steps"),
+)
+_CHOICES = (
+    ("seeds_in_step", ("vmap", "unroll")),
+    ("compute_dtype", ("float32", "bfloat16", "float16")),
+    ("prng_impl", ("", "threefry2x32", "rbg", "unsafe_rbg")),
+    ("teacher.placement", ("replicated", "sharded", "cache")),
+)
+
+
+def _lookup(cfg: ConfigDict, dotted: str) -> tuple[bool, Any]:
+    node: Any = cfg
+    for key in dotted.split("."):
+        if not isinstance(node, (ConfigDict, dict)) or key not in node:
+            return False, None
+        node = node[key]
+    return True, node
+
+
+def _check_values(cfg: ConfigDict, prefix: str) -> None:
+    """The settings a loop counts or divides with are integers in range, and the settings with
+    a fixed set of values hold one of them: a ConfigValueError naming the key, the value and the
+    fix, before any stage builds."""
+    for key, least, meaning in _INT_RANGES:
+        found, value = _lookup(cfg, key)
+        if not found:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ConfigValueError(
+                f"config.{prefix}{key}={value!r}: {meaning}; set it to an integer >= {least}."
+            )
+    for key, allowed in _CHOICES:
+        found, value = _lookup(cfg, key)
+        if found and value not in allowed:
+            raise ConfigValueError(f"config.{prefix}{key}={value!r}: use one of {list(allowed)}.")
+    found, factor = _lookup(cfg, "divergence_factor")
+    if found and (isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor < 0):
+        raise ConfigValueError(
+            f"config.{prefix}divergence_factor={factor!r}: a loss-to-median multiple; set it to "
+            "a number >= 0 (0: off)."
+        )
 
 
 def apply_override(config: ConfigDict, dotted: str, value: str) -> None:

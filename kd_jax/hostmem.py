@@ -28,6 +28,8 @@ import platform
 import sys
 from collections.abc import Mapping
 
+from kd_jax.errors import ConfigValueError
+
 TUNABLES = (
     "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1099511627776"
 )
@@ -39,7 +41,10 @@ def tuned_env(environ: Mapping[str, str]) -> dict[str, str] | None:
     """The environment to re-execute with, or None when the process should run as it is."""
     choice = environ.get(_SWITCH, "system")
     if choice not in ("tuned", "system"):
-        raise ValueError(f"{_SWITCH}={choice!r}; use 'system' (the default) or 'tuned'.")
+        raise ConfigValueError(
+            f"{_SWITCH}={choice!r}; use 'system' (the default) or 'tuned' (or unset that "
+            "environment variable)."
+        )
     if choice == "system" or environ.get(APPLIED) or "GLIBC_TUNABLES" in environ:
         return None
     if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":

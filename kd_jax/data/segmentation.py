@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from kd_jax.data.registry import register
+from kd_jax.errors import ConfigValueError, UnsupportedFileError, UserFileNotFoundError
 
 IGNORE_INDEX = 255
 
@@ -121,7 +122,10 @@ class ShapesSegmentation:
         ignore_index: int = IGNORE_INDEX,
     ):
         if not 2 <= num_classes <= len(SHAPES) + 1:
-            raise ValueError(f"num_classes must be in [2, {len(SHAPES) + 1}], got {num_classes}.")
+            raise ConfigValueError(
+                f"data.kwargs.num_classes={num_classes}: the shapes set has background + "
+                f"{len(SHAPES)} shapes; set num_classes in [2, {len(SHAPES) + 1}]."
+            )
         self.num_examples, self.size = int(num_examples), (int(size[0]), int(size[1]))
         self.num_classes, self.max_shapes = num_classes, max_shapes
         self.seed, self.offset = seed, offset
@@ -215,7 +219,10 @@ class FileSegmentation:
         img_path, lbl_path = self.pairs[int(i)]
         for p in (img_path, lbl_path):
             if not os.path.exists(p):
-                raise FileNotFoundError(f"{self.name}: missing file '{p}'.")
+                raise UserFileNotFoundError(
+                    f"{self.name}: file '{p}' was listed but is gone; restore it (or the whole "
+                    "dataset folder) and rerun."
+                )
         img = Image.open(img_path).convert("RGB")
         lbl = Image.open(lbl_path)
         if lbl.mode not in ("L", "P", "I", "I;16"):
@@ -234,7 +241,10 @@ class FileSegmentation:
         items = [self[int(i)] for i in np.asarray(indices).reshape(-1)]
         shapes_ = {it["image"].shape for it in items}
         if len(shapes_) > 1:
-            raise ValueError(f"{self.name}: images of different sizes {shapes_}; pass size=(H, W).")
+            raise ConfigValueError(
+                f"{self.name}: images of different sizes {shapes_} in one batch; set "
+                "data.kwargs.size=(H, W) to resize them."
+            )
         return {k: np.stack([it[k] for it in items]) for k in ("image", "label")}
 
 
@@ -246,7 +256,10 @@ def _pairs_by_suffix(img_dir, img_suffix, lbl_dir, lbl_suffixes):
         cands = [os.path.join(lbl_dir, rel + s) for s in lbl_suffixes]
         found = next((c for c in cands if os.path.exists(c)), None)
         if found is None:
-            raise FileNotFoundError(f"No label for image '{img}': looked for {cands}.")
+            raise UserFileNotFoundError(
+                f"No label for image '{img}': looked for {cands}; add the label file or remove "
+                "the image."
+            )
         pairs.append((img, found))
     return pairs
 
@@ -262,16 +275,17 @@ def cityscapes_split(root: str, split: str = "train", *, size=None, ignore_index
     """One Cityscapes split (19 train ids; others -> `ignore_index`, TransKD uses 19 = void)."""
     img_dir, lbl_dir = os.path.join(root, "leftImg8bit", split), os.path.join(root, "gtFine", split)
     if not os.path.isdir(img_dir) or not os.path.isdir(lbl_dir):
-        raise FileNotFoundError(
-            f"Cityscapes split '{split}' not found under '{root}': "
+        raise UserFileNotFoundError(
+            f"Cityscapes split '{split}' not found under '{root}' (data.kwargs.data_dir): "
             + _CITYSCAPES_LAYOUT.format(root=root, split=split)
         )
     pairs = _pairs_by_suffix(
         img_dir, "_leftImg8bit.png", lbl_dir, ("_gtFine_labelTrainIds.png", "_gtFine_labelIds.png")
     )
     if not pairs:
-        raise FileNotFoundError(
-            f"No images in '{img_dir}': " + _CITYSCAPES_LAYOUT.format(root=root, split=split)
+        raise UserFileNotFoundError(
+            f"No images in '{img_dir}' (data.kwargs.data_dir): "
+            + _CITYSCAPES_LAYOUT.format(root=root, split=split)
         )
     return _mixed_id_source(pairs, "labelTrainIds", size, ignore_index, f"cityscapes/{split}")
 
@@ -281,7 +295,11 @@ def _mixed_id_source(pairs, train_id_marker, size, ignore_index, name):
     if all(train_id_marker in lbl for _, lbl in pairs):
         lut = _id_lut({i: i for i in range(19)}, ignore_index)
     elif any(train_id_marker in lbl for _, lbl in pairs):
-        raise ValueError(f"{name}: mixture of {train_id_marker} and raw labelIds files.")
+        raise UnsupportedFileError(
+            f"{name}: a mixture of *{train_id_marker}.png and raw *labelIds.png label files; "
+            f"keep one kind per split (e.g. delete the {train_id_marker} files, or create them "
+            "for every image with cityscapesScripts' createTrainIdLabelImgs)."
+        )
     else:
         lut = _id_lut(CITYSCAPES_ID_TO_TRAIN, ignore_index)
     return FileSegmentation(pairs, size=size, lut=lut, ignore_index=ignore_index, name=name)
@@ -314,16 +332,17 @@ def acdc_split(
         img_dir = os.path.join(root, "rgb_anon", cond, split)
         lbl_dir = os.path.join(root, "gt", cond, split)
         if not os.path.isdir(img_dir) or not os.path.isdir(lbl_dir):
-            raise FileNotFoundError(
-                f"ACDC condition '{cond}' split '{split}' not found under '{root}': "
+            raise UserFileNotFoundError(
+                f"ACDC condition '{cond}' split '{split}' not found under '{root}' "
+                "(data.kwargs.data_dir; data.kwargs.conditions picks the conditions): "
                 + _ACDC_LAYOUT.format(root=root, split=split, conds=tuple(conditions))
             )
         pairs += _pairs_by_suffix(
             img_dir, "_rgb_anon.png", lbl_dir, ("_gt_labelTrainIds.png", "_gt_labelIds.png")
         )
     if not pairs:
-        raise FileNotFoundError(
-            f"No ACDC images under '{root}': "
+        raise UserFileNotFoundError(
+            f"No ACDC images under '{root}' (data.kwargs.data_dir): "
             + _ACDC_LAYOUT.format(root=root, split=split, conds=tuple(conditions))
         )
     return _mixed_id_source(pairs, "labelTrainIds", size, ignore_index, f"acdc/{split}")
@@ -359,7 +378,10 @@ def voc_split(
     layout = _VOC_LAYOUT.format(root=root, split=split, label_dir=label_dir)
     list_file = os.path.join(root, "ImageSets", "Segmentation", f"{split}.txt")
     if not os.path.exists(list_file):
-        raise FileNotFoundError(f"Pascal VOC list '{list_file}' not found: {layout}")
+        raise UserFileNotFoundError(
+            f"Pascal VOC list '{list_file}' not found (data.kwargs.data_dir, and the split "
+            f"'{split}'): {layout}"
+        )
     with open(list_file) as f:
         ids = [line.split()[0] for line in f if line.strip()]
     pairs = []
@@ -368,7 +390,7 @@ def voc_split(
         lbl = os.path.join(root, label_dir, f"{i}.png")
         for p in (img, lbl):
             if not os.path.exists(p):
-                raise FileNotFoundError(
+                raise UserFileNotFoundError(
                     f"Pascal VOC file '{p}' (listed in {list_file}) not found: {layout}"
                 )
         pairs.append((img, lbl))
@@ -484,7 +506,10 @@ def augment_batch(batch: dict, *, seed, **kwargs) -> dict:
     """`augment` per example with seeds (*seed, i); needs `crop_size` if `scale_range` is set."""
     base = list(np.atleast_1d(seed).astype(np.int64))
     if kwargs.get("scale_range") and not kwargs.get("crop_size"):
-        raise ValueError("augment_batch with scale_range needs crop_size to restack the batch.")
+        raise ConfigValueError(
+            "augment_batch with scale_range needs crop_size to restack the batch (augment."
+            "crop_size=(H, W))."
+        )
     out = [
         augment(img, lbl, seed=[*base, i], **kwargs)
         for i, (img, lbl) in enumerate(zip(batch["image"], batch["label"]))
@@ -504,7 +529,10 @@ class Augmented:
     def __init__(self, source, **augment):
         self.source, self.augment = source, augment
         if augment.get("scale_range") and not augment.get("crop_size"):
-            raise ValueError("augment.scale_range needs augment.crop_size.")
+            raise ConfigValueError(
+                "data.kwargs.augment.scale_range needs data.kwargs.augment.crop_size=(H, W): "
+                "rescaled images differ in size and are cropped back to one."
+            )
 
     def __len__(self) -> int:
         return len(self.source)

@@ -10,7 +10,7 @@ import os
 import numpy as np
 
 from kd_jax.data.registry import register
-from kd_jax.errors import MissingPackageError, UserFileNotFoundError
+from kd_jax.errors import ConfigValueError, MissingPackageError, UserFileNotFoundError
 
 log = logging.getLogger("kd_jax")
 
@@ -69,7 +69,10 @@ def _split(
         tr = tr[~np.isin(y[tr], np.asarray(exclude_classes, np.int64))]
     if train_limit:
         if train_limit > len(tr):
-            raise ValueError(f"train_limit={train_limit} exceeds the {len(tr)} training images.")
+            raise ConfigValueError(
+                f"data.kwargs.train_limit={train_limit} exceeds the {len(tr)} training images "
+                "(after num_eval and exclude_classes); lower it (0: all)."
+            )
         keep = np.random.default_rng(subset_seed).choice(len(tr), train_limit, replace=False)
         tr = tr[np.sort(keep)]
     return ArraySource(image=x[tr], label=y[tr]), ArraySource(image=x[ev], label=y[ev])

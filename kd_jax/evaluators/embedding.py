@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kd_jax.data.text import sharegpt_pairs
+from kd_jax.errors import ConfigValueError
 from kd_jax.models.bert import mean_pool, normalize
 from kd_jax.tokenizers import WordPieceTokenizer as Tokenizer
 
@@ -88,7 +89,10 @@ def retrieval_recall_at_1(queries, candidates, *, group: int = 100):
     block (rows [g * group, (g + 1) * group)); N must be a multiple of `group`. -> recall@1."""
     n, d = queries.shape
     if n % group:
-        raise ValueError(f"{n} pairs is not a multiple of the candidate group size {group}.")
+        raise ConfigValueError(
+            f"{n} pairs is not a multiple of the candidate group size {group}: make the "
+            "evaluator's num_eval a multiple of its group."
+        )
     q = _unit(queries).reshape(n // group, group, d)
     c = _unit(candidates).reshape(n // group, group, -1)
     best = jnp.argmax(jnp.einsum("gqd,gcd->gqc", q, c), axis=-1)

@@ -25,6 +25,7 @@ import os
 import re
 
 from kd_jax import prompts
+from kd_jax.errors import ConfigValueError
 
 _ENTRY = re.compile(
     r"line(?:\s*(?:number|no\.?|#))?\s*[:#]?\s*(\d+)\s*[,;.]?\s*"
@@ -39,7 +40,10 @@ def task_prompt(task: str, transcript: str, item: str = "SMQR") -> str:
     """The prompt of task "highlights" (B, about `item`) or "suggestions" (C)."""
     path = os.path.join(prompts.HERE, "teacher_coach_tasks", f"{task}.json")
     if not os.path.isfile(path):
-        raise ValueError(f"Unknown task '{task}'; use 'highlights' or 'suggestions'.")
+        raise ConfigValueError(
+            f"Unknown feedback task '{task}'; use 'highlights' or 'suggestions' (the prompts in "
+            f"{os.path.dirname(path)})."
+        )
     with open(path, encoding="utf-8") as f:
         spec = json.load(f)
     it = prompts.load(item)

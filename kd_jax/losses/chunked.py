@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kd_jax.errors import ConfigValueError
 from kd_jax.losses.reduce import _align_mask
 from kd_jax.losses.registry import register
 
@@ -95,7 +96,7 @@ def divergence_and_grad(name: str, beta: float, ls, lt):
         # dD/dq_j = (1 - beta) (log q_j - log M_j); the p-side terms do not depend on q.
         a = jnp.where(q > 0, (1.0 - beta) * (ls - log_m), 0.0)
         return value, _softmax_vjp(q, a)
-    raise ValueError(f"Unknown divergence '{name}'; use one of {DIVERGENCES}.")
+    raise ConfigValueError(f"Unknown divergence '{name}'; use one of {DIVERGENCES}.")
 
 
 def scatter_last(shape, idx, values):
@@ -117,7 +118,7 @@ def topk_kl_and_grad(tail: str, ls, idx, logprob, temperature: float):
         value = jnp.sum(_xlogy_diff(pt, lt, ls_k), -1)
         return value, q - scatter_last(ls.shape, idx, pt)
     if tail != "bucket":
-        raise ValueError(f"Unknown tail '{tail}'; use one of {TAILS}.")
+        raise ConfigValueError(f"Unknown tail '{tail}'; use one of {TAILS}.")
     lt = logprob.astype(jnp.float32)
     pt = jnp.exp(lt)
     in_k = scatter_last(ls.shape, idx, jnp.ones_like(pt)) > 0
@@ -244,7 +245,7 @@ _fused.defvjp(_fused_fwd, _fused_bwd)
 def _as_btd(x, name: str):
     x = jnp.asarray(x)
     if x.ndim < 2:
-        raise ValueError(f"{name} must be [..., T, D], got shape {tuple(x.shape)}.")
+        raise ConfigValueError(f"{name} must be [..., T, D], got shape {tuple(x.shape)}.")
     return x.reshape(-1, *x.shape[-2:]) if x.ndim != 3 else x
 
 
@@ -287,19 +288,21 @@ def fused_kd_loss(
     Returns: float32 scalar.
     """
     if reduction not in ("mean", "sum"):
-        raise ValueError(f"fused_kd_loss supports reduction 'mean' or 'sum', got '{reduction}'.")
+        raise ConfigValueError(
+            f"fused_kd_loss supports reduction 'mean' or 'sum', got '{reduction}'."
+        )
     if divergence not in DIVERGENCES:
-        raise ValueError(f"Unknown divergence '{divergence}'; use one of {DIVERGENCES}.")
+        raise ConfigValueError(f"Unknown divergence '{divergence}'; use one of {DIVERGENCES}.")
     if not isinstance(temperature, int | float) or temperature <= 0:
-        raise ValueError(f"temperature must be a Python number > 0, got {temperature!r}.")
+        raise ConfigValueError(f"temperature must be a Python number > 0, got {temperature!r}.")
     if not isinstance(beta, int | float) or not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must be a Python number in [0, 1], got {beta!r}.")
+        raise ConfigValueError(f"beta must be a Python number in [0, 1], got {beta!r}.")
     if tail not in TAILS:
-        raise ValueError(f"Unknown tail '{tail}'; use one of {TAILS}.")
+        raise ConfigValueError(f"Unknown tail '{tail}'; use one of {TAILS}.")
     hs, ws = _as_btd(student_hidden, "student_hidden"), jnp.asarray(student_kernel)
     lead = tuple(hs.shape[:2])
     if ws.ndim != 2 or ws.shape[0] != hs.shape[-1]:
-        raise ValueError(
+        raise ConfigValueError(
             f"student kernel {tuple(ws.shape)} does not map hidden size {hs.shape[-1]} to a "
             "vocabulary; expected [D, V]."
         )
@@ -309,15 +312,17 @@ def fused_kd_loss(
             teacher = "dense"
             ht, wt = _as_btd(teacher_hidden, "teacher_hidden"), jnp.asarray(teacher_kernel)
             if wt.ndim != 2 or wt.shape[0] != ht.shape[-1]:
-                raise ValueError(f"teacher kernel {tuple(wt.shape)} is not [Dt, V].")
+                raise ConfigValueError(f"teacher kernel {tuple(wt.shape)} is not [Dt, V].")
             if wt.shape[-1] != ws.shape[-1]:
-                raise ValueError(
+                raise ConfigValueError(
                     f"student vocabulary {ws.shape[-1]} != teacher vocabulary {wt.shape[-1]} "
                     f"(LM-head kernels {tuple(ws.shape)} vs {tuple(wt.shape)}); see "
                     "sequence.vocab_check."
                 )
             if tuple(ht.shape[:2]) != lead:
-                raise ValueError(f"teacher hidden {tuple(ht.shape)} vs student {tuple(hs.shape)}.")
+                raise ConfigValueError(
+                    f"teacher hidden {tuple(ht.shape)} vs student {tuple(hs.shape)}."
+                )
             tok["t_hidden"] = jax.lax.stop_gradient(ht)
             glob["t_kernel"] = jax.lax.stop_gradient(wt)
         elif teacher_topk_idx is not None and teacher_topk_logprob is not None:
@@ -325,16 +330,18 @@ def fused_kd_loss(
             idx = jnp.asarray(teacher_topk_idx).astype(jnp.int32).reshape(*lead, -1)
             lp = jnp.asarray(teacher_topk_logprob).astype(jnp.float32).reshape(*lead, -1)
             if tail == "bucket" and temperature != 1:
-                raise ValueError("tail='bucket' needs temperature=1 (the tail mass is at T=1).")
+                raise ConfigValueError(
+                    "tail='bucket' needs temperature=1 (the tail mass is at T=1)."
+                )
             tok["t_idx"], tok["t_logprob"] = idx, jax.lax.stop_gradient(lp)
         else:
-            raise ValueError(
+            raise ConfigValueError(
                 f"divergence '{divergence}' needs teacher_hidden + teacher_kernel or "
                 "teacher_topk_idx + teacher_topk_logprob."
             )
     if ce_weight:
         if labels is None:
-            raise ValueError("ce_weight != 0 needs `labels` (next-token ids [B, T]).")
+            raise ConfigValueError("ce_weight != 0 needs `labels` (next-token ids [B, T]).")
         tok["labels"] = jnp.asarray(labels).astype(jnp.int32).reshape(lead)
     m = jnp.ones(lead, jnp.float32) if mask is None else _align_mask(mask, lead)
     weights = m / jnp.maximum(jnp.sum(m), 1.0) if reduction == "mean" else m
@@ -355,7 +362,7 @@ def fused_kd_loss(
 
 def _pair(x, who: str):
     if not isinstance(x, tuple | list) or len(x) != 2:
-        raise ValueError(
+        raise ConfigValueError(
             f"{who} must be a (hidden [B, T, D], lm_head kernel [D, V]) pair; set the term's "
             f"{who}=('hidden', 'lm_head')."
         )

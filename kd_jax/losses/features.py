@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kd_jax.errors import ConfigValueError
 from kd_jax.losses.logits import check_same_shape, check_temperature
 from kd_jax.losses.reduce import reduce_loss
 from kd_jax.losses.registry import register
@@ -20,7 +21,7 @@ def _squared_error(student, teacher):
     t = teacher.astype(jnp.float32)
     check_same_shape(s, t)
     if s.ndim < 1:
-        raise ValueError(f"expected arrays of rank >= 1, got shape {tuple(s.shape)}.")
+        raise ConfigValueError(f"expected arrays of rank >= 1, got shape {tuple(s.shape)}.")
     return jnp.mean(jnp.square(s - t), axis=-1)
 
 
@@ -96,13 +97,13 @@ def attention_transfer(*, student, teacher, mask=None, reduction: str = "mean", 
     s = student.astype(jnp.float32)
     t = teacher.astype(jnp.float32)
     if s.ndim < 3 or s.ndim != t.ndim or s.shape[:-1] != t.shape[:-1]:
-        raise ValueError(
+        raise ConfigValueError(
             f"student shape {tuple(s.shape)} does not match teacher shape {tuple(t.shape)}: "
             "attention transfer needs [B, H, W, C] maps with equal batch and spatial dims "
             "(channels may differ)."
         )
     if isinstance(p, int | float) and p <= 0:
-        raise ValueError(f"p must be > 0, got {p}.")
+        raise ConfigValueError(f"p must be > 0, got {p}.")
     per = jnp.mean(jnp.square(_attention_map(s, p) - _attention_map(t, p)), axis=-1)
     return reduce_loss(per, mask=mask, reduction=reduction)
 
@@ -131,7 +132,7 @@ def cwd(*, student, teacher, mask=None, reduction: str = "mean", temperature: fl
     s = student.astype(jnp.float32)
     t = teacher.astype(jnp.float32)
     if s.ndim < 3 or tuple(s.shape) != tuple(t.shape):
-        raise ValueError(
+        raise ConfigValueError(
             f"student shape {tuple(s.shape)} does not match teacher shape {tuple(t.shape)}: "
             "cwd needs [B, H, W, C] maps of equal shape (use an adapter to match channels)."
         )

@@ -13,6 +13,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from kd_jax.errors import ConfigValueError
 from kd_jax.losses.logits import check_same_shape
 from kd_jax.losses.reduce import reduce_loss
 from kd_jax.losses.registry import register
@@ -134,7 +135,7 @@ def vid(*, student, teacher, mask=None, reduction: str = "mean", variance: float
 def _spatial_pair(student, teacher, name: str):
     s, t = student.astype(jnp.float32), teacher.astype(jnp.float32)
     if s.ndim != 4 or t.ndim != 4 or s.shape[:3] != t.shape[:3]:
-        raise ValueError(
+        raise ConfigValueError(
             f"student shape {tuple(s.shape)} does not match teacher shape {tuple(t.shape)}: "
             f"{name} needs [B, H, W, C] maps with equal batch and spatial dims (C may differ)."
         )
@@ -206,7 +207,9 @@ def fsp(*, student, teacher, mask=None, reduction: str = "mean"):
     s = [jnp.asarray(x).astype(jnp.float32) for x in student]
     t = [jnp.asarray(x).astype(jnp.float32) for x in teacher]
     if len(s) != len(t) or len(s) % 2:
-        raise ValueError(f"fsp needs pairs of maps: {len(s)} student vs {len(t)} teacher maps.")
+        raise ConfigValueError(
+            f"fsp needs pairs of maps: {len(s)} student vs {len(t)} teacher maps."
+        )
     per = 0.0
     for i in range(0, len(s), 2):
         gs, gt = fsp_matrix(s[i], s[i + 1]), fsp_matrix(t[i], t[i + 1])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kd_jax.errors import ConfigValueError
 from kd_jax.losses.logits import check_same_shape, check_temperature, kl_divergence
 from kd_jax.losses.reduce import reduce_loss
 from kd_jax.losses.registry import register
@@ -58,7 +59,7 @@ def dist(
     check_same_shape(s, t)
     check_temperature(temperature)
     if s.ndim != 2:
-        raise ValueError(f"dist needs logits [B, C], got shape {tuple(s.shape)}.")
+        raise ConfigValueError(f"dist needs logits [B, C], got shape {tuple(s.shape)}.")
     m = batch_mask(mask, s.shape[0])
     ps = jax.nn.softmax(s / temperature, axis=-1)
     pt = jax.nn.softmax(t / temperature, axis=-1)
@@ -98,7 +99,9 @@ def kd_logit_std(*, student, teacher, mask=None, reduction: str = "mean", temper
     check_same_shape(s, t)
     check_temperature(temperature)
     if s.shape[-1] < 2:
-        raise ValueError(f"kd_logit_std needs at least 2 classes, got shape {tuple(s.shape)}.")
+        raise ConfigValueError(
+            f"kd_logit_std needs at least 2 classes, got shape {tuple(s.shape)}."
+        )
     log_ps = jax.nn.log_softmax(standardize(s) / temperature, axis=-1)
     log_pt = jax.nn.log_softmax(standardize(t) / temperature, axis=-1)
     per = kl_divergence(log_pt, log_ps) * temperature**2
@@ -138,7 +141,7 @@ def tf_kd_reg(
     s = student.astype(jnp.float32)
     labels = jnp.asarray(labels)
     if tuple(labels.shape) != tuple(s.shape[:-1]) or not jnp.issubdtype(labels.dtype, jnp.integer):
-        raise ValueError(
+        raise ConfigValueError(
             f"labels shape {tuple(labels.shape)} ({labels.dtype}) does not match student logits "
             f"shape {tuple(s.shape)} without its class axis; labels must be integer ids."
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kd_jax.errors import ConfigValueError
 from kd_jax.losses.reduce import reduce_loss
 from kd_jax.losses.registry import register
 
@@ -17,7 +18,7 @@ from kd_jax.losses.registry import register
 def check_same_shape(student, teacher) -> None:
     """`ValueError` naming both shapes when they differ (the composer adds feature paths)."""
     if tuple(student.shape) != tuple(teacher.shape):
-        raise ValueError(
+        raise ConfigValueError(
             f"student shape {tuple(student.shape)} does not match teacher shape "
             f"{tuple(teacher.shape)}"
         )
@@ -26,7 +27,7 @@ def check_same_shape(student, teacher) -> None:
 def check_temperature(temperature) -> None:
     # Only Python numbers can be checked at trace time; traced values are the caller's business.
     if isinstance(temperature, int | float) and temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}.")
+        raise ConfigValueError(f"temperature must be > 0, got {temperature}.")
 
 
 def kl_divergence(log_p, log_q):
@@ -38,12 +39,12 @@ def kl_divergence(log_p, log_q):
 
 def _check_labels(logits, labels) -> None:
     if tuple(labels.shape) != tuple(logits.shape[:-1]):
-        raise ValueError(
+        raise ConfigValueError(
             f"labels shape {tuple(labels.shape)} does not match student logits shape "
             f"{tuple(logits.shape)} without its class axis ({tuple(logits.shape[:-1])})."
         )
     if not jnp.issubdtype(labels.dtype, jnp.integer):
-        raise ValueError(f"labels must be integer class ids, got dtype {labels.dtype}.")
+        raise ConfigValueError(f"labels must be integer class ids, got dtype {labels.dtype}.")
 
 
 @register("ce")
@@ -66,7 +67,7 @@ def ce(*, student, labels, mask=None, reduction: str = "mean", label_smoothing: 
     labels = jnp.asarray(labels)
     _check_labels(logits, labels)
     if isinstance(label_smoothing, int | float) and not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}.")
+        raise ConfigValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}.")
     log_p = jax.nn.log_softmax(logits, axis=-1)
     nll = -jnp.take_along_axis(log_p, labels[..., None], axis=-1)[..., 0]
     # (1-eps)*onehot + eps/C target == (1-eps)*nll + eps*mean_c(-log p_c).
@@ -121,7 +122,7 @@ def _dkd_per_elem(student, teacher, labels, temperature):
     _check_labels(s, labels)
     check_temperature(temperature)
     if s.shape[-1] < 2:
-        raise ValueError(f"dkd needs at least 2 classes, got logits shape {tuple(s.shape)}.")
+        raise ConfigValueError(f"dkd needs at least 2 classes, got logits shape {tuple(s.shape)}.")
     gt = labels[..., None] == jnp.arange(s.shape[-1])
     other = ~gt
 

@@ -34,6 +34,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from kd_jax.errors import ConfigValueError
 from kd_jax.losses.reduce import reduce_loss
 from kd_jax.losses.registry import register
 
@@ -47,7 +48,9 @@ def _prepare_mask(mask, batch: int, length: int) -> jax.Array:
         return jnp.ones((batch, length), bool)
     mask = jnp.asarray(mask)
     if tuple(mask.shape) != (batch, length):
-        raise ValueError(f"mask shape {tuple(mask.shape)} must be [B, T] = {(batch, length)}.")
+        raise ConfigValueError(
+            f"mask shape {tuple(mask.shape)} must be [B, T] = {(batch, length)}."
+        )
     return mask.astype(bool)
 
 
@@ -77,7 +80,7 @@ def _summed_row_kl(s_rows, t_rows, to_logits, mask, chunk_size):
     if chunk_size is None or chunk_size >= length:
         return block(s_rows, t_rows, mask)
     if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+        raise ConfigValueError(f"chunk_size must be >= 1, got {chunk_size}.")
     num = -(-length // chunk_size)
     pad = num * chunk_size - length
 
@@ -109,7 +112,7 @@ def _split_heads(x, heads: int, who: str):
     """[B, T, D] -> [B, A, T, D/A]: the concatenated heads re-split into `heads` contiguous ones."""
     b, t, d = x.shape
     if d % heads:
-        raise ValueError(f"{who} width {d} is not divisible by {heads} heads.")
+        raise ConfigValueError(f"{who} width {d} is not divisible by {heads} heads.")
     return x.reshape(b, t, heads, d // heads).transpose(0, 2, 1, 3)
 
 
@@ -119,17 +122,19 @@ def _self_relation_loss(
     s = jnp.asarray(student).astype(jnp.float32)
     t = jax.lax.stop_gradient(jnp.asarray(teacher).astype(jnp.float32))
     if s.ndim != 3 or t.ndim != 3:
-        raise ValueError(
+        raise ConfigValueError(
             f"expected [B, T, D] projections, got student {tuple(s.shape)} and teacher "
             f"{tuple(t.shape)}."
         )
     if s.shape[:2] != t.shape[:2]:
-        raise ValueError(f"student {tuple(s.shape)} and teacher {tuple(t.shape)} differ in [B, T].")
+        raise ConfigValueError(
+            f"student {tuple(s.shape)} and teacher {tuple(t.shape)} differ in [B, T]."
+        )
     mask = _prepare_mask(mask, *s.shape[:2])
     sh = _split_heads(s, student_heads, "student")
     th = _split_heads(t, teacher_heads, "teacher")
     if sh.shape[1] != th.shape[1]:
-        raise ValueError(
+        raise ConfigValueError(
             f"relations are compared head by head: student has {sh.shape[1]} heads, teacher "
             f"{th.shape[1]}."
         )
@@ -168,7 +173,7 @@ def minilm_attention(
     s = jnp.asarray(student).astype(jnp.float32)
     t = jax.lax.stop_gradient(jnp.asarray(teacher).astype(jnp.float32))
     if s.shape != t.shape or s.ndim != 4 or s.shape[2] != s.shape[3]:
-        raise ValueError(
+        raise ConfigValueError(
             f"expected equal [B, H, T, T] attention logits, got student {tuple(s.shape)} and "
             f"teacher {tuple(t.shape)} (MiniLM needs equal head counts; use minilmv2_relation "
             "when they differ)."
@@ -208,7 +213,7 @@ def minilm_value_relation(
     """
     teacher_heads = num_heads if teacher_heads is None else teacher_heads
     if teacher_heads != num_heads:
-        raise ValueError(
+        raise ConfigValueError(
             f"MiniLM value relation needs equal head counts (student {num_heads}, teacher "
             f"{teacher_heads}); use minilmv2_relation with a shared relation_heads instead."
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kd_jax.errors import ConfigValueError
 from kd_jax.losses.reduce import reduce_loss
 from kd_jax.losses.registry import register
 
@@ -36,17 +37,19 @@ def mlm_ce(*, student, labels, mask, reduction: str = "mean"):
     logits = jnp.asarray(student).astype(jnp.float32)
     labels = jnp.asarray(labels)
     if logits.ndim != 3:
-        raise ValueError(f"mlm_ce expects student logits [B, T, V], got {tuple(logits.shape)}.")
+        raise ConfigValueError(
+            f"mlm_ce expects student logits [B, T, V], got {tuple(logits.shape)}."
+        )
     if tuple(labels.shape) != tuple(logits.shape[:2]):
-        raise ValueError(
+        raise ConfigValueError(
             f"labels shape {tuple(labels.shape)} does not match the token positions "
             f"{tuple(logits.shape[:2])} of student logits {tuple(logits.shape)}; MLM labels are "
             "the original token ids [B, T] (stage kind 'mlm' writes them to batch['label'])."
         )
     if not jnp.issubdtype(labels.dtype, jnp.integer):
-        raise ValueError(f"labels must be integer token ids, got dtype {labels.dtype}.")
+        raise ConfigValueError(f"labels must be integer token ids, got dtype {labels.dtype}.")
     if tuple(jnp.shape(mask)) != tuple(labels.shape):
-        raise ValueError(
+        raise ConfigValueError(
             f"mask shape {tuple(jnp.shape(mask))} must be the [B, T] shape of labels "
             f"{tuple(labels.shape)} (1 at the masked positions)."
         )

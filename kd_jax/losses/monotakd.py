@@ -36,6 +36,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kd_jax.errors import ConfigValueError
 from kd_jax.losses.reduce import reduce_loss
 from kd_jax.losses.registry import register
 from kd_jax.models.monotakd import NUM_REG, TOY_RANGE
@@ -66,7 +67,7 @@ def monotakd_imd(*, student, teacher, as_released: bool = False, mask=None, redu
       as_released: reproduce the released code (batch min-max, detached: no gradient).
     """
     if student.shape != teacher.shape:
-        raise ValueError(f"student {tuple(student.shape)} != TA {tuple(teacher.shape)}.")
+        raise ConfigValueError(f"student {tuple(student.shape)} != TA {tuple(teacher.shape)}.")
     per_frame = not as_released
     s = minmax(student, per_frame=per_frame)
     t = minmax(jax.lax.stop_gradient(teacher), per_frame=per_frame)
@@ -105,7 +106,7 @@ def monotakd_cmrd(
     """
     s_res, ta = student
     if s_res.shape != teacher.shape or ta.shape != teacher.shape:
-        raise ValueError(
+        raise ConfigValueError(
             f"S_res {tuple(s_res.shape)}, TA {tuple(ta.shape)} and F_T {tuple(teacher.shape)} "
             "must share one shape."
         )
@@ -215,7 +216,7 @@ def centerpoint_det(
     hm, reg = (v.astype(jnp.float32) for v in student)
     boxes, classes = teacher
     if reg.shape[-1] != NUM_REG:
-        raise ValueError(f"reg has {reg.shape[-1]} channels; the centre head has {NUM_REG}.")
+        raise ConfigValueError(f"reg has {reg.shape[-1]} channels; the centre head has {NUM_REG}.")
     heat, tgt, cmask = center_targets(
         boxes,
         classes,

@@ -6,20 +6,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kd_jax.errors import ConfigValueError
+
 REDUCTIONS = ("mean", "sum", "none")
 
 
 def _align_mask(mask, shape: tuple[int, ...]) -> jax.Array:
     m = jnp.asarray(mask).astype(jnp.float32)
     if m.ndim > len(shape):
-        raise ValueError(f"mask shape {tuple(m.shape)} has more dims than the loss shape {shape}.")
+        raise ConfigValueError(
+            f"mask shape {tuple(m.shape)} has more dims than the loss shape {shape}."
+        )
     # Align on the LEADING dims (not NumPy's trailing alignment): a per-example [B] mask must work
     # for a per-position [B, T] loss, which is what the composer passes from batch["mask"].
     m = m.reshape(m.shape + (1,) * (len(shape) - m.ndim))
     try:
         np.broadcast_shapes(m.shape, shape)
     except ValueError:
-        raise ValueError(
+        raise ConfigValueError(
             f"mask shape {tuple(mask.shape)} is not broadcastable to the per-element loss shape "
             f"{shape} (the mask aligns with the leading dims)."
         ) from None
@@ -39,7 +43,7 @@ def reduce_loss(per_elem, *, mask=None, reduction: str = "mean") -> jax.Array:
         An all-zero mask gives 0 for 'mean' (not NaN).
     """
     if reduction not in REDUCTIONS:
-        raise ValueError(f"Unknown reduction '{reduction}'; use one of {REDUCTIONS}.")
+        raise ConfigValueError(f"Unknown reduction '{reduction}'; use one of {REDUCTIONS}.")
     per_elem = jnp.asarray(per_elem).astype(jnp.float32)
     if mask is None:
         if reduction == "none":

@@ -15,6 +15,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from kd_jax.errors import ConfigValueError
 from kd_jax.losses.reduce import reduce_loss
 from kd_jax.losses.registry import register
 
@@ -25,7 +26,7 @@ def batch_mask(mask, batch: int) -> jax.Array:
         return jnp.ones((batch,), jnp.float32)
     m = jnp.asarray(mask)
     if m.ndim != 1 or m.shape[0] != batch:
-        raise ValueError(
+        raise ConfigValueError(
             f"relational objectives need a per-example mask [B] = [{batch}], got {tuple(m.shape)}."
         )
     return (m != 0).astype(jnp.float32)
@@ -35,7 +36,7 @@ def flat_pair(student, teacher, name: str):
     """[B, ...] student and teacher -> float32 [B, D_s], [B, D_t] (same batch size)."""
     s, t = student.astype(jnp.float32), teacher.astype(jnp.float32)
     if s.ndim < 2 or t.ndim < 2 or s.shape[0] != t.shape[0]:
-        raise ValueError(
+        raise ConfigValueError(
             f"student shape {tuple(s.shape)} does not match teacher shape {tuple(t.shape)}: "
             f"{name} needs [B, ...] features with the same batch size (widths may differ)."
         )
@@ -243,10 +244,12 @@ def crd(*, student, teacher, mask=None, reduction: str = "mean", temperature: fl
       float32 scalar ('mean'/'sum') or [B] ('none').
     """
     if not (isinstance(student, tuple | list) and len(student) == 4):
-        raise ValueError("crd needs the crd adapter's (v_s, v_t, memory_s, memory_t) as student.")
+        raise ConfigValueError(
+            "crd needs the crd adapter's (v_s, v_t, memory_s, memory_t) as student."
+        )
     vs, vt, ns, nt = (jnp.asarray(x).astype(jnp.float32) for x in student)
     if vs.shape != vt.shape or vs.shape[0] != teacher.shape[0] or ns.shape != nt.shape:
-        raise ValueError(
+        raise ConfigValueError(
             f"student shape {tuple(vs.shape)} does not match teacher shape {tuple(vt.shape)} "
             f"(raw teacher {tuple(teacher.shape)}, memories {tuple(ns.shape)}/{tuple(nt.shape)})."
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kd_jax.errors import ConfigValueError
 from kd_jax.losses.logits import check_temperature, kl_divergence
 from kd_jax.losses.reduce import reduce_loss
 from kd_jax.losses.registry import register
@@ -18,7 +19,7 @@ from kd_jax.losses.registry import register
 
 def _square(s, name: str):
     if s.ndim != 2 or s.shape[0] != s.shape[1]:
-        raise ValueError(f"{name} needs an in-batch similarity [B, B], got {tuple(s.shape)}.")
+        raise ConfigValueError(f"{name} needs an in-batch similarity [B, B], got {tuple(s.shape)}.")
     return s.astype(jnp.float32)
 
 
@@ -77,7 +78,7 @@ def pie_diversity(*, student, mask=None, reduction: str = "mean"):
     """
     r = student.astype(jnp.float32)
     if r.ndim != 3:
-        raise ValueError(f"pie_diversity needs residuals [B, K, D], got {tuple(r.shape)}.")
+        raise ConfigValueError(f"pie_diversity needs residuals [B, K, D], got {tuple(r.shape)}.")
     k = r.shape[1]
     r = r / jnp.sqrt(jnp.maximum(jnp.sum(r * r, axis=-1, keepdims=True), 1e-24))
     gram = jnp.einsum("bkd,bld->bkl", r, r) * (1.0 - jnp.eye(k))
@@ -122,7 +123,7 @@ def mmd_kernel(*, student, mask=None, reduction: str = "mean", gamma: float = 0.
         + laplace_kernel(y, y, gamma)
     )
     if reduction == "none":
-        raise ValueError("mmd_kernel is a batch-level term: use reduction 'mean' or 'sum'.")
+        raise ConfigValueError("mmd_kernel is a batch-level term: use reduction 'mean' or 'sum'.")
     s = jnp.sum(total * pair)
     return s if reduction == "sum" else s / jnp.maximum(jnp.sum(pair), 1.0)
 
@@ -146,7 +147,7 @@ def inbatch_similarity_kd(
     s = _square(student, "inbatch_similarity_kd")
     t = _square(teacher, "inbatch_similarity_kd")
     if s.shape != t.shape:
-        raise ValueError(f"student {tuple(s.shape)} and teacher {tuple(t.shape)} differ.")
+        raise ConfigValueError(f"student {tuple(s.shape)} and teacher {tuple(t.shape)} differ.")
     check_temperature(temperature)
     valid = _valid(mask, s.shape[0]) > 0
 

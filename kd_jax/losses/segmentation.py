@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kd_jax.errors import ConfigValueError
 from kd_jax.losses.features import cwd
 from kd_jax.losses.logits import check_temperature
 from kd_jax.losses.reduce import REDUCTIONS, reduce_loss
@@ -121,9 +122,9 @@ def seg_ce(
       float32 scalar ('mean'/'sum') or [B, H, W] ('none').
     """
     if reduction not in REDUCTIONS:
-        raise ValueError(f"Unknown reduction '{reduction}'; use one of {REDUCTIONS}.")
+        raise ConfigValueError(f"Unknown reduction '{reduction}'; use one of {REDUCTIONS}.")
     if student.ndim != 4 or labels.ndim != 3 or student.shape[0] != labels.shape[0]:
-        raise ValueError(
+        raise ConfigValueError(
             f"seg_ce needs logits [B, h, w, C] and labels [B, H, W]; got student shape "
             f"{tuple(student.shape)} and labels shape {tuple(labels.shape)}."
         )
@@ -138,7 +139,7 @@ def seg_ce(
     if class_weights is not None:
         cw = jnp.asarray(class_weights, jnp.float32)
         if cw.shape != (num_classes,):
-            raise ValueError(f"class_weights shape {tuple(cw.shape)} != ({num_classes},).")
+            raise ConfigValueError(f"class_weights shape {tuple(cw.shape)} != ({num_classes},).")
         w = cw[safe]
     keep = valid.astype(jnp.float32)
     if mask is not None:
@@ -182,7 +183,7 @@ def pixel_kd(
     """
     s, t = student.astype(jnp.float32), teacher.astype(jnp.float32)
     if s.ndim != 4 or s.shape != t.shape:
-        raise ValueError(
+        raise ConfigValueError(
             f"student shape {tuple(s.shape)} does not match teacher shape {tuple(t.shape)}: "
             "pixel_kd needs logits [B, h, w, C] of equal shape."
         )
@@ -210,16 +211,18 @@ def _as_list(x, who: str) -> list:
         return [x[k] for k in sorted(x)]
     if isinstance(x, Sequence) and not isinstance(x, str):
         return list(x)
-    raise ValueError(f"{who} must be an array, a sequence or a mapping of arrays, got {type(x)}.")
+    raise ConfigValueError(
+        f"{who} must be an array, a sequence or a mapping of arrays, got {type(x)}."
+    )
 
 
 def _pairs(student, teacher, name: str):
     s, t = _as_list(student, "student"), _as_list(teacher, "teacher")
     if len(s) != len(t):
-        raise ValueError(f"{name}: {len(s)} student stages vs {len(t)} teacher stages.")
+        raise ConfigValueError(f"{name}: {len(s)} student stages vs {len(t)} teacher stages.")
     for a, b in zip(s, t):
         if tuple(a.shape) != tuple(b.shape):
-            raise ValueError(
+            raise ConfigValueError(
                 f"student shape {tuple(a.shape)} does not match teacher shape {tuple(b.shape)} "
                 f"({name} needs aligned stages: apply CSF / PEA to the student first)."
             )
@@ -278,7 +281,7 @@ def pea(*, student, teacher, mask=None, reduction: str = "mean", weights=PEA_WEI
     """
     pairs = _pairs(student, teacher, "pea")
     if len(weights) != len(pairs):
-        raise ValueError(f"pea: {len(weights)} weights for {len(pairs)} stages.")
+        raise ConfigValueError(f"pea: {len(weights)} weights for {len(pairs)} stages.")
     total = sum(w * _per_example_mse(s, t) for w, (s, t) in zip(weights, pairs))
     return reduce_loss(total, mask=mask, reduction=reduction)
 
@@ -298,7 +301,7 @@ def dual_path_consistency(*, student, mask=None, reduction: str = "mean", temper
     """
     pair = _as_list(student, "student")
     if len(pair) != 2:
-        raise ValueError(f"dual_path_consistency needs 2 logit maps, got {len(pair)}.")
+        raise ConfigValueError(f"dual_path_consistency needs 2 logit maps, got {len(pair)}.")
     a, b = (x.astype(jnp.float32) for x in pair)
     sg = jax.lax.stop_gradient
     kw = dict(mask=mask, reduction=reduction, temperature=temperature)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kd_jax.errors import ConfigValueError
 from kd_jax.losses.logits import kl_divergence
 from kd_jax.losses.reduce import reduce_loss
 from kd_jax.losses.registry import register
@@ -35,7 +36,7 @@ def vocab_check(
     checkpoints pad to 151936 or 152064). Call it when building the experiment, before any step.
     """
     if int(student_vocab) != int(teacher_vocab):
-        raise ValueError(
+        raise ConfigValueError(
             f"student vocabulary size {student_vocab} (tokenizer '{student_tokenizer_name}') "
             f"differs from teacher vocabulary size {teacher_vocab} (tokenizer "
             f"'{teacher_tokenizer_name}'). Token-level distillation needs one shared tokenizer "
@@ -49,15 +50,15 @@ def _log_probs(student, teacher, temperature):
     t = jnp.asarray(teacher).astype(jnp.float32)
     if tuple(s.shape) != tuple(t.shape):
         if s.shape[:-1] == t.shape[:-1]:
-            raise ValueError(
+            raise ConfigValueError(
                 f"student vocabulary {s.shape[-1]} != teacher vocabulary {t.shape[-1]} "
                 f"(logits {tuple(s.shape)} vs {tuple(t.shape)}); see sequence.vocab_check."
             )
-        raise ValueError(
+        raise ConfigValueError(
             f"student shape {tuple(s.shape)} does not match teacher shape {tuple(t.shape)}."
         )
     if isinstance(temperature, int | float) and temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}.")
+        raise ConfigValueError(f"temperature must be > 0, got {temperature}.")
     return (
         jax.nn.log_softmax(s / temperature, axis=-1),
         jax.nn.log_softmax(t / temperature, axis=-1),
@@ -121,7 +122,7 @@ def generalized_jsd(
     Returns: float32 scalar, or [B, T] for 'none'.
     """
     if not isinstance(beta, int | float) or not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must be a Python number in [0, 1], got {beta!r}.")
+        raise ConfigValueError(f"beta must be a Python number in [0, 1], got {beta!r}.")
     log_ps, log_pt = _log_probs(student, teacher, temperature)
     if beta == 0.0:
         per = kl_divergence(log_pt, log_ps)

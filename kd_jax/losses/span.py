@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kd_jax.errors import ConfigValueError
 from kd_jax.losses.reduce import reduce_loss
 from kd_jax.losses.registry import register
 
@@ -32,14 +33,16 @@ def span_ce(*, student, labels, mask=None, reduction: str = "mean"):
     logits = student.astype(jnp.float32)
     labels = jnp.asarray(labels)
     if logits.ndim != 3 or logits.shape[1] != 2:
-        raise ValueError(f"span_ce expects student logits [B, 2, T], got {tuple(logits.shape)}.")
+        raise ConfigValueError(
+            f"span_ce expects student logits [B, 2, T], got {tuple(logits.shape)}."
+        )
     if tuple(labels.shape) != tuple(logits.shape[:2]):
-        raise ValueError(
+        raise ConfigValueError(
             f"labels shape {tuple(labels.shape)} does not match (start, end) labels "
             f"{tuple(logits.shape[:2])} for student logits {tuple(logits.shape)}."
         )
     if not jnp.issubdtype(labels.dtype, jnp.integer):
-        raise ValueError(f"labels must be integer positions, got dtype {labels.dtype}.")
+        raise ConfigValueError(f"labels must be integer positions, got dtype {labels.dtype}.")
     log_p = jax.nn.log_softmax(logits, axis=-1)
     nll = -jnp.take_along_axis(log_p, labels[..., None], axis=-1)[..., 0]  # [B, 2]
     return reduce_loss(jnp.mean(nll, axis=-1), mask=mask, reduction=reduction)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kd_jax.errors import ConfigValueError
 from kd_jax.losses.chunked import topk_kl_and_grad
 from kd_jax.losses.reduce import reduce_loss
 from kd_jax.losses.registry import register
@@ -61,17 +62,17 @@ def sparse_kl(
     idx = jnp.asarray(teacher_topk_idx).astype(jnp.int32)
     lp = jnp.asarray(teacher_topk_logprob).astype(jnp.float32)
     if idx.shape != lp.shape or idx.shape[:-1] != z.shape[:-1]:
-        raise ValueError(
+        raise ConfigValueError(
             f"top-k ids {tuple(idx.shape)} and log-probs {tuple(lp.shape)} must both be "
             f"[..., k] over the student's positions {tuple(z.shape[:-1])}."
         )
     if idx.shape[-1] > z.shape[-1]:
-        raise ValueError(f"k={idx.shape[-1]} exceeds the student vocabulary {z.shape[-1]}.")
+        raise ConfigValueError(f"k={idx.shape[-1]} exceeds the student vocabulary {z.shape[-1]}.")
     if not isinstance(temperature, int | float) or temperature <= 0:
-        raise ValueError(f"temperature must be a Python number > 0, got {temperature!r}.")
+        raise ConfigValueError(f"temperature must be a Python number > 0, got {temperature!r}.")
     ls = jax.nn.log_softmax(z / temperature, axis=-1)
     if tail == "bucket" and temperature != 1:
-        raise ValueError("tail='bucket' needs temperature=1 (the tail mass is at T=1).")
+        raise ConfigValueError("tail='bucket' needs temperature=1 (the tail mass is at T=1).")
     # One formula with the chunked loss; its gradient output is unused here (XLA drops it).
     per, _ = topk_kl_and_grad(tail, ls, idx, lp, temperature)
     return reduce_loss(per * temperature**2, mask=mask, reduction=reduction)
@@ -90,7 +91,7 @@ def topk_kl(
     """Objective form of `sparse_kl`: teacher = (top-k ids, top-k log-probs), e.g. the term
     teacher=("batch:teacher_topk_idx", "batch:teacher_topk_logprob"), student="logits"."""
     if not isinstance(teacher, tuple | list) or len(teacher) != 2:
-        raise ValueError(
+        raise ConfigValueError(
             f"teacher must be a ({TOPK_IDX}, {TOPK_LOGPROB}) pair; set the term's "
             f"teacher=('batch:{TOPK_IDX}', 'batch:{TOPK_LOGPROB}')."
         )

@@ -15,6 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kd_jax.errors import ConfigValueError
 from kd_jax.losses.reduce import reduce_loss
 from kd_jax.losses.registry import register
 
@@ -34,19 +35,19 @@ def topk_jsd(
     mask 0/1 [...]; reduction 'mean' | 'sum' | 'none'; temperature tau > 0; beta in (0, 1).
     Returns: float32 scalar, or [...] for 'none'."""
     if not isinstance(teacher, tuple | list) or len(teacher) != 2:
-        raise ValueError(
+        raise ConfigValueError(
             "teacher must be a (top-k ids, top-k log-probs) pair; set the term's "
             "teacher='batch:teacher_topk_idx,batch:teacher_topk_logprob'."
         )
     if not isinstance(beta, int | float) or not 0.0 < beta < 1.0:
-        raise ValueError(f"beta must be a Python number in (0, 1), got {beta!r}.")
+        raise ConfigValueError(f"beta must be a Python number in (0, 1), got {beta!r}.")
     if not isinstance(temperature, int | float) or temperature <= 0:
-        raise ValueError(f"temperature must be a Python number > 0, got {temperature!r}.")
+        raise ConfigValueError(f"temperature must be a Python number > 0, got {temperature!r}.")
     z = jnp.asarray(student).astype(jnp.float32)
     idx = jnp.asarray(teacher[0]).astype(jnp.int32)
     lp = jnp.asarray(teacher[1]).astype(jnp.float32)
     if idx.shape != lp.shape or idx.shape[:-1] != z.shape[:-1]:
-        raise ValueError(
+        raise ConfigValueError(
             f"top-k ids {tuple(idx.shape)} and log-probs {tuple(lp.shape)} must both be "
             f"[..., k] over the student's positions {tuple(z.shape[:-1])}."
         )

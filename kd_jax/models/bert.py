@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kd_jax.errors import ConfigValueError, UnsupportedFileError
 from kd_jax.models.registry import preset_fields, register
 
 # Added to the attention logits of padded keys. Finite (unlike -inf, or HF's float32 min, which
@@ -50,12 +51,15 @@ class BertConfig:
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}."
+            raise ConfigValueError(
+                f"BERT hidden_size {self.hidden_size} is not divisible by num_heads "
+                f"{self.num_heads}: set hidden_size / num_heads in the model's kwargs (or its "
+                "preset) so that num_heads divides hidden_size."
             )
         if self.attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(
-                f"Unknown attention_impl {self.attention_impl!r}; use one of {ATTENTION_IMPLS}."
+            raise ConfigValueError(
+                f"Unknown attention_impl {self.attention_impl!r} (model kwargs); use one of "
+                f"{ATTENTION_IMPLS}."
             )
 
     @property
@@ -67,9 +71,10 @@ class BertConfig:
         """Reads a Hugging Face BERT `config.json` (file path, or a directory containing it)."""
         hf = read_hf_json(path)
         if hf.get("position_embedding_type", "absolute") != "absolute":
-            raise ValueError(
-                "only position_embedding_type='absolute' is supported, got "
-                f"{hf['position_embedding_type']!r}."
+            raise UnsupportedFileError(
+                f"{path}: only position_embedding_type='absolute' is supported, got "
+                f"{hf['position_embedding_type']!r}; use a BERT checkpoint with absolute "
+                "positions."
             )
         fields = hf_encoder_fields(hf, dropout=0.1)
         fields.update(overrides)
@@ -84,9 +89,15 @@ def read_hf_json(path, model_type: str | None = None) -> dict:
     with open(path) as f:
         hf = json.load(f)
     if model_type and hf.get("model_type", model_type) != model_type:
-        raise ValueError(f"{path}: model_type is {hf['model_type']!r}, expected {model_type!r}.")
+        raise UnsupportedFileError(
+            f"{path}: model_type is {hf['model_type']!r}, expected {model_type!r}; point the "
+            f"config at a {model_type} checkpoint."
+        )
     if hf.get("hidden_act", "gelu") != "gelu":
-        raise ValueError(f"only hidden_act='gelu' (erf) is supported, got {hf['hidden_act']!r}.")
+        raise UnsupportedFileError(
+            f"{path}: only hidden_act='gelu' (erf) is supported, got {hf['hidden_act']!r}; use "
+            "a checkpoint with the exact GELU."
+        )
     return hf
 
 
@@ -216,7 +227,10 @@ class BertEncoder(nn.Module):
         dtype = self.dtype if self.dtype is not None else cfg.dtype
         _, t = input_ids.shape
         if t > cfg.max_position:
-            raise ValueError(f"sequence length {t} exceeds max_position {cfg.max_position}.")
+            raise ConfigValueError(
+                f"sequence length {t} exceeds the BERT's max_position {cfg.max_position}: set "
+                f"the data's max_length (data.kwargs) to at most {cfg.max_position}."
+            )
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
         init = nn.initializers.normal(0.02)
@@ -283,7 +297,9 @@ class BertClassifier(nn.Module):
         elif self.pooling == "mean":
             pooled = mean_pool(last, attention_mask)
         else:
-            raise ValueError(f"Unknown pooling '{self.pooling}'; use cls or mean.")
+            raise ConfigValueError(
+                f"Unknown pooling '{self.pooling}' (model kwargs pooling); use 'cls' or 'mean'."
+            )
         pooled = nn.Dropout(cfg.hidden_dropout, deterministic=not train)(pooled)
         logits = _dense(self.num_classes, "head", jnp.float32)(pooled.astype(jnp.float32))
         return logits, {**feats, "pooled": pooled, "logits": logits}

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from safetensors.numpy import load_file
 
-from kd_jax.errors import UserFileNotFoundError, corrupt_file
+from kd_jax.errors import UnsupportedFileError, UserFileNotFoundError, corrupt_file
 from kd_jax.models.bert import BertConfig, BertEncoder
 from kd_jax.models.registry import PRESETS, WEIGHT_FILES, Preset, WeightFile, check_shapes
 from kd_jax.tokenizers import MINILM_PACKAGE, find_minilm_l6
@@ -95,7 +95,7 @@ def convert_hf_state(state: dict[str, np.ndarray], config: BertConfig) -> dict:
     missing = sorted("/".join(p) for p in expected - filled)
     extra = sorted("/".join(p) for p in filled - expected)  # e.g. more layers than the config
     if unmapped or missing or extra:
-        raise ValueError(
+        raise UnsupportedFileError(
             "HF checkpoint does not match BertConfig: "
             f"unmapped HF keys {sorted(unmapped)}; missing Flax params {missing}; "
             f"Flax params beyond the config {extra}."

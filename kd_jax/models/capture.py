@@ -26,6 +26,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from flax.traverse_util import flatten_dict
 
+from kd_jax.errors import ConfigKeyError
 from kd_jax.models.registry import MODELS, register
 
 
@@ -63,9 +64,9 @@ def capture(
     for p in patterns:
         if not any(re.fullmatch(p, k) for k in feats):
             seen = module_paths(model, variables, *args, **kwargs)
-            raise KeyError(
+            raise ConfigKeyError(
                 f"Capture pattern '{p}' matched no module of {type(model).__name__}; "
-                f"module paths: {seen}."
+                f"module paths: {seen}. Fix the pattern (a regex over these paths)."
             )
     return out, feats
 
@@ -135,8 +136,10 @@ class CapturedModel(nn.Module):
             logits, base_feats = self.base(*inputs, train=train)
         missing = [p.pattern for p in compiled if not any(p.fullmatch(k) for k in feats)]
         if missing:
-            raise KeyError(
-                f"Capture patterns {missing} matched no submodule of {type(self.base).__name__}."
+            raise ConfigKeyError(
+                f"Capture patterns {missing} matched no submodule of {type(self.base).__name__}; "
+                "fix the model's kwargs `patterns` (regexes over module paths such as "
+                "'layer_\\d+/attention')."
             )
         return logits, {**base_feats, **feats}
 

@@ -26,6 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kd_jax.errors import ConfigValueError
 from kd_jax.models.registry import register
 
 # Backbone convs: kaiming_normal(fan_out, relu), as in the reference ResNetV1b.
@@ -163,7 +164,7 @@ class DeepLabV3(nn.Module):
     @nn.compact
     def __call__(self, x, *, train: bool = False):
         if x.shape[-1] != self.in_channels:
-            raise ValueError(
+            raise ConfigValueError(
                 f"DeepLabV3 expects {self.in_channels} input channels (in_channels), got input "
                 f"shape {tuple(x.shape)}."
             )

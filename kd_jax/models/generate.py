@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kd_jax.errors import ConfigValueError
 from kd_jax.models.llama import init_cache
 
 
@@ -135,9 +136,15 @@ def generate(
     if prompt_mask is None:
         prompt_mask = jnp.ones_like(prompt_ids)
     if not isinstance(prompt_mask, jax.core.Tracer) and not np.all(np.sum(prompt_mask, 1) > 0):
-        raise ValueError("every prompt needs at least one real token (prompt_mask row of zeros).")
+        raise ConfigValueError(
+            "every prompt needs at least one real token (a prompt_mask row of zeros): drop "
+            "empty prompts from the data."
+        )
     if temperature < 0 or not 0.0 < top_p <= 1.0:
-        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}.")
+        raise ConfigValueError(
+            f"sampling needs temperature >= 0 and 0 < top_p <= 1, got temperature={temperature}, "
+            f"top_p={top_p}: fix them (config.on_policy or config.generate)."
+        )
     if temperature > 0 and rng is None:
         raise ValueError("sampling (temperature > 0) needs an `rng` key.")
     rng = jax.random.key(0) if rng is None else rng

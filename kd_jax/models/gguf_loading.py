@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from gguf.quants import dequantize
 
-from kd_jax.errors import UserFileNotFoundError, corrupt_file
+from kd_jax.errors import FileEntryError, UnsupportedFileError, UserFileNotFoundError, corrupt_file
 from kd_jax.models.llama import Llama, LlamaConfig
 from kd_jax.models.registry import PRESETS, WEIGHT_FILES, Preset, WeightFile, check_shapes
 from kd_jax.tokenizers import (
@@ -61,22 +61,30 @@ def read_config(path: str, **overrides) -> LlamaConfig:
     reader = gguf_reader(str(path))
     arch = gguf_metadata(reader, "general.architecture")
     if arch not in ARCHITECTURES:
-        raise ValueError(
+        raise UnsupportedFileError(
             f"only general.architecture in {ARCHITECTURES} GGUF files are supported, got {arch!r}."
         )
 
     def get(key, default=None):
         value = gguf_metadata(reader, f"{arch}.{key}", default)
         if value is None:
-            raise ValueError(f"GGUF metadata '{arch}.{key}' is missing in {path}.")
+            raise FileEntryError(
+                f"GGUF metadata '{arch}.{key}' is missing in {path}; the file is not a complete "
+                "llama.cpp model export (convert it again with llama.cpp's convert_hf_to_gguf)."
+            )
         return value
 
     hidden, heads = int(get("embedding_length")), int(get("attention.head_count"))
     rope_dim = int(get("rope.dimension_count", hidden // heads))
     if rope_dim != hidden // heads:
-        raise ValueError(f"partial RoPE ({rope_dim} of {hidden // heads} dims) is not supported.")
+        raise UnsupportedFileError(
+            f"{path}: partial RoPE ({rope_dim} of {hidden // heads} dims) is not supported; use "
+            f"a model with full RoPE ({ARCHITECTURES})."
+        )
     if gguf_metadata(reader, f"{arch}.rope.scaling.type") not in (None, "none"):
-        raise ValueError("RoPE scaling (e.g. Llama 3.1's) is not supported.")
+        raise UnsupportedFileError(
+            f"{path}: RoPE scaling (e.g. Llama 3.1's) is not supported; use a model without it."
+        )
     names = {t.name for t in reader.tensors}
     vocab = gguf_metadata(reader, f"{arch}.vocab_size")
     if vocab is None:
@@ -162,7 +170,7 @@ def convert_gguf_tensors(
     expected_top = {"embed_tokens", "norm"} | ({"lm_head"} if not config.tie_embeddings else set())
     missing += sorted(expected_top - set(params))
     if unknown or missing or (config.tie_embeddings and "lm_head" in params):
-        raise ValueError(
+        raise UnsupportedFileError(
             "GGUF tensors do not match LlamaConfig: "
             f"unknown tensors {sorted(unknown)}; missing tensors {missing}; "
             f"tie_embeddings={config.tie_embeddings} with output.weight "

@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kd_jax.errors import ConfigValueError
 from kd_jax.models.deeplab import DeepLabV3
 from kd_jax.models.registry import register
 
@@ -73,7 +74,7 @@ def label_channel(
       scale: multiplier applied to code + noise (100 in the reference).
     """
     if codes not in CODES:
-        raise ValueError(f"Unknown LAD codes '{codes}'; use one of {CODES}.")
+        raise ConfigValueError(f"Unknown LAD codes '{codes}' (model kwargs); use one of {CODES}.")
     std = DEFAULT_NOISE_STD[codes] if noise_std is None else noise_std
     y = code_labels(labels, num_classes=num_classes, ignore_index=ignore_index)
     k_code, k_noise = jax.random.split(key)

@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kd_jax.errors import ConfigValueError
 from kd_jax.models.registry import preset_fields, register
 
 # Added to the attention logits of keys a query may not see. Finite, so a row with no visible key
@@ -48,15 +49,20 @@ class LlamaConfig:
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}."
+            raise ConfigValueError(
+                f"Llama hidden_size {self.hidden_size} is not divisible by num_heads "
+                f"{self.num_heads}: fix the model's kwargs (or preset)."
             )
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(
-                f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}."
+            raise ConfigValueError(
+                f"num_heads {self.num_heads} is not a multiple of num_kv_heads "
+                f"{self.num_kv_heads}: fix the model's kwargs (or preset)."
             )
         if self.head_dim % 2:
-            raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}.")
+            raise ConfigValueError(
+                f"RoPE needs an even head_dim (hidden_size / num_heads), got {self.head_dim}: fix "
+                "the model's kwargs (or preset)."
+            )
 
     @property
     def head_dim(self) -> int:
@@ -276,7 +282,11 @@ class Llama(nn.Module):
         slots = jnp.arange(t, dtype=jnp.int32)
         index = jnp.zeros((), jnp.int32) if cache is None else cache["index"]
         if cache is None and t > cfg.max_position:
-            raise ValueError(f"sequence length {t} exceeds max_position {cfg.max_position}.")
+            raise ConfigValueError(
+                f"sequence length {t} exceeds the Llama's max_position {cfg.max_position}: "
+                f"shorten the data's sequences (data.kwargs seq_len / max lengths) to at most "
+                f"{cfg.max_position}."
+            )
         if cache is not None and t > cache["segment_ids"].shape[1]:
             raise ValueError(f"{t} tokens do not fit a cache of {cache['segment_ids'].shape[1]}.")
         if positions is None:

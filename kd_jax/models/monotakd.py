@@ -51,6 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kd_jax.errors import ConfigValueError
 from kd_jax.models.registry import register
 
 # Toy defaults: x 2..40.4 m, y -19.2..19.2 m, z -3..1 m; 0.8 m BEV cells, 4 height slices.
@@ -272,7 +273,9 @@ class MonoTAKDCamera(nn.Module):
     @nn.compact
     def __call__(self, image, depth, calib_P2, calib_R0, calib_Tr, *, train: bool = False):
         if self.mode not in ("student", "ta"):
-            raise ValueError(f"Unknown mode '{self.mode}'; use 'student' or 'ta'.")
+            raise ConfigValueError(
+                f"Unknown mode '{self.mode}' (model kwargs mode); use 'student' or 'ta'."
+            )
         d_min, d_max = (float(v) for v in self.depth_range)
         x = image.astype(self.dtype)
         stride = 1

@@ -148,7 +148,7 @@ def check_shapes(want, got, what: str) -> None:
     `want` in structure or in any leaf's shape; `what` opens the message."""
     bad = shape_mismatches(want, got)
     if bad:
-        raise ValueError(f"{what}: " + "; ".join(bad[:8]) + ("; ..." if len(bad) > 8 else ""))
+        raise ConfigValueError(f"{what}: " + "; ".join(bad[:8]) + ("; ..." if len(bad) > 8 else ""))
 
 
 def batch_inputs(batch, keys) -> tuple:

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kd_jax.errors import ConfigValueError
 from kd_jax.models.registry import register
 
 # embed dims, depths, heads, spatial-reduction ratios, MLP ratios per stage; decoder width.
@@ -259,11 +260,14 @@ class SegFormer(nn.Module):
     @nn.compact
     def __call__(self, x, *, train: bool = False):
         if self.variant not in MIT_CONFIGS:
-            raise ValueError(
-                f"Unknown MiT variant '{self.variant}'; use one of {list(MIT_CONFIGS)}."
+            raise ConfigValueError(
+                f"Unknown MiT variant '{self.variant}' (model kwargs variant); use one of "
+                f"{list(MIT_CONFIGS)}."
             )
         if self.norm not in ("batch", "none"):
-            raise ValueError(f"norm must be 'batch' or 'none', got '{self.norm}'.")
+            raise ConfigValueError(
+                f"SegFormer norm (model kwargs) must be 'batch' or 'none', got '{self.norm}'."
+            )
         cfg = dict(MIT_CONFIGS[self.variant])
         for key in ("dims", "depths", "heads"):
             if getattr(self, key) is not None:

@@ -23,7 +23,13 @@ import os
 import numpy as np
 from safetensors.numpy import load_file
 
-from kd_jax.errors import UserFileNotFoundError, corrupt_file
+from kd_jax.errors import (
+    ConfigValueError,
+    FileEntryError,
+    UnsupportedFileError,
+    UserFileNotFoundError,
+    corrupt_file,
+)
 from kd_jax.models import segformer
 from kd_jax.models.registry import WEIGHT_FILES, WeightFile
 
@@ -44,7 +50,7 @@ def read_tensors(path: str) -> dict[str, np.ndarray]:
         except Exception as e:  # BadZipFile, EOFError, ValueError...
             raise corrupt_file(path, "npz weights", e) from e
     else:
-        raise ValueError(
+        raise UnsupportedFileError(
             f"'{path}': expected a .safetensors or .npz file (convert a torch .pth/.bin with "
             "scripts/convert_torch_checkpoint.py)."
         )
@@ -54,7 +60,7 @@ def read_tensors(path: str) -> dict[str, np.ndarray]:
 def _prefix(tensors, anchor: str, path: str, what: str) -> str | None:
     hits = [k[: -len(anchor)] for k in tensors if k.endswith(anchor)]
     if len(hits) > 1:
-        raise ValueError(f"'{path}' holds several {what} ({hits}); keep one.")
+        raise UnsupportedFileError(f"'{path}' holds several {what} ({hits}); keep one.")
     return hits[0] if hits else None
 
 
@@ -68,10 +74,10 @@ class _Reader:
         full = self.prefix + key
         if full not in self.t:
             want = f" (expected shape {tuple(shape)})" if shape is not None else ""
-            raise KeyError(f"'{self.path}' has no tensor '{full}'{want}.")
+            raise FileEntryError(f"'{self.path}' has no tensor '{full}'{want}.")
         v = self.t[full]
         if shape is not None and tuple(v.shape) != tuple(shape):
-            raise ValueError(
+            raise UnsupportedFileError(
                 f"'{self.path}': tensor '{full}' has shape {tuple(v.shape)}, expected "
                 f"{tuple(shape)}."
             )
@@ -155,7 +161,7 @@ def _mit_naming(tensors, path):
         prefix = _prefix(tensors, naming["anchor"], path, "MiT encoders")
         if prefix is not None:
             return naming, prefix
-    raise ValueError(
+    raise UnsupportedFileError(
         f"'{path}' is not a MiT/SegFormer encoder: no key ends with "
         f"'{_HF['anchor']}' (Hugging Face) or '{_NV['anchor']}' (NVlabs/mmseg)."
     )
@@ -205,12 +211,12 @@ def load_mit(path: str, variant: str | None = None) -> dict:
     arch = mit_arch(tensors, path)
     if variant is not None:
         if variant not in segformer.MIT_CONFIGS:
-            raise ValueError(
+            raise ConfigValueError(
                 f"Unknown MiT variant '{variant}'; use one of {list(segformer.MIT_CONFIGS)}."
             )
         want = segformer.MIT_CONFIGS[variant]
         if any(tuple(want[k]) != arch[k] for k in ("dims", "depths", "mlp_ratios")):
-            raise ValueError(
+            raise ConfigValueError(
                 f"'{path}' holds a MiT with dims {arch['dims']}, depths {arch['depths']}, MLP "
                 f"ratios {arch['mlp_ratios']} (variant {arch['variant']}), not '{variant}' "
                 f"(dims {tuple(want['dims'])}, depths {tuple(want['depths'])})."
@@ -284,7 +290,7 @@ def load_resnet18_v1b(path: str, in_channels: int = 3, seed: int = 0) -> dict:
     tensors = read_tensors(path)
     prefix = _prefix(tensors, "conv1.0.weight", path, "ResNet stems")
     if prefix is None:
-        raise ValueError(
+        raise UnsupportedFileError(
             f"'{path}' is not a deep-stem ResNet v1b/v1c: no key ends with 'conv1.0.weight'."
         )
     r = _Reader(tensors, prefix, path)

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kd_jax.adapters import ADAPTERS
+from kd_jax.errors import ConfigValueError
 from kd_jax.models.segformer import MIT_CONFIGS, OverlapPatchEmbed
 
 # kaiming_uniform(a=1) == U(+-sqrt(3 / fan_in)); PyTorch's default Linear/Conv init is
@@ -141,7 +142,10 @@ class CSF(nn.Module):
     def __call__(self, feats: Sequence[jax.Array], *, train: bool = False):
         n = len(feats)
         if n != len(self.teacher_channels):
-            raise ValueError(f"CSF got {n} stages but {len(self.teacher_channels)} teacher widths.")
+            raise ConfigValueError(
+                f"CSF got {n} student stages but {len(self.teacher_channels)} teacher widths: "
+                "give the objective term's student and teacher paths one feature per stage each."
+            )
         outs, residual = [None] * n, None
         for i in reversed(range(n)):
             outs[i], residual = SelectiveFusion(
@@ -255,7 +259,9 @@ class TransKD(nn.Module):
     @nn.compact
     def __call__(self, student_features: Mapping[str, Any], image=None, *, train: bool = False):
         if self.variant not in ("base", "gl", "ea"):
-            raise ValueError(f"Unknown TransKD variant '{self.variant}'; use base, gl or ea.")
+            raise ConfigValueError(
+                f"Unknown TransKD variant '{self.variant}' (model kwargs); use base, gl or ea."
+            )
         s_stages = [x.astype(jnp.float32) for x in stages(student_features)]
         s_embeds = [x.astype(jnp.float32) for x in embeds(student_features)]
         csf = CSF(self.teacher_channels, self.mid_channels, name="csf")(s_stages, train=train)
@@ -264,7 +270,10 @@ class TransKD(nn.Module):
         proj = PEA(self.teacher_channels, name="pea")(s_embeds)
         if self.variant == "ea":
             if image is None:
-                raise ValueError("TransKD variant 'ea' needs the student's input image.")
+                raise ConfigValueError(
+                    "TransKD variant 'ea' needs the student's input image: use data with an "
+                    "'image' input, or variant 'base' / 'gl'."
+                )
             assist = EmbeddingAssistant(self.teacher_channels, name="ea")(
                 image.astype(jnp.float32), s_stages
             )
@@ -303,14 +312,19 @@ class EmbedAlign(nn.Module):
     def __call__(self, tokens, context=None, *, train: bool = False):
         del train
         if self.variant not in ("base", "gl", "ea"):
-            raise ValueError(f"Unknown TransKD variant '{self.variant}'; use base, gl or ea.")
+            raise ConfigValueError(
+                f"Unknown TransKD variant '{self.variant}' (adapter); use base, gl or ea."
+            )
         e = [x.astype(jnp.float32) for x in tokens]
         if self.variant == "gl":
             e[3] = GLMixer(self.gl_heads, self.gl_add, name="gl_mixer")(e[3])
         proj = PEA(self.teacher_channels, name="pea")(e)
         if self.variant == "ea":
             if not context or "image" not in context or "student" not in context:
-                raise ValueError("TransKD 'pea_ea' needs the batch image and student stages.")
+                raise ConfigValueError(
+                    "TransKD adapter 'pea_ea' needs the batch image and the student's stages: "
+                    "use data with an 'image' input, or adapter 'pea'."
+                )
             s_stages = [x.astype(jnp.float32) for x in stages(context["student"])]
             assist = EmbeddingAssistant(self.teacher_channels, name="ea")(
                 context["image"].astype(jnp.float32), s_stages

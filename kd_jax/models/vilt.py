@@ -59,11 +59,11 @@ class ViltConfig:
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
-            raise ValueError(
+            raise ConfigValueError(
                 f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}."
             )
         if self.image_size % self.patch_size:
-            raise ValueError(
+            raise ConfigValueError(
                 f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}."
             )
 
@@ -317,15 +317,17 @@ class ViltModel(nn.Module):
         input_ids = jnp.asarray(input_ids)
         b, t = input_ids.shape
         if t > cfg.max_position:
-            raise ValueError(
+            raise ConfigValueError(
                 f"{t} text tokens exceed max_position {cfg.max_position}; truncate the text "
                 f"(ViltProcessor: max_length={cfg.max_position}, truncation=True)."
             )
         if pixel_values is None:
-            raise ValueError("ViLT needs pixel_values [B, H, W, C] (NHWC).")
+            raise ConfigValueError(
+                "ViLT needs pixel_values [B, H, W, C] (NHWC): use data with an image input."
+            )
         pixel_values = jnp.asarray(pixel_values)
         if pixel_values.ndim != 4 or pixel_values.shape[-1] != cfg.num_channels:
-            raise ValueError(
+            raise ConfigValueError(
                 f"pixel_values must be NHWC with {cfg.num_channels} channels, got shape "
                 f"{pixel_values.shape} (transpose HF's NCHW with .transpose(0, 2, 3, 1))."
             )

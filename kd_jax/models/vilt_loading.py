@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from safetensors.numpy import load_file
 
-from kd_jax.errors import UserFileNotFoundError, corrupt_file
+from kd_jax.errors import UnsupportedFileError, UserFileNotFoundError, corrupt_file
 from kd_jax.models.registry import WEIGHT_FILES, WeightFile, check_shapes
 from kd_jax.models.vilt import ViltConfig, ViltModel
 
@@ -124,7 +124,7 @@ def convert_hf_state(state: dict[str, np.ndarray], config: ViltConfig) -> dict:
             )
     unmapped += [f"layers/{n}/{leaf}" for n, leaf in layers]  # e.g. key biases with qkv_bias=False
     if unmapped or missing or beyond:
-        raise ValueError(
+        raise UnsupportedFileError(
             "HF ViLT checkpoint does not match ViltConfig: "
             f"unmapped HF keys {sorted(unmapped)[:12]}; missing params {missing[:12]}; "
             f"layers beyond num_layers={config.num_layers}: {sorted(set(beyond))[:4]}. Is it a "

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kd_jax.adapters import ADAPTERS
+from kd_jax.errors import ConfigValueError
 from kd_jax.models.transkd import nearest_resize
 
 
@@ -166,7 +167,10 @@ class ReviewFusion(nn.Module):
         feats = [f.astype(jnp.float32) for f in feats]
         n = len(feats)
         if n != len(self.teacher_shapes):
-            raise ValueError(f"abf got {n} student stages but {len(self.teacher_shapes)} teacher.")
+            raise ConfigValueError(
+                f"abf got {n} student stages but {len(self.teacher_shapes)} teacher stages: give "
+                "the objective term's student and teacher paths one feature per stage each."
+            )
         mid = min(self.max_mid, int(self.teacher_shapes[-1][-1]))
         outs, residual = [None] * n, None
         for i in reversed(range(n)):

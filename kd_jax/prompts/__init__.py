@@ -19,10 +19,12 @@ import json
 import os
 import re
 
-from kd_jax.errors import ConfigValueError
+from kd_jax.errors import ConfigValueError, CorruptFileError, corrupt_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VARIANTS = ("DA", "DA+", "RA")
+# The fields of an item file (teacher_coach/<item>.json).
+FIELDS = ("item", "framework", "name", "input", "scale", "definition", "levels", "templates")
 
 
 def template_dir(family: str = "teacher_coach") -> str:
@@ -38,8 +40,18 @@ def load(item: str, family: str = "teacher_coach") -> dict:
     path = os.path.join(template_dir(family), f"{item}.json")
     if not os.path.isfile(path):
         raise ConfigValueError(f"Unknown prompt item '{item}'; known: {list(items(family))}.")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            spec = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise corrupt_file(path, "prompt template", e) from e
+    missing = sorted(set(FIELDS) - set(spec)) if isinstance(spec, dict) else list(FIELDS)
+    if family == "teacher_coach" and missing:
+        raise CorruptFileError(
+            f"Prompt template {path} lacks fields {missing}; each item file holds {list(FIELDS)} "
+            "(see the other files in its folder)."
+        )
+    return spec
 
 
 def scale(item: str) -> tuple[int, ...]:
@@ -71,13 +83,28 @@ def template_hash(item: str, variant: str) -> str:
     return hashlib.sha256(template(item, variant).encode("utf-8")).hexdigest()[:16]
 
 
+def placeholders(item: str, variant: str) -> set[str]:
+    """The input placeholders ({student}, {teacher} or {transcript}) the variant's text leaves."""
+    return set(re.findall(r"\{(\w+)\}", template(item, variant)))
+
+
+def check_inputs(item: str, variant: str, inputs) -> None:
+    """A ConfigValueError naming the template file unless the variant's placeholders are exactly
+    `inputs` (what the scored data gives): callable before any stage runs."""
+    needed = placeholders(item, variant)
+    if needed != set(inputs):
+        path = os.path.join(template_dir(), f"{item}.json")
+        raise ConfigValueError(
+            f"Prompt template {path} variant '{variant}' needs inputs {sorted(needed)}, but the "
+            f"data gives {sorted(inputs)}: score item '{item}' on data with those fields, or fix "
+            "the template's placeholders."
+        )
+
+
 def render(item: str, variant: str, **inputs: str) -> str:
     """The prompt for one input: {student, teacher} or {transcript}."""
-    text = template(item, variant)
-    needed = set(re.findall(r"\{(\w+)\}", text))
-    if needed != set(inputs):
-        raise ValueError(f"item '{item}' needs inputs {sorted(needed)}, got {sorted(inputs)}.")
-    return _fill(text, inputs)
+    check_inputs(item, variant, inputs)
+    return _fill(template(item, variant), inputs)
 
 
 def fill(text: str, fields: dict) -> str:

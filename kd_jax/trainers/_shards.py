@@ -52,7 +52,25 @@ class SimulatedCrash(RuntimeError):
 
 
 def settings(cfg) -> dict:
-    return config_lib.settings(cfg, "generate", GENERATE_DEFAULTS)
+    """`config.generate` over GENERATE_DEFAULTS, checked (a ConfigValueError naming the key)."""
+    s = config_lib.settings(cfg, "generate", GENERATE_DEFAULTS)
+    counts = ("batch_size", "rows_per_shard", "k", "max_new_tokens", "limit")
+    for key in counts + ("num_eval", "num_queries", "max_user_tokens"):
+        least = 1 if key in counts else 0
+        if isinstance(s[key], bool) or not isinstance(s[key], int) or s[key] < least:
+            raise ConfigValueError(f"generate.{key}={s[key]!r}: set it to an integer >= {least}.")
+    if not (float(s["temperature"]) >= 0 and 0 < float(s["top_p"]) <= 1):
+        raise ConfigValueError(
+            f"generate.temperature={s['temperature']!r}, top_p={s['top_p']!r}: use "
+            "temperature >= 0 (0: greedy) and 0 < top_p <= 1."
+        )
+    if s["logprob_dtype"] not in ("float32", "float16"):
+        raise ConfigValueError(
+            f"generate.logprob_dtype={s['logprob_dtype']!r}: use 'float32' or 'float16'."
+        )
+    if cfg.get("kind") == "generate" and s["source"] != "sharegpt":
+        raise ConfigValueError(f"generate.source '{s['source']}': only 'sharegpt' is supported.")
+    return s
 
 
 def load_teacher(cfg, ctx):

@@ -82,14 +82,39 @@ def settings(cfg) -> dict:
     s = config_lib.settings(cfg, "score", SCORE_DEFAULTS)
     for k in ("splits", "train_variants", "generate_splits", "items", "variants"):
         s[k] = tuple(s[k]) if not isinstance(s[k], str) else (s[k],)
-    for v in s["variants"]:
-        if v not in prompts.VARIANTS:
-            raise ConfigValueError(f"score.variants: '{v}' is not one of {prompts.VARIANTS}.")
-    for item in s["items"]:
-        prompts.load(item)
-    if s["source"] not in ("ncte_uptake", "ncte"):
+    for key in ("variants", "train_variants"):
+        for v in s[key]:
+            if v not in prompts.VARIANTS:
+                raise ConfigValueError(f"score.{key}: '{v}' is not one of {prompts.VARIANTS}.")
+    if s["source"] not in SOURCE_INPUTS:
         raise ConfigValueError(f"score.source '{s['source']}': use 'ncte_uptake' or 'ncte'.")
+    kind, fields = SOURCE_INPUTS[s["source"]]
+    other = next(k for k, (v, _) in SOURCE_INPUTS.items() if v != kind)
+    for item in s["items"]:  # every prompt template, before any stage runs
+        spec = prompts.load(item)
+        if spec["input"] != kind:
+            raise ConfigValueError(
+                f"score.items: item '{item}' scores {spec['input']}s, but score.source="
+                f"'{s['source']}' gives {kind}s; use score.source='{other}' or another item."
+            )
+        for v in dict.fromkeys((*s["variants"], *s["train_variants"])):
+            prompts.check_inputs(item, v, fields)
+    if s["source"] == "ncte" and s["splits"] != ("all",):
+        raise ConfigValueError(
+            f"score.splits={s['splits']}: score.source='ncte' scores every segment; set "
+            "score.splits=('all',)."
+        )
+    for key, least in (("batch_size", 1), ("max_new_tokens", 1), ("max_new_tokens_ra", 1)):
+        if not isinstance(s[key], int) or s[key] < least:
+            raise ConfigValueError(f"score.{key}={s[key]!r}: set it to an integer >= {least}.")
     return s
+
+
+# score.source -> (the items' input kind, the prompt inputs its records give).
+SOURCE_INPUTS = {
+    "ncte_uptake": ("exchange", ("student", "teacher")),
+    "ncte": ("transcript", ("transcript",)),
+}
 
 
 def tokenizer_path(cfg, s) -> str:
