@@ -15,8 +15,9 @@ from kd_jax import hostmem
 if __name__ == "__main__":  # KD_JAX_HOST_MALLOC=tuned: before JAX allocates, as glibc asks
     try:
         hostmem.reexec_tuned()
-    except ValueError as e:
-        sys.exit(f"kd_jax: error: {e}")
+    except ValueError as e:  # a bad KD_JAX_HOST_MALLOC: the user's to fix, exit 2
+        print(f"kd_jax: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 import jax  # noqa: E402
 

@@ -58,6 +58,7 @@ def resolve(config, workdir: str) -> dict:
 def run(config, workdir: str, devices=None, stop: Stop | None = None) -> dict:
     """Runs every stage of `config` in order; returns {stage: result}. `stop`: a `Stop` whose
     signal handlers the caller installed (`kd_jax.main`); None: installed for this call."""
+    config_lib.validate(config)  # also a config built in Python: keys and value ranges
     with contextlib.ExitStack() as stack:
         if stop is None:
             stop = stack.enter_context(stop_on_signals(Stop()))

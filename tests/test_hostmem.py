@@ -111,5 +111,5 @@ def test_cli_reexecs_under_the_switch_and_rejects_a_bad_value(tmp_path):
         assert f"host malloc: kd_jax tunables (GLIBC_TUNABLES={hostmem.TUNABLES})" in tuned.stderr
     assert "host malloc" not in cli().stderr
     bad = cli(KD_JAX_HOST_MALLOC="fast")
-    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert "KD_JAX_HOST_MALLOC='fast'; use 'system' (the default) or 'tuned'" in bad.stderr
