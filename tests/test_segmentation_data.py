@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from kd_jax.data import seg_augment as sa
 from kd_jax.data import segmentation as sd
 from tests.tolerances import f32_tol
 
@@ -146,23 +147,23 @@ def _pair(h=10, w=14):
 def test_flip_scale_crop_are_consistent_and_deterministic():
     image, label = _pair()
     rng = np.random.default_rng(0)
-    fi, fl = sd.random_hflip(image, label, rng, p=1.0)
+    fi, fl = sa.random_hflip(image, label, rng, p=1.0)
     np.testing.assert_array_equal(fl, label[:, ::-1])
     # label / 7 in float32, times 7: one rounding each, of values up to 6.
     np.testing.assert_allclose(fi[..., 0] * 7, fl, atol=f32_tol(2, scale=6))
-    si, sl = sd.random_scale(image, label, np.random.default_rng(1), (2.0, 2.0))
+    si, sl = sa.random_scale(image, label, np.random.default_rng(1), (2.0, 2.0))
     assert si.shape == (20, 28, 3) and sl.shape == (20, 28)
     np.testing.assert_array_equal(sl[::2, ::2], label)  # nearest keeps ids
-    ci, cl = sd.random_crop(image, label, np.random.default_rng(2), (12, 8))
+    ci, cl = sa.random_crop(image, label, np.random.default_rng(2), (12, 8))
     assert ci.shape == (12, 8, 3) and cl.shape == (12, 8)
     assert (cl == 255).any()  # padded rows are ignore
     np.testing.assert_allclose(ci[cl != 255][..., 0] * 7, cl[cl != 255], atol=f32_tol(2, scale=6))
-    ti, tl = sd.random_translate(image, label, np.random.default_rng(5), 2)
+    ti, tl = sa.random_translate(image, label, np.random.default_rng(5), 2)
     assert ti.shape == image.shape and tl.shape == label.shape
     kw = dict(scale_range=(0.5, 2.0), crop_size=(8, 8), translate=2)
-    a = sd.augment(image, label, seed=(7, 1), **kw)
-    b = sd.augment(image, label, seed=(7, 1), **kw)
-    c = sd.augment(image, label, seed=(7, 2), **kw)
+    a = sa.augment(image, label, seed=(7, 1), **kw)
+    b = sa.augment(image, label, seed=(7, 1), **kw)
+    c = sa.augment(image, label, seed=(7, 2), **kw)
     np.testing.assert_array_equal(a[1], b[1])
     assert a[0].shape == (8, 8, 3) and not (
         np.array_equal(a[0], c[0]) and np.array_equal(a[1], c[1])
@@ -172,10 +173,10 @@ def test_flip_scale_crop_are_consistent_and_deterministic():
 def test_augment_batch():
     train, _ = sd.shapes(num_train=4, num_eval=1, size=(16, 16))
     batch = train.gather(np.arange(4))
-    out = sd.augment_batch(batch, seed=3, scale_range=(0.75, 1.5), crop_size=(12, 12))
-    again = sd.augment_batch(batch, seed=3, scale_range=(0.75, 1.5), crop_size=(12, 12))
+    out = sa.augment_batch(batch, seed=3, scale_range=(0.75, 1.5), crop_size=(12, 12))
+    again = sa.augment_batch(batch, seed=3, scale_range=(0.75, 1.5), crop_size=(12, 12))
     assert out["image"].shape == (4, 12, 12, 3) and out["label"].shape == (4, 12, 12)
     assert out["image"].dtype == np.float32 and out["label"].dtype == np.int32
     np.testing.assert_array_equal(out["label"], again["label"])
     with pytest.raises(ValueError, match="crop_size"):
-        sd.augment_batch(batch, seed=0, scale_range=(0.5, 2.0))
+        sa.augment_batch(batch, seed=0, scale_range=(0.5, 2.0))
