@@ -129,3 +129,13 @@ def write_json(path: str, obj) -> str:
         json.dump(obj, f, indent=2)
         f.write("\n")
     return path
+
+
+def llama_layers(params: Mapping, num_layers: int, names: Mapping[str, str]):
+    """(layer i, our module, its name in `names`, the [out, in] weight (norm scales as they
+    are)) for each of a scanned Llama's per-layer weights (`params["layers"]`)."""
+    for ours, name in names.items():
+        leaf = "scale" if ours.endswith("norm") else "kernel"
+        stacked = np.asarray(params["layers"][ours][leaf])
+        for i in range(num_layers):
+            yield i, ours, name, stacked[i] if leaf == "scale" else stacked[i].T

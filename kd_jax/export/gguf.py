@@ -12,7 +12,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter, LlamaFileType
 
 from kd_jax.errors import MissingPackageError, UserFileNotFoundError
-from kd_jax.export.base import Student, register, warn
+from kd_jax.export.base import Student, llama_layers, register, warn
 from kd_jax.models.llama import LlamaConfig
 from kd_jax.tokenizers import find_smollm2_gguf, gguf_reader
 
@@ -46,16 +46,12 @@ def permute_qk(weight: np.ndarray, num_heads: int) -> np.ndarray:
 def gguf_tensors(params: Mapping, config: LlamaConfig) -> dict[str, np.ndarray]:
     """Llama params -> {llama.cpp tensor name: float32 [out, in] array} (Q/K permuted)."""
     tensors = {"token_embd.weight": np.asarray(params["embed_tokens"]["embedding"])}
-    for ours, name in GGUF_BLOCK.items():
-        leaf = "scale" if ours.endswith("norm") else "kernel"
-        stacked = np.asarray(params["layers"][ours][leaf])
-        for i in range(config.num_layers):
-            value = stacked[i] if leaf == "scale" else stacked[i].T
-            if ours == "q_proj":
-                value = permute_qk(value, config.num_heads)
-            elif ours == "k_proj":
-                value = permute_qk(value, config.num_kv_heads)
-            tensors[f"blk.{i}.{name}.weight"] = np.ascontiguousarray(value)
+    for i, ours, name, value in llama_layers(params, config.num_layers, GGUF_BLOCK):
+        if ours == "q_proj":
+            value = permute_qk(value, config.num_heads)
+        elif ours == "k_proj":
+            value = permute_qk(value, config.num_kv_heads)
+        tensors[f"blk.{i}.{name}.weight"] = np.ascontiguousarray(value)
     tensors["output_norm.weight"] = np.asarray(params["norm"]["scale"])
     if not config.tie_embeddings:
         tensors["output.weight"] = np.ascontiguousarray(np.asarray(params["lm_head"]["kernel"]).T)

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 import numpy as np
 from safetensors.numpy import save_file
 
-from kd_jax.export.base import DTYPES, Student, register, warn, write_json
+from kd_jax.export.base import DTYPES, Student, llama_layers, register, warn, write_json
 from kd_jax.export.gguf import LLAMA_MODELS, tokenizer_gguf
 from kd_jax.models.llama import LlamaConfig
 from kd_jax.models.llama_loading import HF_BLOCK
@@ -22,12 +22,8 @@ def llama_hf_state(params: Mapping, config: LlamaConfig) -> dict[str, np.ndarray
     """Llama params -> HF LlamaForCausalLM state dict. kd_jax's Q/K rows are already in HF's
     `rotate_half` order (the GGUF loader un-permutes llama.cpp's), so they are written as is."""
     state = {"model.embed_tokens.weight": np.asarray(params["embed_tokens"]["embedding"])}
-    for ours, hf in HF_BLOCK.items():
-        leaf = "scale" if ours.endswith("norm") else "kernel"
-        stacked = np.asarray(params["layers"][ours][leaf])
-        for i in range(config.num_layers):
-            value = stacked[i] if leaf == "scale" else stacked[i].T
-            state[f"model.layers.{i}.{hf}.weight"] = np.ascontiguousarray(value)
+    for i, _, hf, value in llama_layers(params, config.num_layers, HF_BLOCK):
+        state[f"model.layers.{i}.{hf}.weight"] = np.ascontiguousarray(value)
     state["model.norm.weight"] = np.asarray(params["norm"]["scale"])
     if not config.tie_embeddings:
         state["lm_head.weight"] = np.ascontiguousarray(np.asarray(params["lm_head"]["kernel"]).T)
