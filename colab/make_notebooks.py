@@ -277,7 +277,7 @@ ORCA = [
         "    updates, opt = tx.update(g, opt)\n"
         "    return optax.apply_updates(p, updates), opt, parts\n\n"
         "history = []\n"
-        "for i in range(6):\n"
+        "for i in range(3):\n"
         "    s_params, opt, (ce, kd) = step(s_params, opt)\n"
         "    history.append(float(kd))\n"
         "    print(f'step {i}: CE {float(ce):.3f}  top-k KL {float(kd):.3f}')\n"

@@ -10,6 +10,7 @@ from kd_jax import losses
 from kd_jax.data import toy_kitti as tk
 from kd_jax.losses.monotakd import center_targets, minmax, residual_target
 from kd_jax.models import monotakd as M
+from tests.helpers import call_objective
 from tests.tolerances import f32_tol
 
 SIZE = (32, 96)
@@ -87,9 +88,9 @@ def test_frustum_to_voxel_places_a_feature_at_its_depth():
     hf, wf, nb = 8, 24, 24
     feat = jnp.zeros((hf, wf, 1)).at[5, 12, 0].set(1.0)
     prob = jnp.zeros((hf, wf, nb + 1)).at[5, 12, 10].set(1.0)
-    vox = M.frustum_to_voxel(
-        feat, prob, p2, r0, tr, centres, stride=4, d_min=2.0, d_max=46.8, num_bins=nb
-    )
+    # Jitted: op by op the lift compiled ~70 small programs on XLA:CPU.
+    lift = jax.jit(M.frustum_to_voxel, static_argnames=("stride", "d_min", "d_max", "num_bins"))
+    vox = lift(feat, prob, p2, r0, tr, centres, stride=4, d_min=2.0, d_max=46.8, num_bins=nb)
     lit = np.argwhere(np.asarray(vox[..., 0]) > 0)
     assert len(lit) > 0
     pts = np.asarray(centres)[tuple(lit.T)]
@@ -108,13 +109,17 @@ def test_gt_depth_bins_average_nonzero_pixels():
     assert bins[0, 0, 0] == want and (np.asarray(bins)[0].ravel()[1:] == 24).all()
 
 
+# Jitted: op by op the target builder compiled ~60 small programs on XLA:CPU.
+_center_targets = jax.jit(center_targets, static_argnames="grid_shape")
+
+
 def test_center_targets_decode_back_to_the_boxes(frames):
     boxes, classes = frames["gt_boxes_lidar"][:2], frames["gt_classes"][:2]
-    heat, reg, cmask = center_targets(boxes, classes, grid_shape=(48, 48))
+    heat, reg, cmask = _center_targets(boxes, classes, grid_shape=(48, 48))
     n_in = int((classes == 0).sum())
     assert int(cmask.sum()) == n_in and float(heat.max()) == 1.0
     logits = jnp.where(heat[..., None] >= 1.0, 10.0, -10.0)
-    out, scores = M.decode(logits, reg, k=8)
+    out, scores = jax.jit(M.decode, static_argnames="k")(logits, reg, k=8)
     for b in range(2):
         got = np.asarray(out[b][np.asarray(scores[b]) > 0.5])
         want = boxes[b][classes[b] == 0]
@@ -127,39 +132,50 @@ def test_center_targets_decode_back_to_the_boxes(frames):
 
 def test_centerpoint_det_is_small_for_a_perfect_prediction(frames):
     boxes, classes = jnp.asarray(frames["gt_boxes_lidar"]), jnp.asarray(frames["gt_classes"])
-    heat, reg, _ = center_targets(boxes, classes, grid_shape=(48, 48))
+    heat, reg, _ = _center_targets(boxes, classes, grid_shape=(48, 48))
     good = jnp.where(heat[..., None] >= 1.0, 12.0, -12.0)
-    perfect = losses.centerpoint_det(student=(good, reg), teacher=(boxes, classes))
-    bad = losses.centerpoint_det(student=(-good, reg + 1.0), teacher=(boxes, classes))
+    det = jax.jit(lambda s: losses.centerpoint_det(student=s, teacher=(boxes, classes)))
+    perfect = det((good, reg))
+    bad = det((-good, reg + 1.0))
     assert float(perfect) < 1e-3 < float(bad)
 
 
 def _bev(seed, shape=(2, 4, 5, 3)):
-    return jax.random.normal(jax.random.key(seed), shape)
+    # numpy draws: an eager jax.random.normal compiles threefry once per shape on XLA:CPU.
+    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
 
 
 def test_imd_matches_hand_formula_and_the_released_one_has_no_gradient():
     s, t = _bev(0), _bev(1)
-    ns = (s - s.min((1, 2, 3), keepdims=True)) / (
-        s.max((1, 2, 3), keepdims=True) - s.min((1, 2, 3), keepdims=True) + 1e-6
+
+    # Jitted (op by op these formulas compiled ~60 small programs on XLA:CPU).
+    @jax.jit
+    def hand(s, t):
+        ns = (s - s.min((1, 2, 3), keepdims=True)) / (
+            s.max((1, 2, 3), keepdims=True) - s.min((1, 2, 3), keepdims=True) + 1e-6
+        )
+        nt = (t - t.min((1, 2, 3), keepdims=True)) / (
+            t.max((1, 2, 3), keepdims=True) - t.min((1, 2, 3), keepdims=True) + 1e-6
+        )
+        # Released: one min-max over the whole batch tensor.
+        nb = (s - s.min()) / (s.max() - s.min() + 1e-6)
+        tb = (t - t.min()) / (t.max() - t.min() + 1e-6)
+        return jnp.mean((ns - nt) ** 2), jnp.mean((nb - tb) ** 2)
+
+    imd = jax.jit(losses.monotakd_imd, static_argnames="as_released")
+    grad = jax.jit(
+        jax.grad(lambda x, r: losses.monotakd_imd(student=x, teacher=t, as_released=r)),
+        static_argnums=1,
     )
-    nt = (t - t.min((1, 2, 3), keepdims=True)) / (
-        t.max((1, 2, 3), keepdims=True) - t.min((1, 2, 3), keepdims=True) + 1e-6
-    )
-    want = float(jnp.mean((ns - nt) ** 2))
-    got = losses.monotakd_imd(student=s, teacher=t)
-    np.testing.assert_allclose(got, want, rtol=f32_tol())
-    g_fixed = jax.grad(lambda x: losses.monotakd_imd(student=x, teacher=t))(s)
-    g_rel = jax.grad(lambda x: losses.monotakd_imd(student=x, teacher=t, as_released=True))(s)
+    want, want_released = hand(s, t)
+    got = imd(student=s, teacher=t)
+    np.testing.assert_allclose(got, float(want), rtol=f32_tol())
+    g_fixed = grad(s, False)
+    g_rel = grad(s, True)
     assert float(jnp.abs(g_fixed).sum()) > 0
     assert float(jnp.abs(g_rel).sum()) == 0.0
-    # Released: one min-max over the whole batch tensor.
-    nb = (s - s.min()) / (s.max() - s.min() + 1e-6)
-    tb = (t - t.min()) / (t.max() - t.min() + 1e-6)
     np.testing.assert_allclose(
-        losses.monotakd_imd(student=s, teacher=t, as_released=True),
-        jnp.mean((nb - tb) ** 2),
-        rtol=f32_tol(),
+        imd(student=s, teacher=t, as_released=True), want_released, rtol=f32_tol()
     )
 
 
@@ -208,9 +224,15 @@ def camera(frames):
     return kw, args
 
 
+# The camera model under jit, the module static (equal modules share a program): op by op its
+# init and forward compiled ~200 small programs on XLA:CPU.
+_init = jax.jit(lambda m, key, args: m.init(key, *args), static_argnums=0)
+_forward = jax.jit(lambda m, v, args: m.apply(v, *args), static_argnums=0)
+
+
 def _apply(kw, args, **over):
     m = M.MonoTAKDCamera(**{**kw, **over})
-    v = m.init(jax.random.key(0), *args)
+    v = _init(m, jax.random.key(0), args)
     return m, v
 
 
@@ -218,18 +240,18 @@ def test_ffm_switch_changes_what_the_head_reads(camera):
     kw, args = camera
     m_on, v = _apply(kw, args, ffm=True)
     m_off = M.MonoTAKDCamera(**{**kw, "ffm": False})
-    on, f = m_on.apply(v, *args)
-    off, _ = m_off.apply(v, *args)  # the same parameter tree
-    assert not np.allclose(on, off)
 
-    # With FFM off the head does not depend on the residual branch (released: dead FFM).
+    # The head's output and the gradient of its sum, one jitted program per model (an eager
+    # grad of the camera model compiles every op on its own: ~20 s on CPU).
     def head_sum(p, model):
-        return model.apply({**v, "params": p}, *args)[0].sum()
+        out = model.apply({**v, "params": p}, *args)[0]
+        return out.sum(), out
 
-    # Jitted: an eager grad of the camera model compiles every op on its own (~20 s on CPU).
-    grad = jax.jit(jax.grad(head_sum), static_argnums=1)
-    g_off = grad(v["params"], m_off)
-    g_on = grad(v["params"], m_on)
+    grad = jax.jit(jax.grad(head_sum, has_aux=True), static_argnums=1)
+    g_off, off = grad(v["params"], m_off)  # the same parameter tree
+    g_on, on = grad(v["params"], m_on)
+    assert not np.allclose(on, off)
+    # With FFM off the head does not depend on the residual branch (released: dead FFM).
     assert float(jnp.abs(g_off["sam_res"]["dconv"]["kernel"]).sum()) == 0.0
     assert float(jnp.abs(g_on["sam_res"]["dconv"]["kernel"]).sum()) > 0.0
 
@@ -239,10 +261,10 @@ def test_ta_mode_reads_gt_depth_and_student_mode_does_not(camera):
     m_ta, v = _apply(kw, args, mode="ta")
     m_st = M.MonoTAKDCamera(**{**kw, "mode": "student"})
     depth2 = args[1] * 0.5
-    ta_a, _ = m_ta.apply(v, *args)
-    ta_b, _ = m_ta.apply(v, args[0], depth2, *args[2:])
-    st_a, _ = m_st.apply(v, *args)
-    st_b, _ = m_st.apply(v, args[0], depth2, *args[2:])
+    ta_a, _ = _forward(m_ta, v, args)
+    ta_b, _ = _forward(m_ta, v, (args[0], depth2, *args[2:]))
+    st_a, _ = _forward(m_st, v, args)
+    st_b, _ = _forward(m_st, v, (args[0], depth2, *args[2:]))
     assert not np.allclose(ta_a, ta_b)
     np.testing.assert_array_equal(st_a, st_b)
 
@@ -251,7 +273,7 @@ def test_scnet_as_released_applies_one_block_fewer(camera):
     kw, args = camera
     m, v = _apply(kw, args, refine_blocks=2)
     rel = M.MonoTAKDCamera(**{**kw, "refine_blocks": 2, "scnet_as_released": True})
-    v_rel = rel.init(jax.random.key(0), *args)
+    v_rel = jax.eval_shape(rel.init, jax.random.key(0), *args)  # its structure only
     assert jax.tree.structure(v["params"]) == jax.tree.structure(v_rel["params"])
     g = jax.jit(jax.grad(lambda p: rel.apply({**v, "params": p}, *args)[0].sum()))(v["params"])
     assert float(jnp.abs(g["refine_0"]["ConvBN_0"]["Conv_0"]["kernel"]).sum()) == 0.0
@@ -328,13 +350,17 @@ def test_objective_contract(name, frames):
     zero on identical inputs where the loss is a distance; finite gradients."""
     fn = losses.get(name)
     args, same = _contract_inputs(name, frames)
-    per = fn(**args, reduction="none")
+    # Under jit (tests.helpers.call_objective: the three reductions from one program); op by
+    # op, each loss compiled tens of small programs on XLA:CPU.
+    per = call_objective(name, args, {}, reduction="none")
     assert per.shape == (3,) and per.dtype == jnp.float32 and (np.asarray(per) >= 0).all()
-    np.testing.assert_allclose(fn(**args, reduction="sum"), per.sum(), rtol=f32_tol(3))
-    np.testing.assert_allclose(fn(**args), per.mean(), rtol=f32_tol(3))
+    sum_ = call_objective(name, args, {}, reduction="sum")
+    np.testing.assert_allclose(sum_, per.sum(), rtol=f32_tol(3))
+    np.testing.assert_allclose(call_objective(name, args, {}), per.mean(), rtol=f32_tol(3))
     mask = jnp.asarray([1.0, 0.0, 1.0])
-    np.testing.assert_allclose(fn(**args, mask=mask), (per[0] + per[2]) / 2, rtol=f32_tol(3))
+    masked = call_objective(name, args, {}, mask=mask)
+    np.testing.assert_allclose(masked, (per[0] + per[2]) / 2, rtol=f32_tol(3))
     if same is not None:
-        np.testing.assert_allclose(fn(**same), 0.0, atol=1e-6)
-    grads = jax.grad(lambda s: fn(**{**args, "student": s}))(args["student"])
+        np.testing.assert_allclose(call_objective(name, same, {}), 0.0, atol=1e-6)
+    grads = jax.jit(jax.grad(lambda s: fn(**{**args, "student": s})))(args["student"])
     assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))

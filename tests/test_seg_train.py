@@ -71,13 +71,13 @@ def test_batchnorm_state_is_trained_checkpointed_and_exported(tmp_path):
     assert set(stage.abstract_state.model_state["student"]) == {"batch_stats"}
 
 
-def _feats(rng, dims, hw=16, prefix=("stage", "embed")):
-    out = {}
+def _feats(seed, dims, hw=16):
+    # numpy draws: eager jax.random.normal compiles one program per shape on XLA:CPU.
+    rng, out = np.random.default_rng(seed), {}
     for i, d in enumerate(dims):
         h = hw // 2**i
-        k1, k2, rng = jax.random.split(rng, 3)
-        out[f"stage{i + 1}"] = jax.random.normal(k1, (2, h, h, d))
-        out[f"embed{i + 1}"] = jax.random.normal(k2, (2, h * h, d))
+        out[f"stage{i + 1}"] = jnp.asarray(rng.normal(size=(2, h, h, d)), jnp.float32)
+        out[f"embed{i + 1}"] = jnp.asarray(rng.normal(size=(2, h * h, d)), jnp.float32)
     return out
 
 
@@ -95,12 +95,11 @@ def test_transkd_adapters_in_objective(pea_adapter):
             "pea": C.term("pea", student=embeds, teacher=embeds, adapter=pea_adapter),
         }
     )
-    # RBG keys: the eager threefry code behind default keys compiles once per shape and
-    # initialiser on XLA:CPU, which was most of this test's time.
-    s = _feats(_key(0), (8, 8, 16, 16))
-    t = _feats(_key(1), (8, 16, 24, 32))
+    s = _feats(0, (8, 8, 16, 16))
+    t = _feats(1, (8, 16, 24, 32))
     batch = {"image": jnp.ones((2, 64, 64, 3)), "label": jnp.zeros((2, 64, 64), jnp.int32)}
-    aux, state = obj.init_aux_variables(_key(2), s, t, batch)
+    # The adapters' init under one jit: op by op it compiled ~250 small programs on XLA:CPU.
+    aux, state = jax.jit(obj.init_aux_variables)(_key(2), s, t, batch)
     assert set(state) == {"hcl"} and "batch_stats" in state["hcl"]  # CSF's BatchNorm.
     csf = aux["hcl"]["params"]["csf"]
     assert csf["sk4"]["conv2"]["kernel"].shape == (3, 3, 64, 32)  # to the teacher's width
@@ -109,14 +108,15 @@ def test_transkd_adapters_in_objective(pea_adapter):
     if pea_adapter == "pea_ea":
         assert float(aux["pea"]["params"]["fuse"]["fuse_weight4"]) == pytest.approx(0.5)
 
-    @jax.jit
     def loss(a, st):
         total, m, new = obj.apply(
             a, st, student_feats=s, teacher_feats=t, batch=batch, step=0, train=True
         )
         return total, (m, new)
 
-    (total, (m, new)), g = jax.value_and_grad(loss, has_aux=True)(aux, state)
+    # value_and_grad under the jit: one program (a jitted `loss` under an eager grad compiles
+    # its forward and its transpose separately).
+    (total, (m, new)), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(aux, state)
     # The objective's total is the sum of its two (positive) terms: one rounding.
     np.testing.assert_allclose(total, m["loss/hcl"] + m["loss/pea"], rtol=f32_tol(2))
     assert all(float(jnp.abs(x).sum()) > 0 for x in jax.tree.leaves(g["pea"]))
@@ -142,7 +142,8 @@ def test_label_assisted_teacher_model_reads_label_and_runs_two_paths():
     m = lad.LabelAssistedDeepLab(num_classes=4, scale=1.0, **NET)
     x = jnp.zeros((2, 16, 16, 3))
     y = jnp.asarray(np.random.default_rng(0).integers(0, 4, (2, 16, 16)), jnp.int32)
-    v = m.init(jax.random.key(0), x, y)
+    # Jitted: op by op, the init compiled ~100 small programs on XLA:CPU.
+    v = jax.jit(m.init)(jax.random.key(0), x, y)
     assert v["params"]["net"]["backbone"]["stem_conv1"]["kernel"].shape[2] == 4
 
     @jax.jit

@@ -387,7 +387,8 @@ def test_relational_mask_must_be_per_example():
 
 def _objective_roundtrip(term, s_feats, t_feats, batch=None):
     obj = Objective({"t": term})
-    aux, state = obj.init_aux_variables(jax.random.key(0), s_feats, t_feats)
+    # Jitted: op by op, an adapter's init compiles tens of small programs on XLA:CPU.
+    aux, state = jax.jit(obj.init_aux_variables)(jax.random.key(0), s_feats, t_feats)
 
     def loss(aux, state):
         total, _, new = obj.apply(
@@ -456,9 +457,8 @@ def test_review_kd_abf_adapter_feeds_hcl():
         "att_conv" in grads["t"]["params"]["abf0"]
         and "att_conv" not in grads["t"]["params"]["abf2"]
     )
-    out = make_adapter("abf", tuple(t.values())).init_with_output(
-        jax.random.key(0), tuple(s.values()), {}
-    )[0]
+    adapter = make_adapter("abf", tuple(t.values()))
+    out = jax.jit(adapter.init_with_output)(jax.random.key(0), tuple(s.values()), {})[0]
     assert [o.shape for o in out] == shapes_t
 
 
@@ -472,18 +472,19 @@ def test_input_grad_wrapper_equals_jax_grad_and_is_differentiable():
     cfg = C.model("input_grad", base="cnn", base_kwargs={"widths": (4, 4), "hidden": 0})
     assert models.input_keys(cfg) == ("image", "label")
     m = models.build(cfg)
-    v = m.init(jax.random.key(0), x, y)
-    _, feats = m.apply(v, x, y)
+    # Each part jitted: op by op (a grad of a grad here) they compiled ~120 small programs.
+    v = jax.jit(m.init)(jax.random.key(0), x, y)
+    _, feats = jax.jit(m.apply)(v, x, y)
     base = models.build(C.model("cnn", widths=(4, 4), hidden=0))
     bv = {"params": v["params"]["base"]}
-    ref = jax.grad(lambda z: jnp.sum(base.apply(bv, z)[0][jnp.arange(3), y]))(x)
+    ref = jax.jit(jax.grad(lambda z: jnp.sum(base.apply(bv, z)[0][jnp.arange(3), y])))(x)
     np.testing.assert_allclose(feats["input_grad"], ref, rtol=1e-5, atol=1e-7)
 
     def loss(p):
         j = m.apply(p, x, y)[1]["input_grad"]
         return losses.jacobian_matching(student=j, teacher=jnp.ones_like(j))
 
-    g = jax.grad(loss)(v)
+    g = jax.jit(jax.grad(loss))(v)
     assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree.leaves(g))
     assert float(jnp.abs(g["params"]["base"]["conv0"]["kernel"]).sum()) > 0  # second order
 
@@ -492,12 +493,14 @@ def test_ensemble_averages_member_logits():
     x = jnp.asarray(np.random.default_rng(10).normal(size=(2, 8, 8, 1)), jnp.float32)
     base_kw = {"widths": (4,), "hidden": 0}
     m = models.build(C.model("ensemble", base="cnn", size=3, base_kwargs=base_kw))
-    v = m.init(jax.random.key(0), x)
+    # Jitted: op by op, the init and forwards compiled ~40 small programs on XLA:CPU.
+    v = jax.jit(m.init)(jax.random.key(0), x)
     base = models.build(C.model("cnn", **base_kw))
     members = [jax.tree.map(lambda a, i=i: a[i], {"params": v["params"]["base"]}) for i in range(3)]
-    each = [base.apply(p, x)[0] for p in members]
+    base_apply = jax.jit(base.apply)
+    each = [base_apply(p, x)[0] for p in members]
     assert not np.allclose(each[0], each[1])  # members are initialised independently
-    logits, feats = m.apply(v, x)
+    logits, feats = jax.jit(m.apply)(v, x)
     np.testing.assert_allclose(logits, np.mean(each, axis=0), rtol=1e-5, atol=1e-6)
     assert feats["member_logits"].shape == (3, 2, 10)
     restacked = models.wrappers.stack_members(members)
