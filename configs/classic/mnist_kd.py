@@ -29,6 +29,8 @@ Hardware and measured numbers: experiments/classic/README.md.
 from kd_jax import config as C
 
 OMITTED = 3
+# `tiny` runs end to end in colab/quickstart.ipynb and tests/test_config.py's CLI cache test.
+TEST_VARIANTS = ()
 
 
 def get_config(arg=None):
