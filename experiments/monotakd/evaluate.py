@@ -11,7 +11,6 @@ config's fixed evaluation scenes, decodes the top-K boxes and calls the same sco
 import json
 import os
 import sys
-import types
 
 import jax
 import jax.numpy as jnp
@@ -60,7 +59,7 @@ def evaluate(workdir, spec="configs/monotakd/toy.py"):
             except Exception:  # noqa: BLE001  (no such seed: done)
                 break
             module = st.module()
-            keys = models.input_keys(types.SimpleNamespace(model=st.model, kwargs=st.kwargs))
+            keys = models.input_keys(C.model(st.model, **st.kwargs))
             apply = jax.jit(lambda v, *x, m=module: m.apply(v, *x, train=False)[1])
             dts = []
             for start in range(0, len(eval_src), 50):
