@@ -133,8 +133,9 @@ def _in_host_memory(x) -> bool:
     )
 
 
-def _host(x) -> np.ndarray:
-    # A replicated result is readable on every process, also when not fully addressable.
+def replicated_to_host(x) -> np.ndarray:
+    """A replicated array (or any fully addressable one) as NumPy: a replicated result is
+    readable on every process, also when its devices span processes."""
     if getattr(x, "is_fully_addressable", True):
         return np.asarray(jax.device_get(x))
     return np.asarray(x.addressable_data(0))
@@ -149,7 +150,7 @@ def integrity(state) -> tuple[dict[str, str], bool]:
     results = [None if _in_host_memory(x) else _leaf_integrity(x) for x in leaves]
     out, finite = {}, True
     for (path, _), x, r in zip(flat, leaves, results):
-        a, b, ok = _host_leaf_integrity(x) if r is None else (int(v) for v in _host(r))
+        a, b, ok = _host_leaf_integrity(x) if r is None else (int(v) for v in replicated_to_host(r))
         dt = "key" if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x.dtype.name
         out[jax.tree_util.keystr(path)] = f"{dt}{list(x.shape)}:{a:08x}{b:08x}"
         finite = finite and bool(ok)

@@ -71,12 +71,7 @@ def restore_student(stage_dir: str, mesh, rules, step: int | None = None):
     finally:
         ckptr.close()
     variables = {"params": state["params"]["student"], **state["model_state"].get("student", {})}
-    steps = state["step"]
-    if getattr(steps, "is_fully_addressable", True):
-        step = int(np.asarray(jax.device_get(steps)).reshape(-1)[0])
-    else:  # the step is replicated: every process holds it whole.
-        step = int(np.asarray(steps.addressable_data(0)).reshape(-1)[0])
-    return variables, step
+    return variables, int(ckpt_lib.replicated_to_host(state["step"]).reshape(-1)[0])
 
 
 def read(
@@ -109,8 +104,6 @@ def inherit(cfg, stages: Mapping[str, Any]) -> None:
         _, src_cfg = source_stage("teacher.init", init, stages)
         cfg.teacher.model = src_cfg.student.model
         cfg.teacher.kwargs = src_cfg.student.kwargs.to_dict()
-        if not cfg.teacher.kwargs:
-            cfg.teacher.kwargs = {}
 
 
 # ------------------------------------------------------------------------------ warm starts

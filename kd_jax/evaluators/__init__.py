@@ -135,6 +135,7 @@ def specs(cfg) -> list[Spec]:
     if not evals:
         if cfg.evaluator == "none":
             return []
+        EVALUATORS.entry(cfg.evaluator)
         return [Spec(cfg.evaluator, cfg.evaluator, int(cfg.eval_every), cfg.evaluator_kwargs)]
     if int(cfg.eval_every) or dict(cfg.evaluator_kwargs):
         raise ConfigValueError(

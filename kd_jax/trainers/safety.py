@@ -122,9 +122,7 @@ def check_names(cfg) -> None:
     for t in Objective(cfg.objective).terms:
         if t.adapter:
             adapters.ADAPTERS.entry(t.adapter)
-    evaluators.specs(cfg)  # checks each evaluation's name and keys
-    if cfg.evaluator != "none":
-        evaluators.EVALUATORS.entry(cfg.evaluator)
+    evaluators.specs(cfg)  # each evaluation's evaluator name and keys (or the shorthand's)
     data_lib.SOURCES.entry(cfg.data.name)
 
 
