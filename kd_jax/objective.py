@@ -79,7 +79,9 @@ def target(path: str, *, student_feats, teacher_feats, batch):
 
 
 def schedule_factor(spec: str | None, step) -> jax.Array:
-    """'linear:start:end' ramps 0->1 between steps; 'after:N' is 0 before step N, then 1."""
+    """'linear:start:end' ramps 0->1 between steps; 'after:N' is 0 before step N, then 1;
+    'epochs:E:W' is min(epoch / W, 1) with epoch = step // E + 1 (E steps an epoch, counted from 1:
+    mdistiller's per-epoch DKD/ReviewKD warm-up `min(epoch / warmup, 1)`)."""
     if not spec:
         return jnp.float32(1.0)
     kind, *args = spec.split(":")
@@ -89,8 +91,12 @@ def schedule_factor(spec: str | None, step) -> jax.Array:
         return jnp.clip((step - start) / max(end - start, 1.0), 0.0, 1.0)
     if kind == "after":
         return (step >= float(args[0])).astype(jnp.float32)
+    if kind == "epochs":
+        per_epoch, warmup = (float(a) for a in args)
+        epoch = jnp.floor(step / max(per_epoch, 1.0)) + 1.0
+        return jnp.minimum(epoch / max(warmup, 1.0), 1.0)
     raise ConfigValueError(
-        f"Unknown weight schedule '{spec}'; use 'linear:start:end' or 'after:N'."
+        f"Unknown weight schedule '{spec}'; use 'linear:start:end', 'after:N' or 'epochs:E:W'."
     )
 
 
