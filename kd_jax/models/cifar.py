@@ -5,8 +5,10 @@ Architectures follow the definitions in the CRD benchmark code (HobbitLong/RepDi
 (width 0.5, "mobile_half"), ShuffleNetV1 (g = 3), ShuffleNetV2 (1x) and the CIFAR ResNet-50.
 Parameter counts match that code's (tests/test_cifar_models.py).
 
-Every model returns (logits, features) with "stem", "stage{i}" (post-ReLU stage outputs),
-"preact{i}" (the same before the final ReLU: what AB/OFD read), "pooled" and "logits". Runs of
+Every model returns (logits, features) with "stem", "stage{i}" (post-ReLU stage outputs; the
+pre-activation WRN's are its raw block-group outputs, as the references return them),
+"preact{i}" (the same before the final ReLU, for WRN the BN that reads it next: what AB/OFD
+read), "pooled" and "logits". Runs of
 identical blocks are one `nn.scan` (first and last block of a stage stay unrolled, the last so
 that its pre-ReLU output is a feature), so ResNet-110 compiles like ResNet-20.
 """
@@ -169,7 +171,9 @@ class ResNet50Cifar(nn.Module):
 
 
 class WideBlock(nn.Module):
-    """Pre-activation block (CRD `wrn.py`): BN-ReLU-conv-BN-ReLU-conv + (1x1 conv) shortcut."""
+    """Pre-activation block (CRD `wrn.py`): BN-ReLU-conv-BN-ReLU-conv + (1x1 conv) shortcut;
+    -> (out, bn1(x)): the block's own BN of its input before the ReLU (what the reference reads
+    as the previous stage's pre-ReLU feature, `block{i+1}.layer[0].bn1(f_i)`)."""
 
     planes: int
     stride: int = 1
@@ -178,16 +182,23 @@ class WideBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        act = nn.relu(bn(self.train)(x))
+        normed = bn(self.train)(x)
+        act = nn.relu(normed)
         out = nn.relu(bn(self.train)(conv(self.planes, 3, self.stride, dtype=self.dtype)(act)))
         out = conv(self.planes, 3, dtype=self.dtype)(out)
         if x.shape[-1] != self.planes:
             x = conv(self.planes, 1, self.stride, dtype=self.dtype)(act)
-        out = out + x
-        return out, out  # pre-activation design: block outputs are pre-ReLU
+        return out + x, normed
 
 
 class WideResNet(nn.Module):
+    """CRD/mdistiller `wrn.py`. Features as the references return them: "stem" the first conv,
+    "stage{i}" the raw (pre-activation) block-group outputs f_i, "preact{i}" the BN that reads
+    f_i next, before its ReLU (the next group's first bn1; the final bn1 for stage 3), computed
+    once inside that block (the references apply that BN a second time, which in train mode
+    updates its running statistics twice per step: mdistiller always, RepDistiller with
+    preact=True)."""
+
     depth: int = 16
     widen: int = 2
     num_classes: int = 100
@@ -201,12 +212,17 @@ class WideResNet(nn.Module):
         widths = (16 * self.widen, 32 * self.widen, 64 * self.widen)
         for i, (w, s) in enumerate(zip(widths, (1, 2, 2)), 1):
             kw = {"planes": w, "dtype": self.dtype}
-            x, _ = stage(WideBlock, n, {**kw, "stride": s}, kw, train, f"block{i}", x)
-            feats[f"preact{i}"] = x
-            # The next stage's first BN-ReLU sees this map; the ReLU'd view is "stage{i}".
-            feats[f"stage{i}"] = nn.relu(x)
-        x = nn.relu(bn(train, "bn_final")(x))
-        feats["stage3"] = x
+            x, normed = WideBlock(**kw, stride=s, train=train, name=f"block{i}_0")(x)
+            if i > 1:
+                feats[f"preact{i - 1}"] = normed
+            if n > 2:
+                x = repeat(WideBlock, n - 2, kw, train, f"block{i}_mid")(x)
+            if n > 1:
+                x, _ = WideBlock(**kw, train=train, name=f"block{i}_last")(x)
+            feats[f"stage{i}"] = x
+        pre = bn(train, "bn_final")(x)
+        feats["preact3"] = pre
+        x = nn.relu(pre)
         return _head(x, self.num_classes, self.dtype, feats)
 
 
