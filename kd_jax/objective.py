@@ -3,7 +3,8 @@
 A term reads a student feature and (optionally) a target by path, may pass the student feature
 through a learned adapter (FitNets' regressor; a training-only module that lives in
 `params["aux"]` and is never exported; `kd_jax.adapters`), and is weighted by
-`weight * schedule(step)`.
+`weight * schedule(step)`. An objective that takes a `step` argument gets the training step
+(TAID's interpolation schedule, `losses.taid`).
 
 Feature paths may list several features, "stage1,stage2,stage3,stage4": the term then reads a
 tuple (multi-stage objectives such as `hcl` / `pea`). A target path reads the teacher's features
@@ -249,6 +250,8 @@ class Objective:
                 args["labels"] = batch["label"]
             if "mask" in accepted and "mask" in batch:
                 args["mask"] = batch["mask"]
+            if "step" in accepted:  # step-driven objectives (TAID's interpolation schedule)
+                args["step"] = step
             try:
                 value = t.fn(**args, **t.kwargs)
             except (ValueError, TypeError) as e:

@@ -98,6 +98,11 @@ OWN_CONTRACT = {
     "chunked_topk_kl": "tests/test_chunked_kd.py",
     "topk_kl": "tests/test_chunked_kd.py",
     "topk_jsd": "tests/test_orca_data.py",
+    # LLM divergences since 2024 (DistiLLM, AKL, TAID, top-k reverse KL).
+    **{
+        name: "tests/test_llm_divergences.py"
+        for name in ("tvd", "skew_kl", "skew_reverse_kl", "akl", "taid", "topk_reverse_kl")
+    },
     "dual_path_consistency": "tests/test_seg_train.py",
     "mlm_ce": "tests/test_mlm.py",  # needs a [B, T] mask of the masked positions
     # MonoTAKD's BEV objectives take tuples and per-frame masks.

@@ -14,6 +14,7 @@ Each module below registers its objectives when imported (`@register("name")`, w
 from kd_jax.losses.chunked import chunked_kd, chunked_topk_kl, fused_kd_loss
 from kd_jax.losses.features import attention_transfer, cwd, fitnets, mse
 from kd_jax.losses.hints import ab, fsp, ft, jacobian_matching, nst, ofd, vid
+from kd_jax.losses.llm_divergences import akl, skew_kl, skew_reverse_kl, taid, tvd
 from kd_jax.losses.logit_variants import dist, kd_logit_std, tf_kd_reg
 from kd_jax.losses.logits import ce, dkd, dkd_parts, hinton_kd
 from kd_jax.losses.minilm import minilm_attention, minilm_value_relation, minilmv2_relation
@@ -34,12 +35,14 @@ from kd_jax.losses.sequence import forward_kl, generalized_jsd, reverse_kl, voca
 from kd_jax.losses.span import span_ce
 from kd_jax.losses.sparse import sparse_kl, topk_kl
 from kd_jax.losses.topk_jsd import topk_jsd
+from kd_jax.losses.topk_rkl import topk_reverse_kl
 
 __all__ = [
     "OBJECTIVES",
     "REDUCTIONS",
     "ab",
     "accepts",
+    "akl",
     "attention_transfer",
     "cc",
     "ce",
@@ -87,13 +90,18 @@ __all__ = [
     "reverse_kl",
     "rkd",
     "seg_ce",
+    "skew_kl",
+    "skew_reverse_kl",
     "sp",
     "span_ce",
     "sparse_kl",
+    "taid",
     "tf_kd_reg",
     "token_level",
     "topk_jsd",
     "topk_kl",
+    "topk_reverse_kl",
+    "tvd",
     "vid",
     "vocab_check",
     "vse_hinge",
