@@ -17,6 +17,7 @@ from kd_jax.losses.hints import ab, fsp, ft, jacobian_matching, nst, ofd, vid
 from kd_jax.losses.llm_divergences import akl, skew_kl, skew_reverse_kl, taid, tvd
 from kd_jax.losses.logit_variants import dist, kd_logit_std, tf_kd_reg
 from kd_jax.losses.logits import ce, dkd, dkd_parts, hinton_kd
+from kd_jax.losses.minillm import minillm_pg
 from kd_jax.losses.minilm import minilm_attention, minilm_value_relation, minilmv2_relation
 from kd_jax.losses.mlm import mlm_ce
 from kd_jax.losses.monotakd import (
@@ -66,6 +67,7 @@ __all__ = [
     "inbatch_similarity_kd",
     "jacobian_matching",
     "kd_logit_std",
+    "minillm_pg",
     "minilm_attention",
     "minilm_value_relation",
     "minilmv2_relation",
