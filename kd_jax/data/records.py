@@ -26,6 +26,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from kd_jax.data import topk_codec
 from kd_jax.errors import ConfigValueError, CorruptFileError, UserFileNotFoundError
 
 log = logging.getLogger("kd_jax")
@@ -207,7 +208,9 @@ def fingerprint(array: np.ndarray) -> str:
 
 def read_topk_cache(directory: str, input_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(teacher_topk_idx int32 [N, L, k], teacher_topk_logprob float32 [N, L, k]) of a top-k cache
-    written for exactly these packed rows `input_ids` [N, L] (checked by fingerprint)."""
+    written for exactly these packed rows `input_ids` [N, L] (checked by fingerprint). The
+    manifest's "format" says how rows are stored: absent or 1, raw ids and float log-probs; 2,
+    compressed (`kd_jax.data.topk_codec`, decoded here on the host to the same arrays)."""
     m = read_manifest(directory)
     if m.get("kind") != "topk_cache":
         raise ConfigValueError(f"{directory} holds a '{m.get('kind')}' dataset, not a top-k cache.")
@@ -219,10 +222,24 @@ def read_topk_cache(directory: str, input_ids: np.ndarray) -> tuple[np.ndarray, 
             f"{len(input_ids)} rows): the data settings changed. Delete the directory and rerun "
             "the topk_cache stage."
         )
+    fmt = m.get("format", 1)  # absent: the uncompressed format of the first caches
+    if fmt not in (1, topk_codec.FORMAT):
+        raise CorruptFileError(
+            f"Top-k cache {directory} has format {fmt!r}; this kd_jax reads formats 1 and "
+            f"{topk_codec.FORMAT}. Rerun the topk_cache stage with this kd_jax (or upgrade it)."
+        )
     recs = read_dataset(directory)
     order = np.argsort([r["row"] for r in recs])
     if [recs[i]["row"] for i in order] != list(range(len(input_ids))):
         raise CorruptFileError(f"Top-k cache {directory} does not hold exactly one record per row.")
-    idx = np.stack([recs[i]["topk_idx"] for i in order]).astype(np.int32)
-    lp = np.stack([recs[i]["topk_logprob"] for i in order]).astype(np.float32)
-    return idx, lp
+    if fmt == 1:
+        idx = np.stack([recs[i]["topk_idx"] for i in order]).astype(np.int32)
+        lp = np.stack([recs[i]["topk_logprob"] for i in order]).astype(np.float32)
+        return idx, lp
+    # Compressed (kd_jax.data.topk_codec): decoded here, on the host, row by row.
+    bits = topk_codec.compression_bits(m["compression"])
+    rows = [
+        topk_codec.decode_row(recs[i], k=m["k"], vocab_size=m["vocab_size"], bits=bits)
+        for i in order
+    ]
+    return np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows])

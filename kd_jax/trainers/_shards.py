@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from kd_jax import config as config_lib
 from kd_jax import models
 from kd_jax import teacher as teacher_lib
-from kd_jax.data import records
+from kd_jax.data import records, topk_codec
 from kd_jax.errors import ConfigValueError
 from kd_jax.trainers import Preempted, read_result, write_result
 
@@ -41,6 +41,7 @@ GENERATE_DEFAULTS = {
     "k": 16,
     "rows_per_shard": 64,
     "logprob_dtype": "float32",  # or "float16" (half the bytes)
+    "compression": "none",  # or "q16" | "q8" | "q4" (kd_jax.data.topk_codec; format 2)
     # both
     "seed": 0,
     "fail_after_shards": -1,  # tests: raise after writing this many shards (a simulated crash)
@@ -68,6 +69,7 @@ def settings(cfg) -> dict:
         raise ConfigValueError(
             f"generate.logprob_dtype={s['logprob_dtype']!r}: use 'float32' or 'float16'."
         )
+    topk_codec.compression_bits(s["compression"])  # a ConfigValueError naming the choices
     if cfg.get("kind") == "generate" and s["source"] != "sharegpt":
         raise ConfigValueError(f"generate.source '{s['source']}': only 'sharegpt' is supported.")
     return s

@@ -2,8 +2,11 @@
 (full-vocab log-softmax, then top-k) at every position of every packed training row of
 `config.data`, one record per row; `orca_chat(topk_cache=...)` joins them back as
 batch["teacher_topk_idx"] int32 [B, L, k] and batch["teacher_topk_logprob"] float32 [B, L, k].
-Settings: `config.generate` (k, rows_per_shard, logprob_dtype; see
-`kd_jax.trainers._shards.GENERATE_DEFAULTS`).
+Settings: `config.generate` (k, rows_per_shard, logprob_dtype, compression; see
+`kd_jax.trainers._shards.GENERATE_DEFAULTS`). compression "q16" | "q8" | "q4" writes format 2
+(`kd_jax.data.topk_codec`: ids bit-packed to ceil(log2 V) bits, log-prob gaps to the top-1 in
+that many bits with a float16 scale per position, the tail mass in 16 bits); "none" writes the
+raw format 1 (manifest without "format"). Readers decode either on the host.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kd_jax import data as data_lib
-from kd_jax.data import records
+from kd_jax.data import records, topk_codec
 from kd_jax.errors import ConfigKeyError, ConfigValueError
 from kd_jax.trainers import register
 from kd_jax.trainers._shards import load_teacher, preflight, run_shards, run_stage, settings
@@ -51,6 +54,7 @@ def topk_cache_stage(cfg, ctx) -> dict:
     idx_dtype = np.uint16 if vocab <= 1 << 16 else np.int32
     lp_dtype = np.dtype(s["logprob_dtype"])
     per = int(s["rows_per_shard"])
+    bits = topk_codec.compression_bits(s["compression"])
     manifest = {
         "kind": "topk_cache",
         "prefix": "topk",
@@ -65,6 +69,10 @@ def topk_cache_stage(cfg, ctx) -> dict:
         "teacher": ident,
         "data": {"name": cfg.data.name, "kwargs": kwargs},
     }
+    if bits:  # "none" keeps format 1's manifest, so caches written before still resume
+        del manifest["idx_dtype"], manifest["logprob_dtype"]
+        manifest.update(format=topk_codec.FORMAT, compression=s["compression"])
+        manifest["idx_bits"] = topk_codec.id_bits(vocab)
     fn = topk_fn(module, k)
     b = int(cfg.data.batch_size)
 
@@ -80,13 +88,14 @@ def topk_cache_stage(cfg, ctx) -> dict:
                 )
             )
             for j, row in enumerate(range(start, min(start + b, hi))):
-                out.append(
-                    {
-                        "row": row,
+                if bits:
+                    arrays = topk_codec.encode_row(ix[j], lp[j], vocab_size=vocab, bits=bits)
+                else:
+                    arrays = {
                         "topk_idx": ix[j].astype(idx_dtype),
                         "topk_logprob": lp[j].astype(lp_dtype),
                     }
-                )
+                out.append({"row": row, **arrays})
         return out
 
     out = run_shards(directory, manifest, make_shard, s, ctx.stop)
@@ -94,6 +103,7 @@ def topk_cache_stage(cfg, ctx) -> dict:
     out.update(
         rows=n,
         k=k,
+        compression=s["compression"],
         tokens=real,
         slots=int(rows["segment_ids"].size),
         bytes_per_token=out["bytes"] / max(real, 1),
