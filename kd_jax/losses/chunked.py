@@ -60,42 +60,114 @@ class _Spec:
     kernel_dtype: np.dtype
 
 
+# ------------------------------------------------------------------ reductions over the vocabulary
+@dataclasses.dataclass(frozen=True)
+class VocabReduce:
+    """Reductions over the vocabulary (last) axis of per-token arrays [..., V_local].
+
+    Every divergence below reads the vocabulary only through these, so one formula serves both
+    paths. axis=None (`WHOLE_VOCAB`): the whole vocabulary is on this device, V_local = V, and a
+    reduction is the plain one (`x.sum(-1)`, `jax.nn.log_softmax`). axis='<mesh axis>': inside a
+    `shard_map` over that axis, each device holds the contiguous slice of global ids
+    [offset, offset + V_local) with offset = axis_index * V_local, and a reduction is the local
+    one combined across the shards by `psum` / `pmax` (see `kd_jax.losses.vocab_parallel`).
+    Element-wise work (exp, where, q - p) needs nothing: it is the same on every slice.
+    """
+
+    axis: str | None = None
+
+    def sum(self, x):
+        """sum over the vocabulary: [..., V_local] -> [...]."""
+        s = jnp.sum(x, axis=-1)
+        return s if self.axis is None else jax.lax.psum(s, self.axis)
+
+    def max(self, x):
+        m = jnp.max(x, axis=-1)
+        return m if self.axis is None else jax.lax.pmax(m, self.axis)
+
+    def logsumexp(self, x):
+        """log sum_j exp(x_j) over the vocabulary (-inf for an all -inf row)."""
+        if self.axis is None:
+            return jax.nn.logsumexp(x, axis=-1)
+        m = jax.lax.stop_gradient(self.max(x))
+        m = jnp.where(jnp.isfinite(m), m, 0.0)
+        return jnp.log(self.sum(jnp.exp(x - m[..., None]))) + m
+
+    def log_softmax(self, z):
+        if self.axis is None:
+            return jax.nn.log_softmax(z, axis=-1)
+        return z - self.logsumexp(z)[..., None]
+
+    def offset(self, v_local: int):
+        """The global id of this device's first vocabulary column."""
+        return 0 if self.axis is None else jax.lax.axis_index(self.axis) * v_local
+
+    def ids(self, v_local: int):
+        """Global ids [V_local] of this device's columns."""
+        return jnp.arange(v_local) + self.offset(v_local)
+
+    def take(self, x, idx):
+        """x [..., V_local] at global ids idx [..., k] -> [..., k] (every device gets all k)."""
+        if self.axis is None:
+            return jnp.take_along_axis(x, idx, axis=-1)
+        v = x.shape[-1]
+        local = idx - self.offset(v)
+        inside = (local >= 0) & (local < v)
+        got = jnp.take_along_axis(x, jnp.clip(local, 0, v - 1), axis=-1)
+        return jax.lax.psum(jnp.where(inside, got, 0.0), self.axis)
+
+    def scatter(self, shape, idx, values):
+        """zeros(shape) [..., V_local] with `values` [..., k] added at global ids `idx` [..., k];
+        ids on other devices' slices are dropped."""
+        if self.axis is None:
+            return scatter_last(shape, idx, values)
+        v = shape[-1]
+        local = idx - self.offset(v)
+        inside = (local >= 0) & (local < v)
+        return scatter_last(shape, jnp.clip(local, 0, v - 1), jnp.where(inside, values, 0))
+
+
+WHOLE_VOCAB = VocabReduce()
+
+
 # ------------------------------------------------------------------ per-chunk loss and gradient
 def _xlogy_diff(p, log_p, log_q):
     """p * (log p - log q), 0 where p = 0 (keeps -inf - -inf out)."""
     return jnp.where(p > 0, p * (log_p - log_q), 0.0)
 
 
-def _softmax_vjp(q, a):
+def _softmax_vjp(q, a, vocab: VocabReduce = WHOLE_VOCAB):
     """Gradient wrt the logits s of sum_j f_j(q) with df/dq_j = a_j, q = softmax(s)."""
-    return q * (a - jnp.sum(q * a, axis=-1, keepdims=True))
+    return q * (a - vocab.sum(q * a)[..., None])
 
 
-def divergence_and_grad(name: str, beta: float, ls, lt):
-    """Per-token D and dD/ds (s = student logits / tau) from log-probs `ls` (student) and `lt`
-    (teacher) [..., V]; the same formulas (and -inf handling) as `kd_jax.losses.sequence`."""
+def divergence_and_grad(name: str, beta: float, ls, lt, vocab: VocabReduce = WHOLE_VOCAB):
+    """Per-token D and dD/ds (s = student logits / tau) from normalized log-probs `ls` (student)
+    and `lt` (teacher) [..., V_local]; the same formulas (and -inf handling) as
+    `kd_jax.losses.sequence`. Every sum over the vocabulary is `vocab.sum` (a psum across the
+    shards under `vocab_parallel`), everything else is element-wise."""
     q, p = jnp.exp(ls), jnp.exp(lt)
     if name == "generalized_jsd" and beta == 0.0:
         name = "forward_kl"
     if name == "generalized_jsd" and beta == 1.0:
         name = "reverse_kl"
     if name == "forward_kl":
-        return jnp.sum(_xlogy_diff(p, lt, ls), -1), q - p
+        return vocab.sum(_xlogy_diff(p, lt, ls)), q - p
     if name == "reverse_kl":
         a = jnp.where(q > 0, ls - lt, 0.0)
-        return jnp.sum(q * a, -1), _softmax_vjp(q, a)
+        return vocab.sum(q * a), _softmax_vjp(q, a, vocab)
     if name == "generalized_jsd":
         none = jnp.isneginf(lt) & jnp.isneginf(ls)
         log_m = jnp.logaddexp(
             jnp.where(none, 0.0, lt + np.log(beta)), jnp.where(none, 0.0, ls + np.log1p(-beta))
         )
         log_m = jnp.where(none, -jnp.inf, log_m)
-        value = beta * jnp.sum(_xlogy_diff(p, lt, log_m), -1) + (1.0 - beta) * jnp.sum(
-            _xlogy_diff(q, ls, log_m), -1
+        value = beta * vocab.sum(_xlogy_diff(p, lt, log_m)) + (1.0 - beta) * vocab.sum(
+            _xlogy_diff(q, ls, log_m)
         )
         # dD/dq_j = (1 - beta) (log q_j - log M_j); the p-side terms do not depend on q.
         a = jnp.where(q > 0, (1.0 - beta) * (ls - log_m), 0.0)
-        return value, _softmax_vjp(q, a)
+        return value, _softmax_vjp(q, a, vocab)
     raise ConfigValueError(f"Unknown divergence '{name}'; use one of {DIVERGENCES}.")
 
 
@@ -108,40 +180,43 @@ def scatter_last(shape, idx, values):
     return flat.reshape(shape)
 
 
-def topk_kl_and_grad(tail: str, ls, idx, logprob, temperature: float):
-    """Sparse forward KL per token and its gradient wrt s = z / tau (see `sparse.topk_kl`)."""
+def topk_kl_and_grad(
+    tail: str, ls, idx, logprob, temperature: float, vocab: VocabReduce = WHOLE_VOCAB
+):
+    """Sparse forward KL per token and its gradient wrt s = z / tau (see `sparse.topk_kl`).
+
+    ls: student log-probs [..., V_local]; idx: global top-k ids [..., k]; logprob [..., k]."""
     q = jnp.exp(ls)
-    ls_k = jnp.take_along_axis(ls, idx, axis=-1)
+    ls_k = vocab.take(ls, idx)
     if tail == "renormalize":
         lt = jax.nn.log_softmax(logprob.astype(jnp.float32) / temperature, axis=-1)
         pt = jnp.exp(lt)
         value = jnp.sum(_xlogy_diff(pt, lt, ls_k), -1)
-        return value, q - scatter_last(ls.shape, idx, pt)
+        return value, q - vocab.scatter(ls.shape, idx, pt)
     if tail != "bucket":
         raise ConfigValueError(f"Unknown tail '{tail}'; use one of {TAILS}.")
     lt = logprob.astype(jnp.float32)
     pt = jnp.exp(lt)
-    in_k = scatter_last(ls.shape, idx, jnp.ones_like(pt)) > 0
-    has_tail = ~jnp.all(in_k, axis=-1)
+    in_k = vocab.scatter(ls.shape, idx, jnp.ones_like(pt)) > 0
+    has_tail = vocab.sum(jnp.where(in_k, 0.0, 1.0)) > 0
     p_tail = jnp.where(has_tail, jnp.clip(1.0 - jnp.sum(pt, -1), 0.0, 1.0), 0.0)
-    lq_tail = jax.nn.logsumexp(
-        jnp.where(has_tail[..., None], jnp.where(in_k, -jnp.inf, ls), ls), axis=-1
-    )
+    lq_tail = vocab.logsumexp(jnp.where(has_tail[..., None], jnp.where(in_k, -jnp.inf, ls), ls))
     tail_term = jnp.where(p_tail > 0, p_tail * (jnp.log(jnp.maximum(p_tail, 1e-38)) - lq_tail), 0)
     value = jnp.sum(_xlogy_diff(pt, lt, ls_k), -1) + tail_term
     # dD/dq_j = -p_j / q_j in the top-k, -p_tail / q_tail outside; through the softmax that is
     # q - p (top-k) and q - p_tail * q / q_tail (tail).
     tail_grad = jnp.where(in_k, 0.0, q * (p_tail * jnp.exp(-lq_tail))[..., None])
-    return value, q - scatter_last(ls.shape, idx, pt) - tail_grad
+    return value, q - vocab.scatter(ls.shape, idx, pt) - tail_grad
 
 
-def _chunk_loss_and_grad(spec: _Spec, zs, tok, glob):
-    """Per-token loss [B, Tc] and its gradient wrt the student logits zs [B, Tc, V]."""
+def _chunk_loss_and_grad(spec: _Spec, zs, tok, glob, vocab: VocabReduce = WHOLE_VOCAB):
+    """Per-token loss [B, Tc] and its gradient wrt the student logits zs [B, Tc, V_local]
+    (glob["t_kernel"] is then the teacher's [Dt, V_local] slice)."""
     tau = spec.temperature
     loss = jnp.zeros(zs.shape[:-1], jnp.float32)
     dz = jnp.zeros_like(zs)
     if spec.divergence != "none":
-        ls = jax.nn.log_softmax(zs / tau, axis=-1)
+        ls = vocab.log_softmax(zs / tau)
         if spec.teacher == "dense":
             ht = tok["t_hidden"]
             zt = jnp.einsum(
@@ -150,17 +225,17 @@ def _chunk_loss_and_grad(spec: _Spec, zs, tok, glob):
                 glob["t_kernel"].astype(ht.dtype),
                 preferred_element_type=jnp.float32,
             )
-            lt = jax.nn.log_softmax(zt / tau, axis=-1)
-            value, ds = divergence_and_grad(spec.divergence, spec.beta, ls, lt)
+            lt = vocab.log_softmax(zt / tau)
+            value, ds = divergence_and_grad(spec.divergence, spec.beta, ls, lt, vocab)
         else:
-            value, ds = topk_kl_and_grad(spec.tail, ls, tok["t_idx"], tok["t_logprob"], tau)
+            value, ds = topk_kl_and_grad(spec.tail, ls, tok["t_idx"], tok["t_logprob"], tau, vocab)
         loss = loss + (spec.kd_weight * tau**2) * value
         dz = dz + (spec.kd_weight * tau) * ds  # d/dz = (1 / tau) d/ds
     if spec.ce_weight:
-        lz = jax.nn.log_softmax(zs, axis=-1)
+        lz = vocab.log_softmax(zs)
         labels = tok["labels"][..., None]
-        loss = loss - spec.ce_weight * jnp.take_along_axis(lz, labels, axis=-1)[..., 0]
-        onehot = jnp.arange(zs.shape[-1]) == labels
+        loss = loss - spec.ce_weight * vocab.take(lz, labels)[..., 0]
+        onehot = vocab.ids(zs.shape[-1]) == labels
         dz = dz + spec.ce_weight * (jnp.exp(lz) - onehot)
     return loss, dz
 
