@@ -41,7 +41,8 @@ _FREE_FORM = (
     "evaluator_kwargs",
     "evals",
 )
-# config.on_policy (stage kind "gkd", kd_jax.trainers.gkd): fraction 0 = off.
+# config.on_policy (stage kind "gkd", kd_jax.trainers.gkd): fraction 0 = off; teacher_mix > 0
+# samples from teacher_mix * teacher + (1 - teacher_mix) * student (MiniLLM).
 ON_POLICY_DEFAULTS = {
     "fraction": 0.0,
     "max_new_tokens": 16,
@@ -49,6 +50,7 @@ ON_POLICY_DEFAULTS = {
     "top_p": 1.0,
     "stop_tokens": (),
     "pad_id": 0,
+    "teacher_mix": 0.0,
 }
 # config.mlm (stage kind "mlm", kd_jax.trainers.mlm): BERT masking (arXiv:1810.04805, Sec. 3.1);
 # token ids of the bert-base-uncased vocabulary ([PAD] 0, [CLS] 101, [SEP] 102, [MASK] 103).

@@ -162,11 +162,19 @@ def student_variables(state: TrainState) -> dict:
 
 
 # -------------------------------------------------------------------- Step
-def make_seed_step(stage: Stage, cached: bool, transform_batch: Callable | None = None):
+def make_seed_step(
+    stage: Stage,
+    cached: bool,
+    transform_batch: Callable | None = None,
+    *,
+    transform_reads_teacher: bool = False,
+):
     """One seed's step `(state, teacher_vars, batch) -> (state, metrics)`.
 
     `transform_batch(state, batch, rng) -> (batch, metrics)` (optional) rewrites the batch
-    inside the step, before the teacher and student run on it (GKD's on-policy samples)."""
+    inside the step, before the teacher and student run on it (GKD's on-policy samples); with
+    `transform_reads_teacher` it is called with this seed's teacher variables as a fourth
+    argument (MiniLLM's teacher-mixed sampling)."""
     cfg, student, objective, tx = stage.cfg, stage.student, stage.objective, stage.tx
     skip = bool(cfg.skip_nonfinite)
     t_paths = objective.teacher_paths
@@ -175,7 +183,8 @@ def make_seed_step(stage: Stage, cached: bool, transform_batch: Callable | None 
         rng, dropout_rng = jax.random.split(state.rng)
         extra = {}
         if transform_batch is not None:
-            batch, extra = transform_batch(state, batch, dropout_rng)
+            more = (t_vars,) if transform_reads_teacher else ()
+            batch, extra = transform_batch(state, batch, dropout_rng, *more)
         x = batch_inputs(batch, stage.student_inputs)
         if cached:
             t_feats = batch["teacher"]
