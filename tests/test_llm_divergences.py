@@ -292,3 +292,114 @@ def test_topk_reverse_kl_errors():
         topk_reverse_kl(student=s, teacher=_topk(t, 3), temperature=2.0)
     with pytest.raises(ValueError, match="pair"):
         topk_reverse_kl(student=s, teacher=t)
+
+
+# ---------------------------------------------------------------- chunked == dense
+CHUNKED = [
+    ("tvd", {}, 1.0),
+    ("skew_kl", {"alpha": 0.1}, 2.0),
+    ("skew_reverse_kl", {"alpha": 0.3}, 1.0),
+    ("akl", {"mu": 0.5}, 1.5),
+    ("taid", {"t_start": 0.4, "t_end": 1.0, "schedule": "linear:0:10"}, 2.0),
+]
+
+
+@pytest.mark.parametrize("div,kw,tau", CHUNKED)
+def test_chunked_equals_dense_loss_and_grads(div, kw, tau):
+    from kd_jax.losses import chunked
+    from tests.test_chunked_kd import GRAD_RTOL, _inputs, _kd_rtol, _rel
+    from tests.test_chunked_kd import _logits as lm_logits
+
+    hs, ws, ht, wt, _, mask = _inputs(1)
+    dense_fn = llm_divergences.__dict__[div]
+    step = jnp.int32(4)  # traced: TAID's t = 0.4 + 0.6 * 4 / 10 inside the compiled step
+
+    def dense(hs, ws, step):
+        zs, zt = lm_logits(hs, ws), lm_logits(ht, wt)
+        e = {"step": step} if div == "taid" else {}
+        return dense_fn(student=zs, teacher=zt, mask=mask, temperature=tau, **kw, **e)
+
+    def fused(hs, ws, step):
+        e = {"step": step} if div == "taid" else {}
+        return chunked.chunked_kd(
+            student=(hs, ws), teacher=(ht, wt), mask=mask, divergence=div, temperature=tau,
+            chunk_size=6, **kw, **e,
+        )  # fmt: skip
+
+    want, (dh, dw) = jax.jit(jax.value_and_grad(dense, (0, 1)))(hs, ws, step)
+    got, (gh, gw) = jax.jit(jax.value_and_grad(fused, (0, 1)))(hs, ws, step)
+    rtol = _kd_rtol(want, lm_logits(hs, ws), lm_logits(ht, wt), tau=tau)
+    assert _rel(got, want) < rtol
+    assert _rel(gh, dh) < GRAD_RTOL and _rel(gw, dw) < GRAD_RTOL
+    assert float(want) > 0
+
+
+def test_chunked_topk_reverse_kl_equals_dense_and_k_equal_v():
+    from kd_jax.losses import chunked
+    from tests.test_chunked_kd import GRAD_RTOL, _inputs, _kd_rtol, _rel
+    from tests.test_chunked_kd import _logits as lm_logits
+
+    hs, ws, ht, wt, _, mask = _inputs(2)
+    zs, zt = lm_logits(hs, ws), lm_logits(ht, wt)
+    v = zs.shape[-1]
+
+    def ch(hs, ws, idx, lp):
+        return chunked.chunked_topk_kl(
+            student=(hs, ws), teacher=(idx, lp), mask=mask, divergence="reverse_kl",
+            tail="bucket", chunk_size=4,
+        )  # fmt: skip
+
+    for k in (4, v):
+        idx, lp = _topk(zt, k)
+        dense = lambda hs, ws, idx=idx, lp=lp: topk_reverse_kl(  # noqa: E731
+            student=lm_logits(hs, ws), teacher=(idx, lp), mask=mask
+        )
+        want, want_g = jax.jit(jax.value_and_grad(dense, (0, 1)))(hs, ws)
+        got, got_g = jax.jit(jax.value_and_grad(ch, (0, 1)))(hs, ws, idx, lp)
+        rtol = _kd_rtol(want, zs, zt)
+        assert _rel(got, want) < rtol
+        assert all(_rel(g, w) < GRAD_RTOL for g, w in zip(got_g, want_g))
+        if k == v:  # dense == chunked == top-k at k = V
+            rkl = sequence.reverse_kl(student=zs, teacher=zt, mask=mask)
+            assert _rel(got, rkl) < rtol
+    with pytest.raises(ValueError, match="bucket"):  # the default tail is 'renormalize'
+        chunked.chunked_topk_kl(student=(hs, ws), teacher=_topk(zt, 4), divergence="reverse_kl")
+
+
+def test_vocab_sharded_formulas_equal_whole_vocabulary():
+    # The chunked formulas read the vocabulary only through VocabReduce: on 4 shards of V = 12
+    # (psum / pmax across a shard_map axis) they give the whole-vocabulary value and gradient.
+    from jax.sharding import PartitionSpec as P
+
+    from kd_jax.losses.chunked import WHOLE_VOCAB, VocabReduce
+    from kd_jax.losses.chunked_divergences import (
+        extra_divergence_and_grad,
+    )
+    from kd_jax.losses.chunked_divergences import (
+        topk_reverse_kl_and_grad as rkl_grad,
+    )
+
+    mesh = jax.make_mesh((4,), ("v",), axis_types=(jax.sharding.AxisType.Auto,))
+    s, t = _logits(30, shape=(2, 3, 12)), _logits(31, shape=(2, 3, 12))
+    ls, lt = jax.nn.log_softmax(s, -1), jax.nn.log_softmax(t, -1)
+    idx, lp = _topk(t, 5)
+    sharded_vocab = VocabReduce(axis="v")
+    vspec, rep = P(None, None, "v"), P()
+    for name, kw in (("tvd", {}), ("skew_kl", {"alpha": 0.2}), ("skew_reverse_kl", {"alpha": 0.2}),
+                     ("akl", {"mu": 0.5}), ("taid", {"t": 0.7})):  # fmt: skip
+        whole = extra_divergence_and_grad(name, ls, lt, WHOLE_VOCAB, **kw)
+        f = jax.shard_map(
+            lambda a, b, name=name, kw=kw: extra_divergence_and_grad(
+                name, a, b, sharded_vocab, **kw
+            ),
+            mesh=mesh, in_specs=(vspec, vspec), out_specs=(rep, vspec),
+        )  # fmt: skip
+        got = jax.jit(f)(ls, lt)
+        for g, w in zip(got, whole):
+            np.testing.assert_allclose(g, w, atol=f32_tol(12), err_msg=name)
+    f = jax.shard_map(
+        lambda a, i, p: rkl_grad(a, i, p, sharded_vocab),
+        mesh=mesh, in_specs=(vspec, rep, rep), out_specs=(rep, vspec),
+    )  # fmt: skip
+    for g, w in zip(jax.jit(f)(ls, idx, lp), rkl_grad(ls, idx, lp, WHOLE_VOCAB)):
+        np.testing.assert_allclose(g, w, atol=f32_tol(12))

@@ -15,7 +15,9 @@ Per-token loss (float32 inside, whatever the input dtype), for a position whose 
 are z and teacher logits zt, at temperature tau:
     l = kd_weight * tau^2 * D(softmax(zt / tau), softmax(z / tau)) + ce_weight * CE(z, label)
 with D one of 'forward_kl', 'reverse_kl', 'generalized_jsd' (beta), exactly as in
-`kd_jax.losses.sequence` (the same T^2 factor, the same beta = 0 / 1 endpoints); CE is at
+`kd_jax.losses.sequence` (the same T^2 factor, the same beta = 0 / 1 endpoints), or 'tvd',
+'skew_kl', 'skew_reverse_kl' (alpha), 'akl' (mu), 'taid' (taid_t) as in
+`kd_jax.losses.llm_divergences` (formulas in `kd_jax.losses.chunked_divergences`); CE is at
 temperature 1. `divergence='none'` leaves CE alone (chunked SFT). The reduction matches
 `reduce_loss`: 'mean' = sum(l * mask) / max(sum(mask), 1), a token-level mean over the masked
 tokens of the whole batch; 'sum' = sum(l * mask). 'none' is not offered: a per-token output
@@ -23,7 +25,8 @@ would need the backward pass to redo the matmuls.
 
 Teacher top-k (offline cache; see `kd_jax.losses.sparse`): pass `teacher_topk_idx` int [B, T, k]
 and `teacher_topk_logprob` float [B, T, k] instead of the teacher hidden/kernel; the divergence is
-then the sparse forward KL of `sparse.topk_kl` (tail='renormalize' or 'bucket').
+then the sparse forward KL of `sparse.topk_kl` (tail='renormalize' or 'bucket'), or with
+divergence='reverse_kl' the bucket reverse KL of `topk_rkl.topk_reverse_kl` (tail='bucket').
 
 Matmuls: the kernel is cast to the hidden dtype (as `Llama.logits_from_hidden` does), with float32
 accumulation; the gradients wrt the kernel accumulate in float32 and are cast to its dtype.
@@ -39,10 +42,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from kd_jax.errors import ConfigValueError
+from kd_jax.losses.chunked_divergences import (
+    EXTRA,
+    extra_divergence_and_grad,
+    topk_reverse_kl_and_grad,
+)
+from kd_jax.losses.llm_divergences import taid_t as _taid_t
 from kd_jax.losses.reduce import _align_mask
 from kd_jax.losses.registry import register
 
-DIVERGENCES = ("forward_kl", "reverse_kl", "generalized_jsd", "none")
+DIVERGENCES = ("forward_kl", "reverse_kl", "generalized_jsd", *EXTRA, "none")
 TAILS = ("renormalize", "bucket")
 
 
@@ -58,6 +67,8 @@ class _Spec:
     positions: int  # positions of every row per chunk
     hidden_dtype: np.dtype
     kernel_dtype: np.dtype
+    alpha: float = 0.1  # skew_kl / skew_reverse_kl
+    mu: float = 0.5  # akl
 
 
 # ------------------------------------------------------------------ reductions over the vocabulary
@@ -226,7 +237,15 @@ def _chunk_loss_and_grad(spec: _Spec, zs, tok, glob, vocab: VocabReduce = WHOLE_
                 preferred_element_type=jnp.float32,
             )
             lt = vocab.log_softmax(zt / tau)
-            value, ds = divergence_and_grad(spec.divergence, spec.beta, ls, lt, vocab)
+            if spec.divergence in EXTRA:
+                value, ds = extra_divergence_and_grad(
+                    spec.divergence, ls, lt, vocab, alpha=spec.alpha, mu=spec.mu,
+                    t=glob.get("taid_t"),
+                )  # fmt: skip
+            else:
+                value, ds = divergence_and_grad(spec.divergence, spec.beta, ls, lt, vocab)
+        elif spec.divergence == "reverse_kl":
+            value, ds = topk_reverse_kl_and_grad(ls, tok["t_idx"], tok["t_logprob"], vocab)
         else:
             value, ds = topk_kl_and_grad(spec.tail, ls, tok["t_idx"], tok["t_logprob"], tau, vocab)
         loss = loss + (spec.kd_weight * tau**2) * value
@@ -342,6 +361,9 @@ def fused_kd_loss(
     tail: str = "renormalize",
     reduction: str = "mean",
     chunk_size: int = 2048,
+    alpha: float = 0.1,
+    mu: float = 0.5,
+    taid_t=None,
 ):
     """Chunked, fused LM head + token-level divergence (+ CE); see the module docstring.
 
@@ -352,7 +374,10 @@ def fused_kd_loss(
       teacher_topk_idx, teacher_topk_logprob: [B, T, k] instead of the teacher hidden/kernel.
       labels: int [B, T] next-token ids, needed when ce_weight != 0.
       mask: 0/1 [B, T] (or [B]); 1 = the position's next-token prediction counts.
-      divergence: 'forward_kl' | 'reverse_kl' | 'generalized_jsd' (with `beta`) | 'none'.
+      divergence: 'forward_kl' | 'reverse_kl' | 'generalized_jsd' (with `beta`) | 'tvd' |
+        'skew_kl' | 'skew_reverse_kl' (with `alpha` in [0, 1)) | 'akl' (with `mu` in (0, 1)) |
+        'taid' (with `taid_t`, TAID's t in [0, 1], a number or traced scalar) | 'none'; a top-k
+        teacher takes 'forward_kl' or 'reverse_kl' (tail='bucket').
       temperature: tau > 0 (a Python number); the divergence is taken at tau and times tau^2.
       kd_weight, ce_weight: l = kd_weight * tau^2 * D + ce_weight * CE.
       tail: top-k teacher only, 'renormalize' or 'bucket' (see `sparse.topk_kl`).
@@ -374,6 +399,12 @@ def fused_kd_loss(
         raise ConfigValueError(f"beta must be a Python number in [0, 1], got {beta!r}.")
     if tail not in TAILS:
         raise ConfigValueError(f"Unknown tail '{tail}'; use one of {TAILS}.")
+    if not isinstance(alpha, int | float) or not 0.0 <= alpha < 1.0:
+        raise ConfigValueError(f"alpha must be a Python number in [0, 1), got {alpha!r}.")
+    if not isinstance(mu, int | float) or not 0.0 < mu < 1.0:
+        raise ConfigValueError(f"mu must be a Python number in (0, 1), got {mu!r}.")
+    if divergence == "taid" and taid_t is None:
+        raise ConfigValueError("divergence 'taid' needs taid_t (see llm_divergences.taid_t).")
     hs, ws = _as_btd(student_hidden, "student_hidden"), jnp.asarray(student_kernel)
     lead = tuple(hs.shape[:2])
     if ws.ndim != 2 or ws.shape[0] != hs.shape[-1]:
@@ -400,6 +431,8 @@ def fused_kd_loss(
                 )
             tok["t_hidden"] = jax.lax.stop_gradient(ht)
             glob["t_kernel"] = jax.lax.stop_gradient(wt)
+            if divergence == "taid":
+                glob["taid_t"] = jax.lax.stop_gradient(jnp.asarray(taid_t, jnp.float32))
         elif teacher_topk_idx is not None and teacher_topk_logprob is not None:
             teacher = "topk"
             idx = jnp.asarray(teacher_topk_idx).astype(jnp.int32).reshape(*lead, -1)
@@ -407,6 +440,16 @@ def fused_kd_loss(
             if tail == "bucket" and temperature != 1:
                 raise ConfigValueError(
                     "tail='bucket' needs temperature=1 (the tail mass is at T=1)."
+                )
+            if divergence not in ("forward_kl", "reverse_kl"):
+                raise ConfigValueError(
+                    f"a top-k teacher takes divergence 'forward_kl' or 'reverse_kl', got "
+                    f"'{divergence}'."
+                )
+            if divergence == "reverse_kl" and tail != "bucket":
+                raise ConfigValueError(
+                    "top-k reverse KL needs tail='bucket': a teacher renormalised over its "
+                    "top-k has no tail mass, so the reverse KL would be infinite."
                 )
             tok["t_idx"], tok["t_logprob"] = idx, jax.lax.stop_gradient(lp)
         else:
@@ -431,6 +474,8 @@ def fused_kd_loss(
         max(1, -(-int(chunk_size) // lead[0])),
         jnp.dtype(hs.dtype),
         jnp.dtype(ws.dtype),
+        float(alpha),
+        float(mu),
     )
     return _fused(spec, hs, ws, jax.lax.stop_gradient(weights), tok, glob)
 
@@ -457,14 +502,22 @@ def chunked_kd(
     beta: float = 0.5,
     ce_weight: float = 0.0,
     chunk_size: int = 2048,
+    alpha: float = 0.1,
+    mu: float = 0.5,
+    t_start: float = 0.4,
+    t_end: float = 1.0,
+    schedule: str | None = None,
+    step=None,
 ):
     """Objective form of `fused_kd_loss` for config terms.
 
     student: (hidden [B, T, D], kernel [D, V]), e.g. term student=("hidden", "lm_head").
     teacher: (hidden [B, T, Dt], kernel [Dt, V]) (teacher=("hidden", "lm_head")), or None with
       divergence='none'. labels (batch["label"], next-token ids) only for ce_weight != 0.
-    Same value as sequence.<divergence>(logits) + ce_weight * ce(logits, labels) with the same
-    mask and 'mean' reduction, without building [B, T, V].
+    Same value as sequence.<divergence>(logits) (or llm_divergences.<divergence>) +
+    ce_weight * ce(logits, labels) with the same mask and 'mean' reduction, without building
+    [B, T, V]. alpha, mu, and TAID's t_start / t_end / schedule (with the training step, which
+    the composer passes) as in `llm_divergences`.
     """
     hs, ws = _pair(student, "student")
     ht = wt = None
@@ -483,6 +536,9 @@ def chunked_kd(
         ce_weight=ce_weight,
         reduction=reduction,
         chunk_size=chunk_size,
+        alpha=alpha,
+        mu=mu,
+        taid_t=_taid_t(t_start, t_end, schedule, step) if divergence == "taid" else None,
     )
 
 
@@ -496,8 +552,10 @@ def chunked_topk_kl(
     temperature: float = 1.0,
     tail: str = "renormalize",
     chunk_size: int = 2048,
+    divergence: str = "forward_kl",
 ):
-    """Sparse top-k KL (`sparse.topk_kl`) with the student LM head applied chunk by chunk.
+    """Sparse top-k KL (`sparse.topk_kl`) with the student LM head applied chunk by chunk;
+    divergence='reverse_kl' (with tail='bucket') is `topk_rkl.topk_reverse_kl`.
 
     student: (hidden, kernel); teacher: (top-k idx [B, T, k], top-k log-probs [B, T, k]), e.g.
     teacher=("batch:teacher_topk_idx", "batch:teacher_topk_logprob").
@@ -510,6 +568,7 @@ def chunked_topk_kl(
         teacher_topk_idx=idx,
         teacher_topk_logprob=lp,
         mask=mask,
+        divergence=divergence,
         temperature=temperature,
         tail=tail,
         reduction=reduction,

@@ -25,55 +25,18 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from kd_jax.errors import ConfigValueError
+from kd_jax.losses.chunked import WHOLE_VOCAB
+from kd_jax.losses.chunked_divergences import topk_reverse_kl_and_grad as _topk_rkl
 from kd_jax.losses.reduce import reduce_loss
 from kd_jax.losses.registry import register
 
-TINY = float(np.finfo(np.float32).tiny)
-
-
-def _in_topk(shape, idx):
-    """bool [..., V]: True at the top-k ids."""
-    k, v = idx.shape[-1], shape[-1]
-    flat = jax.vmap(lambda i: jnp.zeros((v,), bool).at[i].set(True))(idx.reshape(-1, k))
-    return flat.reshape(shape)
-
 
 def topk_reverse_kl_and_grad(ls, idx, logprob):
-    """Per-token bucket reverse KL and its gradient wrt the student logits s, from the student's
-    log-probs `ls` [..., V] (log_softmax(s)) and the cache (module docstring).
-
-    With a_i = log q_i - log p_i on the top-k and a_j = log q_tail - log p_tail off it, the value
-    is sum_i q_i a_i and, through the softmax, dD/ds = q * (a - sum_j q_j a_j)."""
-    q = jnp.exp(ls)
-    lp = logprob.astype(jnp.float32)
-    in_k = _in_topk(ls.shape, idx)
-    has_tail = ~jnp.all(in_k, axis=-1)
-    # Without a tail the logsumexp runs over ls itself (finite), and the term is masked out.
-    lq_tail = jax.nn.logsumexp(jnp.where(has_tail[..., None] & in_k, -jnp.inf, ls), axis=-1)
-    lp_tail = jnp.log(jnp.maximum(1.0 - jnp.sum(jnp.exp(lp), axis=-1), TINY))
-    ls_k = jnp.take_along_axis(ls, idx, axis=-1)
-    q_k = jnp.exp(ls_k)
-    head = jnp.sum(q_k * jnp.where(q_k > 0, ls_k - lp, 0.0), axis=-1)
-    q_tail = jnp.where(has_tail, jnp.exp(lq_tail), 0.0)
-    tail_a = jnp.where(q_tail > 0, lq_tail - lp_tail, 0.0)
-    value = head + q_tail * tail_a
-    # a over the vocabulary: the tail's a everywhere, then the top-k entries written over it.
-    a_k = jnp.where(q_k > 0, ls_k - lp, 0.0)
-    a = jnp.broadcast_to(jnp.where(has_tail, tail_a, 0.0)[..., None], ls.shape)
-    a = jnp.where(in_k, _scatter(ls.shape, idx, a_k), a)
-    a = jnp.where(q > 0, a, 0.0)
-    return value, q * (a - jnp.sum(q * a, axis=-1, keepdims=True))
-
-
-def _scatter(shape, idx, values):
-    k, v = idx.shape[-1], shape[-1]
-    flat = jax.vmap(lambda i, x: jnp.zeros((v,), values.dtype).at[i].set(x))(
-        idx.reshape(-1, k), values.reshape(-1, k)
-    )
-    return flat.reshape(shape)
+    """Per-token bucket reverse KL and its gradient wrt the student logits, over the whole
+    vocabulary (`chunked_divergences.topk_reverse_kl_and_grad`, which the chunked loss runs)."""
+    return _topk_rkl(ls, idx, logprob, WHOLE_VOCAB)
 
 
 def check_topk(student_shape, idx, lp) -> None:
