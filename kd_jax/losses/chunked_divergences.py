@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kd_jax.errors import ConfigValueError
+
 EXTRA = ("tvd", "skew_kl", "skew_reverse_kl", "akl", "taid")
 TINY = float(np.finfo(np.float32).tiny)
 
@@ -99,7 +101,7 @@ def extra_divergence_and_grad(name: str, ls, lt, vocab, *, alpha=0.1, mu=0.5, t=
         lr = vocab.log_softmax(jnp.where(none, -jnp.inf, z))
         r = jnp.exp(lr)
         return vocab.sum(_kl_terms(r, lr, ls)), q - r
-    raise ValueError(f"not one of {EXTRA}: {name}")  # callers validate the name first
+    raise ConfigValueError(f"Unknown divergence '{name}'; use one of {EXTRA}.")
 
 
 def topk_reverse_kl_and_grad(ls, idx, logprob, vocab):
