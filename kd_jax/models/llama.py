@@ -341,6 +341,34 @@ class PackedLlama(Llama):
         )
 
 
+def tensor_parallel_rules(prefix: str = "student/") -> tuple[tuple[str, str], ...]:
+    """Megatron-style tensor parallelism over the mesh's model axis, as `sharding.tree_shardings`
+    rules for the params under `prefix` ("student/" in a stage's train state, "" for a
+    teacher's own variables tree, "params/..."):
+      q/k/v (and their Qwen2 biases), gate and up: column-parallel (outputs split, 'model:-1');
+      o and down: row-parallel (inputs split, 'model:-2'; one all-reduce each);
+      the embedding [V, D]: vocab-parallel rows ('model:-2'); an untied LM head [D, V]:
+      vocab-parallel columns ('model:-1'). A tied head is the transposed embedding, so it is
+      vocab-parallel too (its [D, V] view is split along V).
+    The dims are negative, so the leading layer axis of the scanned blocks [L, ...] (and the seed
+    axis) are never split. GSPMD keeps the computation the same for any split (heads need not
+    align with the shards); the rules choose the layout. Sizes must divide by mesh.model."""
+    p = f"(^|/){prefix}" if prefix else "(^|/)params/"
+    return (
+        (f"{p}(.*/)?layers/(q|k|v)_proj/(kernel|bias)$", "model:-1"),
+        (f"{p}(.*/)?layers/(gate|up)_proj/kernel$", "model:-1"),
+        (f"{p}(.*/)?layers/(o|down)_proj/kernel$", "model:-2"),
+        (f"{p}(.*/)?embed_tokens/embedding$", "model:-2"),
+        (f"{p}(.*/)?lm_head/kernel$", "model:-1"),
+    )
+
+
+# For `config.sharding_rules` with `mesh.model > 1`, before the FSDP rules:
+#   c.sharding_rules = (*llama.TENSOR_PARALLEL_RULES, ("student/.*", "fsdp"), (".*", "replicate"))
+# (optimizer moments follow: the rules are searched in "opt_state/.../student/..." paths too).
+TENSOR_PARALLEL_RULES = tensor_parallel_rules("student/")
+
+
 def _config(preset: str, kwargs: dict) -> LlamaConfig:
     return LlamaConfig(**{**(preset_fields(preset) if preset else {}), **kwargs})
 
