@@ -78,7 +78,8 @@ TERM_KEYS = ("fn", "weight", "student", "teacher", "adapter", "schedule", "kwarg
 
 def _model(name: str | None = None) -> ConfigDict:
     # `init`: "" (random), "stage:<name>", "pretrained:<name>" or an orbax params path.
-    # `placement` (teachers): replicated | sharded (FSDP rules) | cache (precomputed outputs).
+    # `placement` (teachers): replicated | sharded (FSDP rules) | cache (precomputed outputs) |
+    # submesh (on its own devices, `teacher.devices` and `teacher.mesh`; kd_jax.submesh).
     return ConfigDict(
         {"model": name, "kwargs": ConfigDict(), "init": "", "placement": "replicated"},
         type_safe=False,
@@ -167,6 +168,12 @@ def base_config() -> ConfigDict:
 
     c.student = _model("cnn")
     c.teacher = _model(None)
+    # teacher.placement = "submesh" (kd_jax.submesh): the teacher's devices, "last:N" (or N),
+    # "first:N" or "per_process:N" (N of every process's; needed with several processes), the
+    # student training on the rest; "" = as many as teacher.mesh's sizes (none -1) multiply to.
+    # teacher.mesh: the teacher's own mesh over them (FSDP over its fsdp axis).
+    c.teacher.devices = ""
+    c.teacher.mesh = ConfigDict({"data": -1, "fsdp": 1, "model": 1})
 
     # Terms: name -> {fn, weight, student (feature path), teacher (feature path), adapter,
     # schedule, kwargs}. Feature paths name entries of the model's feature dict.
@@ -302,7 +309,7 @@ _CHOICES = (
     ("seeds_in_step", ("vmap", "unroll")),
     ("compute_dtype", ("float32", "bfloat16", "float16")),
     ("prng_impl", ("", "threefry2x32", "rbg", "unsafe_rbg")),
-    ("teacher.placement", ("replicated", "sharded", "cache")),
+    ("teacher.placement", ("replicated", "sharded", "cache", "submesh")),
 )
 
 

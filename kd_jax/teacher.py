@@ -13,8 +13,10 @@ Sources (`config.teacher.init`):
   "<kind>:<path>"       the same user files without the "pretrained:" prefix;
   "random:<seed>"       a randomly initialised model (tests, smoke runs);
   any other string      an orbax params checkpoint directory.
-Placement (`config.teacher.placement`): "replicated", "sharded" (FSDP over the mesh) or "cache"
-(features of every training record computed once, `build_cache`). The teacher is never in the
+Placement (`config.teacher.placement`): "replicated", "sharded" (FSDP over the mesh), "cache"
+(features of every training record computed once, `build_cache`) or "submesh" (on devices of its
+own, FSDP over its mesh: `load` is given the teacher's mesh; `kd_jax.submesh` runs its forward
+there and moves the features to the student's devices). The teacher is never in the
 optimizer or the student checkpoint; its identity (model, init, fingerprint) is recorded in each
 checkpoint's metadata.
 """
@@ -40,7 +42,7 @@ from kd_jax.objective import lookup
 from kd_jax.replicas import over_seeds
 
 log = logging.getLogger("kd_jax")
-PLACEMENTS = ("replicated", "sharded", "cache")
+PLACEMENTS = ("replicated", "sharded", "cache", "submesh")
 
 
 @dataclasses.dataclass
@@ -170,7 +172,7 @@ def load(cfg, mesh, example: Sequence, stages: Mapping[str, Any], root: str) -> 
     placement = cfg.teacher.placement
     if placement not in PLACEMENTS:
         raise ConfigValueError(f"Unknown teacher.placement '{placement}'; use one of {PLACEMENTS}.")
-    if placement == "sharded":
+    if placement in ("sharded", "submesh"):  # submesh: `mesh` is the teacher's own
         shard = sharding.tree_shardings(
             variables, mesh, ((".*", "fsdp"),), leading=1 if axis == 0 else 0
         )

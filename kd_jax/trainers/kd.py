@@ -29,7 +29,7 @@ import optax
 
 from kd_jax import checkpoint as ckpt_lib
 from kd_jax import data as data_lib
-from kd_jax import evaluators, models, optim, sharding, stage_source
+from kd_jax import evaluators, models, optim, sharding, stage_source, submesh
 from kd_jax import teacher as teacher_lib
 from kd_jax.errors import ConfigValueError
 from kd_jax.metric_writer import Clock, MetricWriter, progress_bar
@@ -71,13 +71,16 @@ class Stage:
     init_fn: Any
     student_inputs: tuple[str, ...]  # batch keys each model reads, in call order
     teacher_inputs: tuple[str, ...]
+    teacher_mesh: jax.sharding.Mesh | None = None  # the teacher's own (placement "submesh")
 
 
 # -------------------------------------------------------------------- Build
 def build_stage(cfg, mesh) -> Stage:
-    """Everything a stage needs before its first step; builds nothing on disk."""
+    """Everything a stage needs before its first step; builds nothing on disk. `mesh`: the
+    run's; a teacher on a sub-mesh takes its devices from it, the student the rest."""
     stage_source.check_student_init(cfg.student.init)
     # ---------------------------------------------------------------- Mesh
+    mesh, teacher_mesh = submesh.split(cfg, mesh)
     sharding.check_batch(mesh, cfg.data.batch_size, "data.batch_size")
     sharding.check_batch(mesh, cfg.data.eval_batch_size, "data.eval_batch_size")
     # ---------------------------------------------------------------- Input
@@ -153,6 +156,7 @@ def build_stage(cfg, mesh) -> Stage:
         jax.jit(init_fn, static_argnums=0, out_shardings=state_sh),
         s_keys,
         t_keys,
+        teacher_mesh,
     )
 
 
@@ -304,6 +308,7 @@ def _check_stop(ctx: RunContext, ckptr) -> None:
 def train_stage(cfg, ctx: RunContext, make_step: Callable = make_train_step) -> dict:
     """Trains one stage in `ctx.stage_dir`; resumes from its latest checkpoint. `make_step`
     `(stage, teacher_axis, cached) -> jitted step` is the hook other stage kinds replace."""
+    _check_submesh_kind(cfg, make_step)
     stage = build_stage(cfg, ctx.mesh)
     ckptr = checkpointer(cfg, ctx.stage_dir)
     startup = StartUp(stage, ctx, ckptr, make_step)  # the student's init starts compiling
@@ -316,13 +321,33 @@ def train_stage(cfg, ctx: RunContext, make_step: Callable = make_train_step) -> 
         ckptr.close()
 
 
+def _check_submesh_kind(cfg, make_step: Callable) -> None:
+    """A sub-mesh teacher runs before the step, on the batch as loaded: a kind whose step
+    rewrites the batch first (on-policy samples, MLM masking) cannot have it."""
+    if submesh.active(cfg) and make_step is not make_train_step:
+        raise ConfigValueError(
+            f"Stage '{cfg.stage_name}' (kind '{cfg.kind}'): teacher.placement='submesh' runs the "
+            "teacher outside the step, on the batch as loaded, but this kind's step rewrites the "
+            "batch before the teacher reads it; use teacher.placement 'replicated' or 'sharded'."
+        )
+
+
 def _train(stage: Stage, ctx: RunContext, ckptr, startup: StartUp) -> dict:
     cfg, name, data, mesh = stage.cfg, stage.name, stage.data, stage.mesh
     teacher = None
     if stage.teacher is not None:
         example = data.abstract_inputs(stage.teacher_inputs)
-        teacher = teacher_lib.load(cfg, mesh, example, ctx.stages, ctx.root)
+        t_mesh = stage.teacher_mesh or mesh
+        teacher = teacher_lib.load(cfg, t_mesh, example, ctx.stages, ctx.root)
     t_vars, t_axis = (teacher.variables, teacher.axis) if teacher else (None, None)
+    feed = None  # a sub-mesh teacher: its features come with each batch, as a cache's do
+    if stage.teacher_mesh is not None and stage.objective.needs_teacher:
+        feed = submesh.Feed(
+            teacher, stage.objective.teacher_paths, mesh, stage.teacher_mesh, data,
+            cfg.num_seeds, cfg.seeds_in_step,
+        )  # fmt: skip
+    if stage.teacher_mesh is not None:  # nothing of the teacher's enters the student's programs
+        t_vars, t_axis = None, None
     _check_stop(ctx, ckptr)
     meta = checkpoint_meta(cfg, teacher)
     resumed = None
@@ -337,7 +362,8 @@ def _train(stage: Stage, ctx: RunContext, ckptr, startup: StartUp) -> dict:
         cache = teacher_lib.build_cache(
             teacher, stage.objective.teacher_paths, data, cfg, ctx.stage_dir, ctx.stop
         )
-    train_step = startup.step(t_vars, t_axis, cache)  # compiles while the student initialises
+    # Compiles while the student initialises.
+    train_step = startup.step(t_vars, t_axis, cache, None if feed is None else feed.abstract)
     state, data_state, start = resumed or startup.state()
     _check_stop(ctx, ckptr)
 
@@ -347,14 +373,19 @@ def _train(stage: Stage, ctx: RunContext, ckptr, startup: StartUp) -> dict:
         ctx.root if name != "main" else ctx.stage_dir, name, start if startup.resume else None
     )
     it = data.train_iter(data_state)
+    if feed is not None:  # the teacher's forward for batch n + 1 overlaps the student's step n
+        it = submesh.Ahead(it, feed, cfg.steps - start)
     bar = progress_bar(cfg, name, start, data.global_batch)
     guard, clock, last_saved = FiniteGuard(cfg, name, ckptr), Clock(), ckptr.latest_step()
     pending = None  # (step count, metrics) of the previous step, checked one step behind.
     for step in range(start, cfg.steps):
-        local = next(it)
-        if cache is not None:
-            local["teacher"] = {k: v[local["index"]] for k, v in cache.items()}
-        batch = sharding.make_global(mesh, local, data.global_batch)
+        if feed is not None:
+            batch = next(it)
+        else:
+            local = next(it)
+            if cache is not None:
+                local["teacher"] = {k: v[local["index"]] for k, v in cache.items()}
+            batch = sharding.make_global(mesh, local, data.global_batch)
         state, metrics = train_step(state, t_vars, batch)
         if pending is not None:
             guard.check(*pending)
@@ -415,6 +446,7 @@ def _train(stage: Stage, ctx: RunContext, ckptr, startup: StartUp) -> dict:
 
 def preflight(cfg, ctx: RunContext, make_step: Callable = make_train_step) -> None:
     """Checks a stage before any stage of the run trains (`safety.trace_one_step`)."""
+    _check_submesh_kind(cfg, make_step)
     trace_one_step(cfg, ctx, build_stage, make_step)
 
 

@@ -72,17 +72,20 @@ class StartUp:
             state = stage_source.warm_start(stage, state, self.ctx)
         return state, None, 0
 
-    def step(self, t_vars, t_axis, cache) -> Step:
+    def step(self, t_vars, t_axis, cache, fed=None) -> Step:
         """The stage's jitted step, lowered here for the state's and a batch's shapes and
-        compiled in the worker; the first call waits for the compile."""
+        compiled in the worker; the first call waits for the compile. `fed`: the abstract
+        `batch["teacher"]` of a teacher on a sub-mesh (`kd_jax.submesh.Feed.abstract`)."""
         stage = self.stage
-        jitted = self.make_step(stage, t_axis, cache is not None)
+        jitted = self.make_step(stage, t_axis, cache is not None or fed is not None)
         if not hasattr(jitted, "lower"):  # a plain function: compiled by its first call
             return Step(jitted, None)
         local = stage.data.example_batch()
         if cache is not None:
             local["teacher"] = {k: v[local["index"]] for k, v in cache.items()}
         batch = sharding.make_global(stage.mesh, local, stage.data.global_batch)
+        if fed is not None:
+            batch["teacher"] = fed
         state = ckpt_lib.abstract(stage.abstract_state, stage.state_shardings)
         lowered = jitted.lower(state, t_vars, batch)
         return Step(jitted, self.pool.submit(lowered.compile))
