@@ -69,6 +69,7 @@ class _Spec:
     kernel_dtype: np.dtype
     alpha: float = 0.1  # skew_kl / skew_reverse_kl
     mu: float = 0.5  # akl
+    topk: int = 0  # dense teacher: k > 0 reads only its top-k log-probs, as from a cache
 
 
 # ------------------------------------------------------------------ reductions over the vocabulary
@@ -136,6 +137,25 @@ class VocabReduce:
         local = idx - self.offset(v)
         inside = (local >= 0) & (local < v)
         return scatter_last(shape, jnp.clip(local, 0, v - 1), jnp.where(inside, values, 0))
+
+    def top_k(self, x, k: int):
+        """(values, global ids) [..., k] of the k largest entries over the vocabulary. Sharded:
+        each device's local top-k, all-gathered (m * k candidates), then their top-k."""
+        vals, idx = jax.lax.top_k(x, k)
+        if self.axis is None:
+            return vals, idx
+        idx = idx + self.offset(x.shape[-1])
+        # The all-gather as a psum of one-hot slots: its result is the same on every shard
+        # (invariant), which shard_map's replication check can see.
+        slots = jax.nn.one_hot(jax.lax.axis_index(self.axis), jax.lax.axis_size(self.axis))
+
+        def gather(a):
+            every = jax.lax.psum(a[..., None, :] * slots[:, None].astype(a.dtype), self.axis)
+            return every.reshape(*a.shape[:-1], -1)  # [..., m * k], shard by shard
+
+        vals, idx = gather(vals), gather(idx)
+        vals, pick = jax.lax.top_k(vals, k)
+        return vals, jnp.take_along_axis(idx, pick, axis=-1)
 
 
 WHOLE_VOCAB = VocabReduce()
@@ -228,6 +248,7 @@ def _chunk_loss_and_grad(spec: _Spec, zs, tok, glob, vocab: VocabReduce = WHOLE_
     dz = jnp.zeros_like(zs)
     if spec.divergence != "none":
         ls = vocab.log_softmax(zs / tau)
+        t_idx, t_logprob = tok.get("t_idx"), tok.get("t_logprob")
         if spec.teacher == "dense":
             ht = tok["t_hidden"]
             zt = jnp.einsum(
@@ -236,6 +257,10 @@ def _chunk_loss_and_grad(spec: _Spec, zs, tok, glob, vocab: VocabReduce = WHOLE_
                 glob["t_kernel"].astype(ht.dtype),
                 preferred_element_type=jnp.float32,
             )
+        if spec.teacher == "dense" and spec.topk:
+            # The teacher's top-k log-probs at T = 1, as `topk_cache` stores them.
+            t_logprob, t_idx = vocab.top_k(vocab.log_softmax(zt), spec.topk)
+        if spec.teacher == "dense" and not spec.topk:
             lt = vocab.log_softmax(zt / tau)
             if spec.divergence in EXTRA:
                 value, ds = extra_divergence_and_grad(
@@ -245,9 +270,9 @@ def _chunk_loss_and_grad(spec: _Spec, zs, tok, glob, vocab: VocabReduce = WHOLE_
             else:
                 value, ds = divergence_and_grad(spec.divergence, spec.beta, ls, lt, vocab)
         elif spec.divergence == "reverse_kl":
-            value, ds = topk_reverse_kl_and_grad(ls, tok["t_idx"], tok["t_logprob"], vocab)
+            value, ds = topk_reverse_kl_and_grad(ls, t_idx, t_logprob, vocab)
         else:
-            value, ds = topk_kl_and_grad(spec.tail, ls, tok["t_idx"], tok["t_logprob"], tau, vocab)
+            value, ds = topk_kl_and_grad(spec.tail, ls, t_idx, t_logprob, tau, vocab)
         loss = loss + (spec.kd_weight * tau**2) * value
         dz = dz + (spec.kd_weight * tau) * ds  # d/dz = (1 / tau) d/ds
     if spec.ce_weight:
@@ -364,6 +389,9 @@ def fused_kd_loss(
     alpha: float = 0.1,
     mu: float = 0.5,
     taid_t=None,
+    teacher_topk: int = 0,
+    vocab_parallel: bool = False,
+    mesh=None,
 ):
     """Chunked, fused LM head + token-level divergence (+ CE); see the module docstring.
 
@@ -384,6 +412,13 @@ def fused_kd_loss(
       reduction: 'mean' (token-level mean over the mask) or 'sum'.
       chunk_size: about this many tokens per chunk: ceil(chunk_size / B) positions of every
         row. Peak memory is a few [chunk, V] float32 buffers; bigger chunks are faster.
+      teacher_topk: dense teacher only; k > 0 keeps only its top-k log-probs (at T = 1, as
+        `topk_cache` stores them) and takes the top-k form of `divergence` with `tail`, the
+        same value as from a cache of them.
+      vocab_parallel: split V over the mesh's 'model' axis (`kd_jax.losses.vocab_parallel`):
+        each device computes only its [chunk, V / m] logits, with the same value and
+        gradients. Needs mesh.model > 1 and V divisible by it.
+      mesh: the Mesh for vocab_parallel (default: the context mesh, `jax.set_mesh`).
 
     Returns: float32 scalar.
     """
@@ -433,24 +468,17 @@ def fused_kd_loss(
             glob["t_kernel"] = jax.lax.stop_gradient(wt)
             if divergence == "taid":
                 glob["taid_t"] = jax.lax.stop_gradient(jnp.asarray(taid_t, jnp.float32))
+            if not isinstance(teacher_topk, int) or not 0 <= teacher_topk <= wt.shape[-1]:
+                raise ConfigValueError(
+                    f"teacher_topk must be an int in [0, V={wt.shape[-1]}], got {teacher_topk!r}."
+                )
+            if teacher_topk:
+                _check_topk(divergence, tail, temperature)
         elif teacher_topk_idx is not None and teacher_topk_logprob is not None:
             teacher = "topk"
             idx = jnp.asarray(teacher_topk_idx).astype(jnp.int32).reshape(*lead, -1)
             lp = jnp.asarray(teacher_topk_logprob).astype(jnp.float32).reshape(*lead, -1)
-            if tail == "bucket" and temperature != 1:
-                raise ConfigValueError(
-                    "tail='bucket' needs temperature=1 (the tail mass is at T=1)."
-                )
-            if divergence not in ("forward_kl", "reverse_kl"):
-                raise ConfigValueError(
-                    f"a top-k teacher takes divergence 'forward_kl' or 'reverse_kl', got "
-                    f"'{divergence}'."
-                )
-            if divergence == "reverse_kl" and tail != "bucket":
-                raise ConfigValueError(
-                    "top-k reverse KL needs tail='bucket': a teacher renormalised over its "
-                    "top-k has no tail mass, so the reverse KL would be infinite."
-                )
+            _check_topk(divergence, tail, temperature)
             tok["t_idx"], tok["t_logprob"] = idx, jax.lax.stop_gradient(lp)
         else:
             raise ConfigValueError(
@@ -476,8 +504,29 @@ def fused_kd_loss(
         jnp.dtype(ws.dtype),
         float(alpha),
         float(mu),
+        int(teacher_topk) if teacher == "dense" else 0,
     )
-    return _fused(spec, hs, ws, jax.lax.stop_gradient(weights), tok, glob)
+    weights = jax.lax.stop_gradient(weights)
+    if vocab_parallel:
+        # Imported here: vocab_parallel builds on this module's spec and per-chunk formulas.
+        from kd_jax.losses import vocab_parallel as vp
+
+        return vp.fused(spec, vp.model_mesh(mesh, ws.shape[-1]), hs, ws, weights, tok, glob)
+    return _fused(spec, hs, ws, weights, tok, glob)
+
+
+def _check_topk(divergence: str, tail: str, temperature) -> None:
+    if tail == "bucket" and temperature != 1:
+        raise ConfigValueError("tail='bucket' needs temperature=1 (the tail mass is at T=1).")
+    if divergence not in ("forward_kl", "reverse_kl"):
+        raise ConfigValueError(
+            f"a top-k teacher takes divergence 'forward_kl' or 'reverse_kl', got '{divergence}'."
+        )
+    if divergence == "reverse_kl" and tail != "bucket":
+        raise ConfigValueError(
+            "top-k reverse KL needs tail='bucket': a teacher renormalised over its "
+            "top-k has no tail mass, so the reverse KL would be infinite."
+        )
 
 
 def _pair(x, who: str):
@@ -508,6 +557,9 @@ def chunked_kd(
     t_end: float = 1.0,
     schedule: str | None = None,
     step=None,
+    teacher_topk: int = 0,
+    tail: str = "renormalize",
+    vocab_parallel: bool = False,
 ):
     """Objective form of `fused_kd_loss` for config terms.
 
@@ -517,7 +569,9 @@ def chunked_kd(
     Same value as sequence.<divergence>(logits) (or llm_divergences.<divergence>) +
     ce_weight * ce(logits, labels) with the same mask and 'mean' reduction, without building
     [B, T, V]. alpha, mu, and TAID's t_start / t_end / schedule (with the training step, which
-    the composer passes) as in `llm_divergences`.
+    the composer passes) as in `llm_divergences`. teacher_topk = k > 0 (with `tail`) compares
+    against the teacher's top-k only. vocab_parallel=True splits V over the mesh's model axis
+    (`kd_jax.losses.vocab_parallel`; the step must run under the mesh, `jax.set_mesh`).
     """
     hs, ws = _pair(student, "student")
     ht = wt = None
@@ -539,6 +593,9 @@ def chunked_kd(
         alpha=alpha,
         mu=mu,
         taid_t=_taid_t(t_start, t_end, schedule, step) if divergence == "taid" else None,
+        teacher_topk=teacher_topk,
+        tail=tail,
+        vocab_parallel=vocab_parallel,
     )
 
 
@@ -553,6 +610,7 @@ def chunked_topk_kl(
     tail: str = "renormalize",
     chunk_size: int = 2048,
     divergence: str = "forward_kl",
+    vocab_parallel: bool = False,
 ):
     """Sparse top-k KL (`sparse.topk_kl`) with the student LM head applied chunk by chunk;
     divergence='reverse_kl' (with tail='bucket') is `topk_rkl.topk_reverse_kl`.
@@ -573,4 +631,5 @@ def chunked_topk_kl(
         tail=tail,
         reduction=reduction,
         chunk_size=chunk_size,
+        vocab_parallel=vocab_parallel,
     )
