@@ -32,6 +32,7 @@ crash mid-delete never leaves a half-deleted step that looks restorable.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import re
@@ -44,7 +45,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from kd_jax import sharding
+from kd_jax import multihost, sharding
 from kd_jax.errors import CheckpointError, UserFileNotFoundError
 
 log = logging.getLogger("kd_jax")
@@ -134,11 +135,9 @@ def _in_host_memory(x) -> bool:
 
 
 def replicated_to_host(x) -> np.ndarray:
-    """A replicated array (or any fully addressable one) as NumPy: a replicated result is
-    readable on every process, also when its devices span processes."""
-    if getattr(x, "is_fully_addressable", True):
-        return np.asarray(jax.device_get(x))
-    return np.asarray(x.addressable_data(0))
+    """An array as NumPy on every process (`multihost.to_host`: a replicated result is read
+    from this process's replica; one whose shards span processes is gathered first)."""
+    return multihost.to_host(x)
 
 
 def integrity(state) -> tuple[dict[str, str], bool]:
@@ -159,6 +158,54 @@ def integrity(state) -> tuple[dict[str, str], bool]:
 
 class _Corrupt(Exception):
     pass
+
+
+@dataclasses.dataclass
+class ReadError:
+    """What an item's handler raised while reading a step (returned, not raised)."""
+
+    error: str
+
+    def __str__(self) -> str:
+        return self.error
+
+
+def _ReadErrorsReturned(handler_cls):  # noqa: N802  (builds a handler, named for what it does)
+    """An orbax item handler whose `restore` returns a `ReadError` instead of raising. Orbax's
+    restore ends with a barrier of every process; a host whose read raised would skip it and the
+    others would wait there (or pair it with the next collective). With the error returned,
+    every host reaches the barrier, then they agree on the step (`_restore_step`). The handler
+    keeps its class (orbax maps argument types to handler classes); only this instance's
+    `restore` is wrapped."""
+    handler = handler_cls()
+    read = handler.restore
+
+    def restore(*args, **kwargs):
+        try:
+            return read(*args, **kwargs)
+        except Exception as e:  # tensorstore, orbax and json raise many types for bad files.
+            return ReadError(f"{type(e).__name__}: {_short(e)}")
+
+    handler.restore = restore
+    return handler
+
+
+def _checksum_problem(stored: dict, got: dict) -> str | None:
+    """What is wrong with arrays whose checksums are `got` against the `stored` ones, or None."""
+    missing, extra = sorted(set(stored) - set(got)), sorted(set(got) - set(stored))
+    if missing or extra:
+        return (
+            f"the arrays read do not match the stored checksums: {len(missing)} stored "
+            f"array(s) not read (first: {(missing or ['-'])[0]}), {len(extra)} read "
+            f"array(s) without a checksum (first: {(extra or ['-'])[0]})"
+        )
+    bad = [p for p, c in got.items() if stored[p] != c]
+    if bad:
+        return (
+            f"{len(bad)} array(s) fail their checksum (first: {bad[0]}: stored "
+            f"{stored[bad[0]]}, read {got[bad[0]]})"
+        )
+    return None
 
 
 _KEY = re.compile(r"\.(\w+)|\['((?:[^'\\]|\\.)*)'\]|\[(-?\d+)\]|\[\"([^\"]*)\"\]")
@@ -210,11 +257,16 @@ class Checkpointer:
         )
         # Handlers named up front, so a fresh manager can read a step's metadata
         # (`restore_saved`) before any save or restore in this process.
-        json_items = {k: ocp.JsonCheckpointHandler() for k in ITEMS if k != "state"}
+        json_items = {
+            k: _ReadErrorsReturned(ocp.JsonCheckpointHandler) for k in ITEMS if k != "state"
+        }
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=options,
-            item_handlers={"state": ocp.StandardCheckpointHandler(), **json_items},
+            item_handlers={
+                "state": _ReadErrorsReturned(ocp.StandardCheckpointHandler),
+                **json_items,
+            },
         )
         self._finite: dict[int, bool | None] = {}  # step -> meta["finite"], as read or saved.
         if jax.process_index() == 0 and not read_only:
@@ -225,10 +277,14 @@ class Checkpointer:
                     shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
     def latest_step(self) -> int | None:
-        return self.manager.latest_step()
+        """The newest step, as process 0 lists them (agreed by every process)."""
+        steps = self.all_steps()
+        return steps[-1] if steps else None
 
     def all_steps(self) -> list[int]:
-        return sorted(self.manager.all_steps())
+        """The saved steps, oldest first, as process 0 lists them (every process acts on the
+        same list, whatever its own listing of a shared directory shows at this moment)."""
+        return multihost.leader_ints(sorted(self.manager.all_steps()), f"steps in {self.directory}")
 
     def save(self, step: int, state, *, data_state: dict, meta: dict, force: bool = False) -> bool:
         """Saves `state` (and the data iterator's state, and `meta` plus `finite`) at `step`."""
@@ -255,6 +311,9 @@ class Checkpointer:
         return os.path.isdir(os.path.join(self.directory, str(step), item))
 
     def _restore_step(self, abstract_state, step: int):
+        """Reads and verifies `step`. Each phase ends with the hosts agreeing: a step one host
+        cannot read, or whose arrays fail their checksums, is corrupt for every host, so all of
+        them fall back to the same older step (and none waits in a collective another left)."""
         args = dict(
             state=ocp.args.StandardRestore(abstract_state),
             data=ocp.args.JsonRestore(),
@@ -263,26 +322,21 @@ class Checkpointer:
         verify = self._has_item(step, "integrity")
         if verify:
             args["integrity"] = ocp.args.JsonRestore()
+        problem = None
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(**args))
+            problem = next(
+                (f"unreadable ({v})" for v in out.values() if isinstance(v, ReadError)), None
+            )
         except Exception as e:  # tensorstore, orbax and json raise many types for bad files.
-            raise _Corrupt(f"unreadable ({type(e).__name__}: {_short(e)})") from e
+            problem = f"unreadable ({type(e).__name__}: {_short(e)})"
+        if not multihost.all_true([problem is None], f"step {step} of {self.directory} readable"):
+            raise _Corrupt(problem or "unreadable on another host")
         if verify:
-            stored = _by_path((out["integrity"] or {}).get("arrays", {}))
-            got = _by_path(integrity(out["state"])[0])
-            missing, extra = sorted(set(stored) - set(got)), sorted(set(got) - set(stored))
-            if missing or extra:
-                raise _Corrupt(
-                    f"the arrays read do not match the stored checksums: {len(missing)} stored "
-                    f"array(s) not read (first: {(missing or ['-'])[0]}), {len(extra)} read "
-                    f"array(s) without a checksum (first: {(extra or ['-'])[0]})"
-                )
-            bad = [p for p, c in got.items() if stored[p] != c]
-            if bad:
-                raise _Corrupt(
-                    f"{len(bad)} array(s) fail their checksum (first: {bad[0]}: stored "
-                    f"{stored[bad[0]]}, read {got[bad[0]]})"
-                )
+            got = _by_path(integrity(out["state"])[0])  # a collective: after the agreement above
+            problem = _checksum_problem(_by_path((out["integrity"] or {}).get("arrays", {})), got)
+        if not multihost.all_true([problem is None], f"step {step} of {self.directory} intact"):
+            raise _Corrupt(problem or "its stored checksums differ on another host")
         return out["state"], out["data"], out["meta"]
 
     def restore_saved(self, mesh, rules, step: int | None = None) -> dict:
@@ -313,7 +367,7 @@ class Checkpointer:
                 raise CheckpointError(
                     f"Checkpoint step {step} in {self.directory} is corrupt: {e}."
                 ) from e
-        steps = sorted(self.manager.all_steps(), reverse=True)
+        steps = self.all_steps()[::-1]
         if not steps:
             raise UserFileNotFoundError(f"No complete checkpoint in {self.directory}.")
         errors = []
@@ -345,9 +399,12 @@ class Checkpointer:
         err = None
         for s in steps:
             try:
-                return self.manager.restore(
+                meta = self.manager.restore(
                     s, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
                 )["meta"]
+                if isinstance(meta, ReadError):
+                    raise _Corrupt(str(meta))
+                return meta
             except Exception as e:
                 log.warning("checkpoint %s step %d: unreadable meta (%s)", self.directory, s, e)
                 err = e
@@ -363,12 +420,12 @@ class Checkpointer:
         return self._finite[step]
 
     def latest_finite_step(self) -> int | None:
-        """The newest step whose state was all finite when saved, or None."""
+        """The newest step whose state was all finite when saved (as process 0 reads the
+        metas, agreed by every process), or None."""
         self.manager.wait_until_finished()
-        for s in sorted(self.manager.all_steps(), reverse=True):
-            if self.is_finite(s):
-                return s
-        return None
+        found = next((s for s in self.all_steps()[::-1] if self.is_finite(s)), None)
+        found = multihost.leader_value(-1 if found is None else found, "latest finite step")
+        return None if found < 0 else found
 
     def _rotate(self) -> None:
         """Deletes all but the newest `keep` steps and the newest finite one (saves finished)."""

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -65,6 +66,11 @@ def main(argv=None) -> int:
 
 
 def _main(argv, stop) -> int:
+    with contextlib.ExitStack() as stack:
+        return _run(argv, stop, stack)
+
+
+def _run(argv, stop, stack) -> int:
     args, overrides = parse(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     # orbax logs every file rename through absl at INFO; keep the console for our own lines.
@@ -78,6 +84,9 @@ def _main(argv, stop) -> int:
     if args.distributed:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+        # initialize() hands SIGTERM to JAX's preemption notifier; the run's own handlers take it
+        # back (the hosts agree on a stop through `multihost.stop_requested`).
+        stack.enter_context(runner.stop_on_signals(stop))
 
     try:
         config = config_lib.load(args.config, overrides)

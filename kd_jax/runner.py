@@ -20,7 +20,7 @@ import threading
 import jax
 
 from kd_jax import config as config_lib
-from kd_jax import lock, sharding, stage_source, trainers
+from kd_jax import lock, multihost, sharding, stage_source, trainers
 from kd_jax.errors import ConfigValueError
 
 log = logging.getLogger("kd_jax")
@@ -128,7 +128,7 @@ def preflight(config, stages, mesh, workdir: str, stop=None) -> None:
     """Every stage's checks (`trainers.register(preflight=...)`) before any stage trains, so a
     mistake in the last stage fails at once, not after hours of the first ones."""
     for _, cfg, ctx in _contexts(config, stages, mesh, workdir, stop):
-        if ctx.stop.is_set():
+        if multihost.stop_requested(ctx.stop):
             return
         check = trainers.TRAINERS.meta(cfg.kind).get("preflight")
         if check is not None and trainers.read_result(ctx.stage_dir) is None:
@@ -141,7 +141,7 @@ def _run_stages(config, stages, mesh, workdir: str, stop: threading.Event) -> di
         preflight(config, stages, mesh, workdir, stop)
     results = {}
     for name, cfg, ctx in _contexts(config, stages, mesh, workdir, stop):
-        if stop.is_set():  # stopped between stages: the next one does not start.
+        if multihost.stop_requested(stop):  # stopped between stages: the next one does not start.
             results[name] = {"stage": name, "preempted": True, "step": 0}
             break
         with prng_impl(cfg):

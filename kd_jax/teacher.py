@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -35,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kd_jax import checkpoint as ckpt_lib
-from kd_jax import models, sharding, stage_source
+from kd_jax import models, multihost, sharding, stage_source
 from kd_jax.errors import ConfigValueError, Preempted
 from kd_jax.models.registry import WEIGHT_FILES, load_pretrained
 from kd_jax.objective import lookup
@@ -54,10 +55,17 @@ class Teacher:
     inputs: tuple[str, ...]  # batch keys the teacher reads, in call order
 
 
+FINGERPRINT_ALGO = "integrity-sha1-v1"
+
+
 def fingerprint(tree) -> str:
-    """A short hash of every leaf's float64 sum: changes when any weight does."""
-    leaves = [np.asarray(jax.device_get(v), np.float64).sum() for v in jax.tree.leaves(tree)]
-    return hashlib.sha1(np.asarray(leaves).tobytes()).hexdigest()[:16]
+    """The teacher's identity: a short hash of the checkpoint integrity digest of every leaf
+    (`checkpoint.integrity`: two position-weighted sums of each array's bits, reduced on the
+    devices). A change to any bit of any weight changes it, a permutation of a matrix too; it is
+    the same for every sharding and on every process (a collective when shards span hosts)."""
+    sums, _ = ckpt_lib.integrity(tree)
+    items = sorted((ckpt_lib.canonical_path(p), c) for p, c in sums.items())
+    return hashlib.sha1(json.dumps(items).encode()).hexdigest()[:16]
 
 
 def _stage_ensemble(cfg, mesh, init: str, stages: Mapping[str, Any], root: str):
@@ -181,6 +189,7 @@ def load(cfg, mesh, example: Sequence, stages: Mapping[str, Any], root: str) -> 
     # One jitted re-layout for the whole tree (device_put would compile a slice per shard).
     variables = jax.jit(lambda p: p, out_shardings=shard)(variables)
     ident["fingerprint"] = fingerprint(variables)
+    ident["fingerprint_algo"] = FINGERPRINT_ALGO
     ident["placement"] = placement
     return Teacher(module, variables, axis, ident, inputs)
 
@@ -200,7 +209,9 @@ def build_cache(
     `Preempted` raised; the rerun builds it again."""
     num_seeds, seeds_in_step = cfg.num_seeds, cfg.seeds_in_step
     path = os.path.join(stage_dir, f"teacher_cache_{teacher.ident['fingerprint']}.npz")
-    if os.path.exists(path):
+    # Every host builds the cache unless every host sees it (a file another host is still
+    # writing is no cache yet).
+    if multihost.all_true([os.path.exists(path)], f"teacher cache {path} exists")[0]:
         with np.load(path) as f:
             return {k: f[k] for k in f.files}
 
@@ -218,10 +229,10 @@ def build_cache(
         fwd = jax.jit(over_seeds(fwd_one, (0, None), seeds_in_step))
     out: dict[str, list] = {}
     for start in range(0, n, b):
-        if stop is not None and stop.is_set():
+        if multihost.stop_requested(stop):
             raise Preempted(0)
         idx = np.minimum(np.arange(start, start + b), n - 1)
-        feats = jax.device_get(fwd(teacher.variables, data.train_source.gather(idx)))
+        feats = multihost.to_host(fwd(teacher.variables, data.train_source.gather(idx)))
         for k, v in feats.items():
             out.setdefault(k, []).append(np.moveaxis(v, 0, 1)[: min(b, n - start)])
     cache = {k: np.concatenate(v) for k, v in out.items()}

@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from kd_jax import sharding
+from kd_jax import multihost, sharding
 from kd_jax.errors import ConfigKeyError, ConfigValueError
 from kd_jax.models import batch_inputs
 from kd_jax.registry import Registry
@@ -55,7 +55,7 @@ class EvalContext:
         """Float64 totals of `step(*args, batch)`'s per-batch sums over the eval split."""
         out: dict[str, np.ndarray] = {}
         for batch in self.batches():
-            for k, v in jax.device_get(step(*args, batch)).items():
+            for k, v in multihost.to_host(step(*args, batch)).items():
                 out[k] = out.get(k, 0.0) + np.asarray(v, np.float64)
         return out
 
@@ -218,6 +218,7 @@ def make(name: str, ctx: EvalContext) -> Callable | None:
 from kd_jax.evaluators import (  # noqa: E402, F401
     agreement,
     classification,
+    cross_lm,
     lm,
     monotakd,
     retrieval,

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kd_jax import sharding
+from kd_jax import multihost, sharding
 from kd_jax.evaluators import EvalContext, Headline, register
 from kd_jax.replicas import over_seeds
 
@@ -193,13 +193,13 @@ def rating_agreement(ctx: EvalContext):
         del t_vars
         cols: dict = {k: [] for k in ("expected", "argmax", "uptake", "z", "label", "obs", "m")}
         for batch in ctx.batches():
-            out = jax.device_get(predict(variables, batch))
+            out = multihost.to_host(predict(variables, batch))
             cols["expected"].append(np.asarray(out["expected"]))
             cols["argmax"].append(np.asarray(out["argmax"]))
             for k, src in (("uptake", "uptake"), ("z", "uptake_zscore"), ("label", "label")):
-                cols[k].append(np.asarray(jax.device_get(batch[src])))
-            cols["obs"].append(np.asarray(jax.device_get(batch["obs_id"])))
-            cols["m"].append(np.asarray(jax.device_get(batch["example_mask"])) > 0)
+                cols[k].append(np.asarray(multihost.to_host(batch[src])))
+            cols["obs"].append(np.asarray(multihost.to_host(batch["obs_id"])))
+            cols["m"].append(np.asarray(multihost.to_host(batch["example_mask"])) > 0)
         keep = np.concatenate(cols["m"])
         exp = np.concatenate(cols["expected"], axis=1)[:, keep]
         arg = np.concatenate(cols["argmax"], axis=1)[:, keep]

@@ -17,9 +17,9 @@ loose_iou (default False: with True the same metrics at OpenPCDet's second thres
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 
+from kd_jax import multihost
 from kd_jax.data.kitti import boxes_lidar_to_camera, lidar_to_camera_points
 from kd_jax.data.toy_kitti import box_corners
 from kd_jax.evaluators import EvalContext, Headline, register
@@ -138,8 +138,8 @@ def monotakd_kitti(ctx: EvalContext):
         del t_vars
         gts, dts = [], None
         for batch in ctx.batches():
-            out = jax.device_get(step(variables, batch))
-            host = {k: np.asarray(jax.device_get(v)) for k, v in batch.items()}
+            out = multihost.to_host(step(variables, batch))
+            host = {k: np.asarray(multihost.to_host(v)) for k, v in batch.items()}
             seeds = out["scores"].shape[0]
             dts = dts or [[] for _ in range(seeds)]
             size = host["image"].shape[1:3]

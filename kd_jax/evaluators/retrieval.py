@@ -35,7 +35,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from kd_jax import sharding
+from kd_jax import multihost, sharding
 from kd_jax.evaluators import EvalContext, Headline, register
 from kd_jax.replicas import over_seeds
 
@@ -156,12 +156,12 @@ def lecture_retrieval(ctx: EvalContext):
         del t_vars
         cols: dict = {k: [] for k in ("fig", "txt", "slide", "speaker", "split", "m")}
         for batch in ctx.batches():
-            out = jax.device_get(predict(variables, batch))
+            out = multihost.to_host(predict(variables, batch))
             cols["fig"].append(np.asarray(out["fig"], np.float64))
             cols["txt"].append(np.asarray(out["txt"], np.float64))
             for k in ("slide", "speaker", "split"):
-                cols[k].append(np.asarray(jax.device_get(batch[k])))
-            cols["m"].append(np.asarray(jax.device_get(batch["example_mask"])) > 0)
+                cols[k].append(np.asarray(multihost.to_host(batch[k])))
+            cols["m"].append(np.asarray(multihost.to_host(batch["example_mask"])) > 0)
         keep = np.concatenate(cols["m"])
         fig = np.concatenate(cols["fig"], axis=1)[:, keep]
         txt = np.concatenate(cols["txt"], axis=1)[:, keep]

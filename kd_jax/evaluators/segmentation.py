@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kd_jax import multihost
 from kd_jax.evaluators import EvalContext, Headline, register
 from kd_jax.losses.segmentation import resize_bilinear
 
@@ -110,7 +111,7 @@ def segmentation(ctx: EvalContext):
         del t_vars
         conf = 0
         for batch in ctx.batches():
-            conf = conf + np.asarray(jax.device_get(step(variables, batch)["conf"]), np.int64)
+            conf = conf + np.asarray(multihost.to_host(step(variables, batch)["conf"]), np.int64)
         res = [summary(c) for c in conf]
         return {
             "eval/miou": np.asarray([float(r["miou"]) for r in res]),

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 from kd_jax import checkpoint as ckpt_lib
-from kd_jax import lock, sharding, stage_source
+from kd_jax import lock, multihost, sharding, stage_source
 from kd_jax.errors import ConfigValueError, UnfinishedStageError, UserFileNotFoundError
 from kd_jax.export.base import Student
 
@@ -110,7 +110,7 @@ def load_student(
     variables, got = stage_source.restore_student(
         dirs[stage], _one_device_mesh(), rules, None if step is None else int(step)
     )
-    one = jax.tree.map(lambda v: np.asarray(jax.device_get(v))[seed], variables)
+    one = jax.tree.map(lambda v: np.asarray(multihost.to_host(v))[seed], variables)
     return Student(
         model=student["model"],
         kwargs=dict(student.get("kwargs") or {}),

@@ -28,6 +28,7 @@ from typing import Any
 
 import jax
 
+from kd_jax import multihost
 from kd_jax.errors import Preempted  # noqa: F401  (stage kinds raise it)
 from kd_jax.registry import Registry
 
@@ -70,8 +71,10 @@ def write_result(directory: str, result: dict) -> None:
 
 
 def read_result(directory: str) -> dict | None:
+    """`<directory>/result.json`, or None. A stage is done only if every process sees its
+    result (agreed: a file still being written on a shared disk is not a finished stage)."""
     path = os.path.join(directory, "result.json")
-    if not os.path.isfile(path):
+    if not multihost.all_true([os.path.isfile(path)], f"{path} exists")[0]:
         return None
     with open(path) as f:
         return json.load(f)

@@ -3,6 +3,11 @@
 
 Each writes a sharded record dataset (`kd_jax.data.records`) into its stage directory and
 resumes after a crash: finished shards are kept (and checked), missing ones are written.
+
+Multi-host: the teacher stays on the mesh (replicated or sharded across hosts) and every process
+runs every shard's program (the same inputs on each: a collective when the teacher's shards span
+processes); process 0 alone checks, writes and discards files, and its decisions (which shards
+to write, whether the stage is done) are the ones every process acts on (`kd_jax.multihost`).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from kd_jax import config as config_lib
-from kd_jax import models
+from kd_jax import models, multihost
 from kd_jax import teacher as teacher_lib
 from kd_jax.data import records, topk_codec
 from kd_jax.errors import ConfigValueError
@@ -80,12 +85,15 @@ def load_teacher(cfg, ctx):
     example = tuple(jax.ShapeDtypeStruct((1, 2), jnp.int32) for _ in models.input_keys(cfg.teacher))
     t = teacher_lib.load(cfg, ctx.mesh, example, ctx.stages, ctx.root)
     ident = {k: t.ident[k] for k in ("init", "model", "fingerprint")}
-    return t.module, jax.device_get(t.variables), ident
+    return t.module, t.variables, ident
 
 
 def check_manifest(directory: str, manifest: dict) -> None:
     """Writes the manifest, or checks an existing one has the same settings (no mixing of two
     runs' records in one directory)."""
+    if jax.process_index() != 0:  # process 0 checks and writes; the others wait for it
+        multihost.sync(f"kd_jax_manifest_{directory}")
+        return
     path = os.path.join(directory, records.MANIFEST)
     if os.path.isfile(path):
         old = records.read_manifest(directory)
@@ -99,6 +107,7 @@ def check_manifest(directory: str, manifest: dict) -> None:
         records.write_manifest(directory, manifest)
     for stale in glob.glob(os.path.join(directory, "*.partial")):
         os.remove(stale)  # a shard a crash left half-written; it is redone below.
+    multihost.sync(f"kd_jax_manifest_{directory}")
 
 
 def run_shards(directory, manifest, make_shard, s, stop=None) -> dict:
@@ -108,19 +117,25 @@ def run_shards(directory, manifest, make_shard, s, stop=None) -> dict:
     n = manifest["num_shards"]
     written = skipped = 0
     t0 = time.time()
+    leader = jax.process_index() == 0
     for i in range(n):
-        if stop is not None and stop.is_set():
+        if multihost.stop_requested(stop):
             raise Preempted(i)
         path = records.shard_path(directory, manifest["prefix"], i, n)
-        # A finished shard is kept if it passes its checks; a corrupt one is set aside and
-        # written again.
-        if os.path.isfile(path) and records.discard_if_corrupt(path):
+        # A finished shard is kept if it passes process 0's checks; a corrupt one is set aside
+        # and written again.
+        keep = leader and os.path.isfile(path) and records.discard_if_corrupt(path)
+        if multihost.leader_value(int(keep)):
             skipped += 1
             continue
-        records.write_shard(path, make_shard(i))
+        shard = make_shard(i)  # every process: the teacher's program may span them
+        if leader:
+            records.write_shard(path, shard)
         written += 1
         if s["fail_after_shards"] >= 0 and written >= s["fail_after_shards"] and i + 1 < n:
+            multihost.sync(f"kd_jax_shards_{directory}")
             raise SimulatedCrash(f"simulated crash after {written} shard(s) in {directory}")
+    multihost.sync(f"kd_jax_shards_{directory}")  # every shard on disk before anyone reads
     nbytes = sum(os.path.getsize(p) for p in records.shard_paths(directory))
     return {
         "shards_written": written,
@@ -136,7 +151,7 @@ def run_stage(kind_fn, cfg, ctx) -> dict:
     done = read_result(directory)
     if done is not None:
         missing = records.missing_shards(directory)
-        if not missing:
+        if not multihost.leader_value(len(missing), f"missing shards of {directory}"):
             return done
         log.warning(
             "stage %s: %d shard(s) of %s are missing (first: %s); writing them again",

@@ -16,6 +16,7 @@ import math
 import jax
 import numpy as np
 
+from kd_jax import multihost
 from kd_jax.data import orca, records
 from kd_jax.errors import ConfigValueError
 from kd_jax.models.generate import generate
@@ -79,7 +80,7 @@ def generate_stage(cfg, ctx) -> dict:
             pad_id=tok.pad_id if tok.pad_id is not None else 0,
             rng=jax.random.fold_in(jax.random.PRNGKey(s["seed"]), i),
         )
-        tokens, lengths = jax.device_get((out["tokens"], out["lengths"]))
+        tokens, lengths = multihost.to_host((out["tokens"], out["lengths"]))
         for r, (qid, si, user, _) in enumerate(part):
             resp = tokens[r, : lengths[r]].astype(np.int32)
             yield {

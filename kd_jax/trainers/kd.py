@@ -29,7 +29,7 @@ import optax
 
 from kd_jax import checkpoint as ckpt_lib
 from kd_jax import data as data_lib
-from kd_jax import evaluators, models, optim, sharding, stage_source, submesh
+from kd_jax import evaluators, models, multihost, optim, sharding, stage_source, submesh
 from kd_jax import teacher as teacher_lib
 from kd_jax.errors import ConfigValueError
 from kd_jax.metric_writer import Clock, MetricWriter, progress_bar
@@ -301,8 +301,17 @@ def run_evals(evals, state: TrainState, t_vars, step: int, writer: MetricWriter)
 # -------------------------------------------------------------------- Loop
 def _check_stop(ctx: RunContext, ckptr) -> None:
     """Before the first step: a stop request leaves the stage as its checkpoints have it."""
-    if ctx.stop.is_set():
+    if multihost.stop_requested(ctx.stop):
         raise Preempted(ckptr.latest_step() or 0)
+
+
+def _stop_after(step: int, cfg, ctx: RunContext) -> bool:
+    """Whether a stop request ends the stage after `step`. One process: at every step. Several:
+    the hosts agree at every logged step (a collective, where the metrics are read anyway), so
+    every host stops at the same step."""
+    if jax.process_count() > 1 and step % cfg.log_every and step != cfg.steps:
+        return False
+    return multihost.stop_requested(ctx.stop)
 
 
 def train_stage(cfg, ctx: RunContext, make_step: Callable = make_train_step) -> dict:
@@ -393,7 +402,7 @@ def _train(stage: Stage, ctx: RunContext, ckptr, startup: StartUp) -> dict:
         if bar is not None:
             bar.update(data.global_batch)
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            m = jax.device_get(metrics)
+            m = multihost.to_host(metrics)
             m["examples_per_sec"] = (step + 1 - start) * data.global_batch / clock.seconds()
             writer.write(step + 1, m)
         due = [e for e in evals if e[0].every and (step + 1) % e[0].every == 0]
@@ -410,13 +419,14 @@ def _train(stage: Stage, ctx: RunContext, ckptr, startup: StartUp) -> dict:
             with clock.paused(state):
                 ckptr.save(step + 1, state, data_state=it.get_state(), meta=meta)
             last_saved = step + 1
-        if ctx.stop.is_set():
+        multihost.debug_signal(name, step + 1)
+        if _stop_after(step + 1, cfg, ctx):
             break
     if pending is not None:
         guard.check(*pending)
     jax.block_until_ready(state)
     train_seconds = clock.seconds()
-    final_step = int(jax.device_get(state.step)[0])
+    final_step = int(multihost.to_host(state.step)[0])
     if last_saved != final_step:
         ckptr.save(final_step, state, data_state=it.get_state(), meta=meta, force=True)
     ckptr.wait()

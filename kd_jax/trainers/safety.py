@@ -12,7 +12,8 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from kd_jax import adapters, evaluators, models, stage_source
+from kd_jax import adapters, evaluators, models, multihost, stage_source
+from kd_jax import config as config_lib
 from kd_jax import data as data_lib
 from kd_jax.errors import ConfigValueError, UserError
 from kd_jax.objective import Objective
@@ -52,12 +53,26 @@ def check_resume(cfg, ckptr, meta: dict) -> list[str]:
     saved = ckptr.read_meta()
     old, new = _flat(saved.get("config")), _flat(meta["config"])
     ignore = set(RESUMABLE_KEYS) | {"stage_name"}
+    # A key the checkpoint's config lacks, set to its current default, is a key added to
+    # kd_jax since the checkpoint was written: not a change of the run's settings.
+    defaults = _flat(config_lib.base_config().to_dict())
     diff = sorted(
-        k for k in set(old) | set(new) if k.split(".")[0] not in ignore and old.get(k) != new.get(k)
+        k
+        for k in set(old) | set(new)
+        if k.split(".")[0] not in ignore
+        and old.get(k) != new.get(k)
+        and not (k not in old and k in defaults and new.get(k) == defaults[k])
     )
-    old_fp = (saved.get("teacher") or {}).get("fingerprint")
-    new_fp = (meta.get("teacher") or {}).get("fingerprint")
-    if old_fp != new_fp:
+    old_t, new_t = saved.get("teacher") or {}, meta.get("teacher") or {}
+    old_fp, new_fp = old_t.get("fingerprint"), new_t.get("fingerprint")
+    if old_fp and new_fp and old_t.get("fingerprint_algo") != new_t.get("fingerprint_algo"):
+        # Written before the teacher's identity became its integrity digest: not comparable.
+        log.warning(
+            "stage %s: its checkpoints record the teacher by an older fingerprint; the teacher's "
+            "weights cannot be compared on this resume",
+            cfg.stage_name,
+        )
+    elif old_fp != new_fp:
         diff.append(f"teacher weights (fingerprint {old_fp} -> {new_fp})")
     if not diff:
         return list(saved.get("resume_changes", []))
@@ -83,7 +98,7 @@ class FiniteGuard:
         self.history: collections.deque = collections.deque(maxlen=100)  # recent losses
 
     def check(self, step: int, metrics) -> None:
-        finite, loss = jax.device_get((metrics["finite"], metrics["loss"]))
+        finite, loss = multihost.to_host((metrics["finite"], metrics["loss"]))
         loss = np.asarray(loss, np.float64).reshape(-1)
         bad = None
         if not self.cfg.skip_nonfinite and not np.all(finite):

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kd_jax import config as config_lib
-from kd_jax import models, prompts
+from kd_jax import models, multihost, prompts
 from kd_jax.data import ncte, records
 from kd_jax.errors import ConfigValueError, UserFileNotFoundError
 from kd_jax.evaluators import agreement
@@ -303,7 +303,9 @@ def score_stage(cfg, ctx) -> dict:
                 stop_tokens=tok.stop_ids,
                 pad_id=pad,
             )
-            toks, lens, first = jax.device_get((out["tokens"], out["lengths"], out["first_logits"]))
+            toks, lens, first = multihost.to_host(
+                (out["tokens"], out["lengths"], out["first_logits"])
+            )
             for r in range(b):
                 a = toks[r, : lens[r]].astype(np.int32)
                 answer_ids[r] = a
@@ -311,11 +313,11 @@ def score_stage(cfg, ctx) -> dict:
         if variant == "RA":
             pre = [q + tok.encode(prompts.rating_prefix(a)) for q, a in zip(seqs, answers)]
             ids2, mask2 = _pad_left(pre, _width(max(len(q) for q in pre)), pad)
-            logits = jax.device_get(_last_logits(variables, ids2, mask2, module=module))
+            logits = multihost.to_host(_last_logits(variables, ids2, mask2, module=module))
         elif generated:
             logits = first
         else:
-            logits = jax.device_get(_last_logits(variables, ids, mask, module=module))
+            logits = multihost.to_host(_last_logits(variables, ids, mask, module=module))
         logp = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), axis=-1)
         sel = np.asarray(jnp.take(logp, jnp.asarray(allowed), axis=-1), np.float64)
         for r in range(real):

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import jax
 
 from kd_jax import checkpoint as ckpt_lib
-from kd_jax import sharding, stage_source
+from kd_jax import multihost, sharding, stage_source
 
 log = logging.getLogger("kd_jax")
 
@@ -64,7 +64,7 @@ class StartUp:
         if self.resume:
             abstract = ckpt_lib.abstract(stage.abstract_state, stage.state_shardings)
             state, data_state, _ = self.ckptr.restore(abstract)
-            start = int(jax.device_get(state.step)[0])
+            start = int(multihost.to_host(state.step)[0])
             log.info("stage %s: resumed from step %d", stage.name, start)
             return state, data_state, start
         state = self._init.result()

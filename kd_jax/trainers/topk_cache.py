@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kd_jax import data as data_lib
+from kd_jax import multihost
 from kd_jax.data import records, topk_codec
 from kd_jax.errors import ConfigKeyError, ConfigValueError
 from kd_jax.trainers import register
@@ -81,7 +82,7 @@ def topk_cache_stage(cfg, ctx) -> dict:
         out = []
         for start in range(lo, hi, b):
             sel = np.minimum(np.arange(start, start + b), hi - 1)  # fixed batch shape
-            lp, ix = jax.device_get(
+            lp, ix = multihost.to_host(
                 fn(
                     variables,
                     *(rows[key][sel] for key in ("input_ids", "positions", "segment_ids")),
