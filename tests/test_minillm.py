@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -146,24 +147,46 @@ def test_value_is_the_token_reverse_kl_and_errors():
 
 
 # ---------------------------------------------------------------- sampling and the gkd kind
-def test_mixed_sampling_draws_from_the_mixture():
-    from kd_jax.models.generate_mixed import generate_mixed, mixed_log_probs
-    from tests.test_chunked_kd import _llama
+class _Bigram(nn.Module):
+    """A stand-in decoder with the Llama call signature: the next-token logits are a table row
+    of the last token (the cache passes through), so the sampler compiles in a moment."""
 
-    student, s_vars, _ = _llama(vocab=5, seed=0)
-    teacher, t_vars, _ = _llama(vocab=5, seed=1)
-    ids = jnp.tile(jnp.asarray([[1, 2, 3]], jnp.int32), (4096, 1))
+    config: object
+    dtype: object = jnp.float32
+
+    @nn.compact
+    def __call__(self, ids, positions=None, segment_ids=None, cache=None):
+        table = self.param("table", nn.initializers.normal(1.5), (V, V))
+        return table[ids], {"cache": cache}
+
+
+def test_mixed_sampling_draws_from_the_mixture():
+    from kd_jax.models.generate_mixed import generate_mixed
+    from kd_jax.models.llama import LlamaConfig
+
+    cfg = LlamaConfig(
+        vocab_size=V, hidden_size=4, num_layers=1, num_heads=1, num_kv_heads=1,
+        intermediate_size=4, max_position=8,
+    )  # fmt: skip
+    student, teacher = _Bigram(cfg), _Bigram(cfg)
+    ids = jnp.zeros((8192, 2), jnp.int32)
+    s_vars = student.init(jax.random.key(0), ids[:1])
+    t_vars = teacher.init(jax.random.key(1), ids[:1])
+    alpha = 0.4
     out = generate_mixed(
         student, s_vars, teacher, t_vars, ids, prompt_mask=jnp.ones_like(ids),
-        max_new_tokens=1, alpha=0.5, rng=jax.random.key(0),
+        max_new_tokens=2, alpha=alpha, rng=jax.random.key(0),
     )  # fmt: skip
-    first = np.bincount(np.asarray(out["tokens"][:, 0]), minlength=5) / len(ids)
-    zs, _ = student.apply(s_vars, ids[:1])
-    zt, _ = teacher.apply(t_vars, ids[:1])
-    want = np.exp(np.asarray(mixed_log_probs(zs[0, -1], zt[0, -1], 0.5)))
-    # Multinomial frequencies of 4096 draws: 4 standard errors.
-    np.testing.assert_allclose(first, want, atol=4 * np.sqrt(0.25 / len(ids)))
-    assert np.all(np.asarray(out["lengths"]) == 1)
+    y = np.asarray(out["tokens"])
+    freq = np.bincount(y[:, 0] * V + y[:, 1], minlength=V * V) / len(y)
+    # p~(y1, y2) = m(y1 | 0) m(y2 | y1), m = alpha softmax(teacher row) + (1 - alpha) softmax(..).
+    m = alpha * jax.nn.softmax(t_vars["params"]["table"], -1)
+    m = np.asarray(m + (1 - alpha) * jax.nn.softmax(s_vars["params"]["table"], -1))
+    want = (m[0][:, None] * m).ravel()
+    # Multinomial frequencies of 8192 draws: within 4 standard errors.
+    bound = 4 * np.sqrt(want * (1 - want) / len(y)) + 1e-9
+    assert np.all(np.abs(freq - want) <= bound), (freq, want)
+    assert np.all(np.asarray(out["lengths"]) == 2)
 
 
 def test_gkd_stage_with_minillm_term_trains():
@@ -182,18 +205,21 @@ def test_gkd_stage_with_minillm_term_trains():
     step = gkd.make_train_step(stage, None, cached=False)
     fixed = stage.data.eval_source.gather(np.arange(8))
 
-    def rkl(params):
+    @jax.jit
+    def rkl_jit(params):
         _, sf = stage.student.apply({"params": params}, fixed["input_ids"])
         _, tf = stage.teacher.apply(t_vars, fixed["input_ids"])
-        return float(reverse_kl(student=sf["logits"], teacher=tf["logits"], mask=fixed["mask"]))
+        return reverse_kl(student=sf["logits"], teacher=tf["logits"], mask=fixed["mask"])
+
+    rkl = lambda params: float(rkl_jit(params))  # noqa: E731
 
     before = rkl(jax.tree.map(lambda v: v[0], state.params["student"]))
     it = stage.data.train_iter()
-    for _ in range(16):
+    for _ in range(10):
         state, m = step(state, t_vars, sharding.make_global(stage.mesh, next(it), 8))
         assert float(m["on_policy"][0]) == 1.0 and np.isfinite(float(m["loss"][0]))
     after = rkl(jax.tree.map(lambda v: v[0], state.params["student"]))
-    assert after < 0.8 * before  # measured 0.0071 -> 0.0017
+    assert after < 0.8 * before  # measured 0.0071 -> 0.0025 in 10 steps
     # A sampler that does not draw what the estimator assumes fails before training.
     cfg = _lm_config(**{**on, "on_policy.teacher_mix": 0.0})
     cfg.objective = {"pg": C.term("minillm_pg", teacher="logits", teacher_mix=0.2)}
