@@ -30,6 +30,14 @@ from kd_jax.adapters import make_adapter
 from kd_jax.errors import ConfigKeyError, ConfigValueError
 
 
+# Appended to the vocabulary-mismatch errors: the objectives that do not need one vocabulary.
+CROSS_HINT = (
+    "To distil across tokenizers, use a cross-tokenizer objective instead ('uld' or "
+    "'aligned_kl', kd_jax.losses.cross_tokenizer) with the teacher model 'llama_aligned' on "
+    "'orca_cross_chat' data (configs/orca/cross_tokenizer.py)."
+)
+
+
 def lookup(features: Mapping[str, Any], path: str, who: str):
     """Feature by path ('logits', 'conv1', or nested 'block/attn'); a flat key holding the whole
     path (as in teacher feature dicts already selected by path) wins. 'a,b' -> (a, b)."""
@@ -161,7 +169,9 @@ class Objective:
 
         The size is the last dim of the term's last feature (logits [..., V] or an LM-head
         kernel [D, V]); tokenizer names are compared when both are known (non-empty). Raises
-        ValueError naming both sizes and both tokenizers (`losses.vocab_check`).
+        ValueError naming both sizes and both tokenizers (`losses.vocab_check`). Cross-tokenizer
+        objectives (`uld`, `aligned_kl`) are not token-level terms: their teacher may have any
+        vocabulary, so a stage with only those terms is not checked.
         """
         for t in self.terms:
             if not (losses.token_level(t.fn) and t.teacher) or _source(t.teacher) != "teacher":
@@ -172,7 +182,7 @@ class Objective:
             try:
                 losses.vocab_check(sv, tv, *names)
             except ValueError as e:
-                raise ConfigValueError(f"Objective term '{t.name}': {e}") from None
+                raise ConfigValueError(f"Objective term '{t.name}': {e} {CROSS_HINT}") from None
             if student_tokenizer and teacher_tokenizer and student_tokenizer != teacher_tokenizer:
                 raise ConfigValueError(
                     f"Objective term '{t.name}': student tokenizer '{student_tokenizer}' "
@@ -181,7 +191,8 @@ class Objective:
                     "compares next-token distributions id by id, so both models need one "
                     "tokenizer: use a teacher with the student's tokenizer (or distil on text, "
                     "sequence-level KD); if both really are the same tokenizer, give "
-                    "student.kwargs.tokenizer and teacher.kwargs.tokenizer the same name."
+                    "student.kwargs.tokenizer and teacher.kwargs.tokenizer the same name. "
+                    + CROSS_HINT
                 )
 
     def init_aux_variables(self, rng, student_feats, teacher_feats, batch=None):

@@ -22,6 +22,7 @@ from kd_jax.data import (  # noqa: F401  (imported to register their datasets)
     lpm,
     ncte,
     orca,
+    orca_cross,
     segmentation,
     sources,
     squad,

@@ -12,6 +12,7 @@ Each module below registers its objectives when imported (`@register("name")`, w
 """
 
 from kd_jax.losses.chunked import chunked_kd, chunked_topk_kl, fused_kd_loss
+from kd_jax.losses.cross_tokenizer import aligned_kl, uld
 from kd_jax.losses.features import attention_transfer, cwd, fitnets, mse
 from kd_jax.losses.hints import ab, fsp, ft, jacobian_matching, nst, ofd, vid
 from kd_jax.losses.llm_divergences import akl, skew_kl, skew_reverse_kl, taid, tvd
@@ -44,6 +45,7 @@ __all__ = [
     "ab",
     "accepts",
     "akl",
+    "aligned_kl",
     "attention_transfer",
     "cc",
     "ce",
@@ -104,6 +106,7 @@ __all__ = [
     "topk_kl",
     "topk_reverse_kl",
     "tvd",
+    "uld",
     "vid",
     "vocab_check",
     "vse_hinge",

@@ -9,6 +9,7 @@ from kd_jax.models import (  # noqa: F401  (imported to register their entries)
     capture,
     cifar,
     cnn,
+    cross_tokenizer,
     deeplab,
     gguf_loading,
     lad,
