@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from kd_jax import config as C
 from kd_jax import sharding
 from kd_jax.errors import ConfigValueError
 from kd_jax.losses.chunked import fused_kd_loss
+from kd_jax.models import llama
+from tests import helpers
 from tests.tolerances import f32_tol
 
 # Tiny: V = 64 splits into 8 slices of 8; T = 5 with chunk_size 8 (2 positions of 4 rows) gives
@@ -155,3 +159,84 @@ def test_vocab_parallel_needs_a_model_axis():
             vocab_parallel=True,
             mesh=mesh,
         )
+
+
+# ------------------------------------------------------------------ a full kd stage
+# Every split size divides by 4: V = 24, q/k/v 4 x 4 (2 x 4), F = 32; the teacher's D = 24 (4 x 6).
+ARCH = dict(
+    hidden_size=16, num_layers=1, num_heads=4, num_kv_heads=2, intermediate_size=32,
+    max_position=64, vocab_size=24, tie_embeddings=False,
+)  # fmt: skip
+TEACHER = {**ARCH, "hidden_size": 24}
+
+
+def _save_teacher(path):
+    """A random teacher with O(1) logits as an orbax params checkpoint (teacher.init = path)."""
+    model = llama.Llama(llama.LlamaConfig(**TEACHER))
+    abstract = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, 4), np.int32))
+    rng = np.random.default_rng(5)
+    params = jax.tree.map(
+        lambda x: (0.3 * rng.normal(size=x.shape)).astype(np.float32), abstract["params"]
+    )
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(path, params)
+
+
+def _stage_config(model: int, teacher_path: str):
+    """One kd stage (chunked forward KL at T = 2 + CE), tiny Llamas on toy_lm prompts; with
+    model > 1 the student trains under Llama's TP rules and the loss is vocab_parallel."""
+    from tests import test_chunked_kd  # noqa: F401  (registers the "toy_lm" data)
+
+    c = C.base_config()
+    c.mesh = {"data": 2, "fsdp": 1, "model": model}
+    c.data.name = "toy_lm"
+    c.data.batch_size = c.data.eval_batch_size = 8
+    c.evaluator = "none"
+    c.progress_bar = False
+    c.async_checkpointing = False
+    c.log_every = 1
+    c.optimizer.learning_rate = 3e-3
+    tp = llama.TENSOR_PARALLEL_RULES if model > 1 else ()
+    c.sharding_rules = (*tp, (".*", "replicate"))
+    teacher = C.model("llama", **TEACHER)
+    teacher.init = teacher_path
+    teacher.placement = "sharded"
+    kd_term = C.term(
+        "chunked_kd",
+        student="hidden,lm_head",
+        teacher="hidden,lm_head",
+        ce_weight=0.5,
+        temperature=2.0,
+        chunk_size=8,
+        vocab_parallel=model > 1,
+    )
+    c.stages.kd = {
+        "student": C.model("llama", **{**ARCH, "tie_embeddings": True}),
+        "teacher": teacher,
+        "steps": 3,
+        "objective": {"kd": kd_term},
+    }
+    c.stage_order = ("kd",)
+    return C.validate(c)
+
+
+def test_kd_stage_under_tp_rules_equals_data_only(tmp_path):
+    _save_teacher(str(tmp_path / "teacher"))
+    runs = {}
+    for model in (4, 1):
+        cfg = _stage_config(model, str(tmp_path / "teacher"))
+        devices = jax.devices()[: 2 * model]
+        helpers.run(cfg, tmp_path / f"m{model}", devices)
+        runs[model] = (
+            helpers.metrics(tmp_path / f"m{model}", "kd", "loss/kd"),
+            helpers.student_params(cfg, tmp_path / f"m{model}", "kd", devices),
+        )
+    (loss_tp, p_tp), (loss_dp, p_dp) = runs[4], runs[1]
+    assert len(loss_tp) == 3
+    # The run-to-run tolerance of tests/helpers (sums re-associated over shards, a few steps).
+    np.testing.assert_allclose(loss_tp, loss_dp, rtol=helpers.RUN_RTOL)
+    helpers.assert_trees_close(p_tp, p_dp)
+    dev = max(
+        _max_rel(a, b) for a, b in zip(jax.tree.leaves(p_tp), jax.tree.leaves(p_dp), strict=True)
+    )
+    print(f"kd stage data2 x model4 vs data2: loss {loss_tp} vs {loss_dp}; params rel {dev:.2e}")

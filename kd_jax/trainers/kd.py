@@ -14,6 +14,7 @@ restoring a stage in a notebook, `kd_jax.restore`; signals, the runner (`ctx.sto
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -257,9 +258,18 @@ def over_batch_seeds(stage: Stage, one_seed, t_axis):
 
 
 def jit_step(stage: Stage, step):
-    """The one jitted step over the mesh: donated state, metrics replicated on every host."""
+    """The one jitted step over the mesh: donated state, metrics replicated on every host. It is
+    traced under the stage's mesh (`jax.sharding.use_abstract_mesh`), so objectives with
+    explicit collectives (`chunked_kd(vocab_parallel=True)`'s shard_map) find its axes."""
+    mesh = stage.mesh.abstract_mesh
+
+    @functools.wraps(step)
+    def under_mesh(*args):
+        with jax.sharding.use_abstract_mesh(mesh):
+            return step(*args)
+
     return jax.jit(
-        step,
+        under_mesh,
         donate_argnums=(0,),
         out_shardings=(stage.state_shardings, sharding.replicated(stage.mesh)),
     )
