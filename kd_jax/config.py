@@ -79,9 +79,19 @@ TERM_KEYS = ("fn", "weight", "student", "teacher", "adapter", "schedule", "kwarg
 def _model(name: str | None = None) -> ConfigDict:
     # `init`: "" (random), "stage:<name>", "pretrained:<name>" or an orbax params path.
     # `placement` (teachers): replicated | sharded (FSDP rules) | cache (precomputed outputs) |
-    # submesh (on its own devices, `teacher.devices` and `teacher.mesh`; kd_jax.submesh).
+    # submesh (on devices of its own; kd_jax.submesh). With "submesh", `devices` names them:
+    # "last:N" (or N), "first:N" or "per_process:N" (N of every process's; needed with several
+    # processes), the student training on the rest ("": as many as `mesh`'s sizes multiply to,
+    # none -1); `mesh` is the teacher's own mesh over them (FSDP over its fsdp axis).
     return ConfigDict(
-        {"model": name, "kwargs": ConfigDict(), "init": "", "placement": "replicated"},
+        {
+            "model": name,
+            "kwargs": ConfigDict(),
+            "init": "",
+            "placement": "replicated",
+            "devices": "",
+            "mesh": ConfigDict({"data": -1, "fsdp": 1, "model": 1}),
+        },
         type_safe=False,
     )
 
@@ -168,12 +178,6 @@ def base_config() -> ConfigDict:
 
     c.student = _model("cnn")
     c.teacher = _model(None)
-    # teacher.placement = "submesh" (kd_jax.submesh): the teacher's devices, "last:N" (or N),
-    # "first:N" or "per_process:N" (N of every process's; needed with several processes), the
-    # student training on the rest; "" = as many as teacher.mesh's sizes (none -1) multiply to.
-    # teacher.mesh: the teacher's own mesh over them (FSDP over its fsdp axis).
-    c.teacher.devices = ""
-    c.teacher.mesh = ConfigDict({"data": -1, "fsdp": 1, "model": 1})
 
     # Terms: name -> {fn, weight, student (feature path), teacher (feature path), adapter,
     # schedule, kwargs}. Feature paths name entries of the model's feature dict.

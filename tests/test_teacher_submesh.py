@@ -64,8 +64,8 @@ def test_submesh_arrays_sit_on_their_own_devices(tmp_path):
         **{
             "stages.kd.teacher.placement": "submesh",
             "stages.kd.teacher.init": "random:0",
-            "teacher.mesh.data": 2,  # the top level's teacher settings reach the stage's
-            "teacher.mesh.fsdp": 2,
+            "stages.kd.teacher.mesh.data": 2,
+            "stages.kd.teacher.mesh.fsdp": 2,
         },
     )  # teacher.devices "": as many as teacher.mesh's sizes give (4)
     cfg = C.stage_config(config, "kd")
