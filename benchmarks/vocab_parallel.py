@@ -10,9 +10,10 @@ Memory: XLA's accounting of the compiled, partitioned program, `compiled.memory_
 which is per device: "peak" = argument + output + temp - aliased bytes. It should fall about
 as 1/m (kernels, their gradient and the [chunk, V/m] logits are all split; only the hidden
 states and dL/d_hidden are whole on every device). Time: median wall seconds per call after a
-warm-up call, every m measured in this run, ratios against m = 1 of the same run. On the fake
-CPU devices (`jax_num_cpu_devices=8`, all on this host's cores) the m devices share the same
-cores, so the time ratio shows the collectives' overhead, not a speed-up.
+warm-up call, every m measured in this run (calls interleaved), ratios against m = 1 of the same
+run. On the fake CPU devices (`jax_num_cpu_devices=8`) the m devices are threads sharing this
+host's cores, so the time ratio says how the split program runs here (its collectives included),
+not what m real accelerators would gain.
 
     flock /tmp/kd_bench.lock nice -n 5 python benchmarks/vocab_parallel.py [--tokens 256]
         [--vocab 49152 152064] [--models 1 2 4 8] [--iters 2] [--memory-only]
