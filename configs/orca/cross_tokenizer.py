@@ -95,9 +95,9 @@ def get_config(arg=None):
             tokenizer="smollm2",
         )
         c.teacher.init = "random:0"
-        small = dict(limit=24, num_eval=4, seq_len=64, teacher_seq_len=64, max_rows=4)
+        small = dict(limit=24, num_eval=4, seq_len=64, teacher_seq_len=64, max_rows=8)
         c.data.kwargs = dict(c.data.kwargs, max_user_tokens=12, max_response_tokens=12, **small)
-        c.data.batch_size = c.data.eval_batch_size = 4
+        c.data.batch_size = c.data.eval_batch_size = 8  # CI's 8 fake devices
         c.student.kwargs.update(hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1)
         c.student.kwargs.update(intermediate_size=32, max_position=64)
         c.num_seeds, c.progress_bar, c.log_every, c.steps = 2, False, 1, 2
