@@ -143,13 +143,20 @@ def check_batch(mesh: Mesh, size: int, key: str) -> None:
 
 
 def host_batch_slice(mesh: Mesh, global_batch: int) -> slice:
-    """The rows of a global batch that this process feeds (contiguous for standard meshes)."""
+    """The rows of a global batch that this process feeds: those its devices hold. Contiguous
+    for standard meshes: global / processes rows when the batch axes span the processes; every
+    row when only the model axis does (each host then feeds the whole batch, and the processes
+    holding the same rows feed the same rows)."""
     sharding = batch_sharding(mesh)
     index_map = sharding.addressable_devices_indices_map((global_batch,))
-    starts = [idx[0].start or 0 for idx in index_map.values()]
-    stops = [idx[0].stop if idx[0].stop is not None else global_batch for idx in index_map.values()]
-    start, stop = min(starts), max(stops)
-    if stop - start != global_batch // jax.process_count():
+    blocks = sorted(
+        {
+            (idx[0].start or 0, idx[0].stop if idx[0].stop is not None else global_batch)
+            for idx in index_map.values()
+        }
+    )
+    start, stop = blocks[0][0], blocks[-1][1]
+    if any(a[1] != b[0] for a, b in zip(blocks, blocks[1:])):
         raise ConfigValueError(
             "This process's devices do not hold a contiguous block of the batch; "
             "build the mesh from jax.devices() in process order."

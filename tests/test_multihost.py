@@ -9,10 +9,15 @@ Cells covered (mesh, teacher placement, stage kind), each compared with the one-
            step 3, stops both hosts at that step (exit 143); the newest step is then made
            unreadable on process 1 only, and the rerun of both falls back to step 2 on both;
            `python -m kd_jax.export` reads the workdir both hosts wrote.
+  llm:     model=8 (the model axis spans the hosts; Llama's tensor-parallel rules; the batch
+           whole on each host): kinds topk_cache (records byte-identical), gkd (params, metrics:
+           the student samples under the model axis) and score (records byte-identical, the
+           agreement metrics equal).
 """
 
 from __future__ import annotations
 
+import filecmp
 import glob
 import os
 import signal
@@ -54,7 +59,7 @@ def _run(name: str, workdir, env_extra=None) -> list[tuple[int, str]]:
         for i in range(2)
     ]
     try:
-        outs = [p.communicate(timeout=150)[0].decode() for p in procs]
+        outs = [p.communicate(timeout=600)[0].decode() for p in procs]
     except subprocess.TimeoutExpired:
         for p in procs:
             p.kill()
@@ -104,3 +109,39 @@ def test_vision_matrix_kill_resume_and_export(tmp_path):
     _, variables = export.load_npz(str(out))
     want = helpers.student_params(config, single, "kd_sharded")
     helpers.assert_trees_close(variables["params"], jax.tree.map(lambda v: v[1], want))
+
+
+def test_llm_kinds_under_a_model_axis_across_hosts(tmp_path):
+    config = multihost_configs.llm()
+    multi, single = tmp_path / "multi", tmp_path / "single"
+    for rc, out in _run("llm", multi):
+        assert rc == 0, out[-3000:]
+    helpers.run(config, single)
+    assert_same_run(config, multi, single, ["gkd"])
+    for stage in ("topk", "score"):
+        shards = sorted(os.path.basename(p) for p in glob.glob(str(single / stage / "*.kdrec")))
+        assert shards, os.listdir(single / stage)
+        match, mismatch, errors = filecmp.cmpfiles(single / stage, multi / stage, shards, False)
+        assert match == shards, (mismatch, errors)
+
+
+def test_teacher_identity_is_position_sensitive_and_the_same_for_every_layout():
+    """teacher.fingerprint: the integrity digest, not sums (a permuted matrix, or two changes
+    that cancel, left the old float64-sum fingerprint unchanged)."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from kd_jax import sharding
+    from kd_jax import teacher as teacher_lib
+
+    w = np.arange(64, dtype=np.float32).reshape(8, 8) / 7.0
+    base = teacher_lib.fingerprint({"w": w})
+    assert teacher_lib.fingerprint({"w": w[::-1].copy()}) != base  # same sum, permuted rows
+    cancel = w.copy()
+    cancel[0, 0] += 1.0
+    cancel[1, 1] -= 1.0  # the same sum again
+    assert teacher_lib.fingerprint({"w": cancel}) != base
+    mesh = sharding.make_mesh({"data": 1, "fsdp": 8, "model": 1})
+    for spec in (P("fsdp"), P(None, "fsdp"), P()):
+        placed = jax.device_put(w, NamedSharding(mesh, spec))
+        assert teacher_lib.fingerprint({"w": placed}) == base
