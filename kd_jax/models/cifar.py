@@ -21,6 +21,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from kd_jax.models.batchnorm import BatchNorm
 from kd_jax.models.registry import register
 
 _kaiming = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -42,9 +43,7 @@ def conv(features, kernel=3, stride=1, groups=1, bias=False, dtype=jnp.float32, 
 
 
 def bn(train: bool, name=None, dtype=jnp.float32):
-    return nn.BatchNorm(
-        use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype, name=name
-    )
+    return BatchNorm(use_running_average=not train, dtype=dtype, name=name)
 
 
 def shuffle(x, groups: int):

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from kd_jax.errors import ConfigValueError
+from kd_jax.models.batchnorm import BatchNorm
 from kd_jax.models.registry import register
 
 # Backbone convs: kaiming_normal(fan_out, relu), as in the reference ResNetV1b.
@@ -54,9 +55,7 @@ class _BNAct(nn.Module):
 
     @nn.compact
     def __call__(self, x, *, train: bool):
-        x = nn.BatchNorm(
-            use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=self.dtype, name="bn"
-        )(x)
+        x = BatchNorm(use_running_average=not train, dtype=self.dtype, name="bn")(x)
         return nn.relu(x) if self.relu else x
 
 

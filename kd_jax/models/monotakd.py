@@ -52,6 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kd_jax.errors import ConfigValueError
+from kd_jax.models.batchnorm import BatchNorm
 from kd_jax.models.registry import register
 
 # Toy defaults: x 2..40.4 m, y -19.2..19.2 m, z -3..1 m; 0.8 m BEV cells, 4 height slices.
@@ -141,7 +142,7 @@ class ConvBN(nn.Module):
             kernel_dilation=(self.dilation, self.dilation),
             use_bias=False,
         )(x)
-        x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+        x = BatchNorm(use_running_average=not train)(x)
         return nn.relu(x) if self.relu else x
 
 

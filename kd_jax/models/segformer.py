@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kd_jax.errors import ConfigValueError
+from kd_jax.models.batchnorm import BatchNorm
 from kd_jax.models.registry import register
 
 # embed dims, depths, heads, spatial-reduction ratios, MLP ratios per stage; decoder width.
@@ -300,13 +301,7 @@ class SegFormer(nn.Module):
             name="linear_fuse",
         )(jnp.concatenate(ups, axis=-1))
         if self.norm == "batch":
-            y = nn.BatchNorm(
-                use_running_average=not train,
-                momentum=0.9,
-                epsilon=1e-5,
-                dtype=self.dtype,
-                name="linear_fuse_bn",
-            )(y)
+            y = BatchNorm(use_running_average=not train, dtype=self.dtype, name="linear_fuse_bn")(y)
         y = nn.relu(y)
         feats["decoder"] = y
         # Dropout2d: whole channels are dropped (broadcast over the spatial dims).

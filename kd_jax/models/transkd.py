@@ -29,6 +29,7 @@ import numpy as np
 
 from kd_jax.adapters import ADAPTERS
 from kd_jax.errors import ConfigValueError
+from kd_jax.models.batchnorm import BatchNorm
 from kd_jax.models.segformer import MIT_CONFIGS, OverlapPatchEmbed
 
 # kaiming_uniform(a=1) == U(+-sqrt(3 / fan_in)); PyTorch's default Linear/Conv init is
@@ -76,7 +77,7 @@ def nearest_resize(x, hw):
 
 def _bn(train: bool, name: str, use_running_average: bool | None = None):
     ura = (not train) if use_running_average is None else use_running_average
-    return nn.BatchNorm(use_running_average=ura, momentum=0.9, epsilon=1e-5, name=name)
+    return BatchNorm(use_running_average=ura, name=name)
 
 
 class SelectiveFusion(nn.Module):

@@ -25,11 +25,12 @@ import numpy as np
 
 from kd_jax.adapters import ADAPTERS
 from kd_jax.errors import ConfigValueError
+from kd_jax.models.batchnorm import BatchNorm
 from kd_jax.models.transkd import nearest_resize
 
 
 def _bn(train: bool, name: str | None = None):
-    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
+    return BatchNorm(use_running_average=not train, name=name)
 
 
 class ConvBN(nn.Module):
