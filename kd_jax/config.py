@@ -83,6 +83,8 @@ def _model(name: str | None = None) -> ConfigDict:
     # "last:N" (or N), "first:N" or "per_process:N" (N of every process's; needed with several
     # processes), the student training on the rest ("": as many as `mesh`'s sizes multiply to,
     # none -1); `mesh` is the teacher's own mesh over them (FSDP over its fsdp axis).
+    # `sharding_rules` (teachers, "sharded"): `sharding.tree_shardings` rules for the teacher's
+    # variables ("params/..." paths), e.g. (*llama.tensor_parallel_rules(""), (".*", "fsdp")).
     return ConfigDict(
         {
             "model": name,
@@ -91,6 +93,7 @@ def _model(name: str | None = None) -> ConfigDict:
             "placement": "replicated",
             "devices": "",
             "mesh": ConfigDict({"data": -1, "fsdp": 1, "model": 1}),
+            "sharding_rules": ((".*", "fsdp"),),
         },
         type_safe=False,
     )

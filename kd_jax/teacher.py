@@ -181,9 +181,9 @@ def load(cfg, mesh, example: Sequence, stages: Mapping[str, Any], root: str) -> 
     if placement not in PLACEMENTS:
         raise ConfigValueError(f"Unknown teacher.placement '{placement}'; use one of {PLACEMENTS}.")
     if placement in ("sharded", "submesh"):  # submesh: `mesh` is the teacher's own
-        shard = sharding.tree_shardings(
-            variables, mesh, ((".*", "fsdp"),), leading=1 if axis == 0 else 0
-        )
+        # teacher.sharding_rules: FSDP by default; e.g. Llama's tensor-parallel rules first.
+        rules = tuple(cfg.teacher.get("sharding_rules", ((".*", "fsdp"),)))
+        shard = sharding.tree_shardings(variables, mesh, rules, leading=1 if axis == 0 else 0)
     else:
         shard = jax.tree.map(lambda _: sharding.replicated(mesh), variables)
     # One jitted re-layout for the whole tree (device_put would compile a slice per shard).

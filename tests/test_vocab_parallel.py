@@ -184,7 +184,8 @@ def _save_teacher(path):
 
 def _stage_config(model: int, teacher_path: str):
     """One kd stage (chunked forward KL at T = 2 + CE), tiny Llamas on toy_lm prompts; with
-    model > 1 the student trains under Llama's TP rules and the loss is vocab_parallel."""
+    model > 1 the student trains and the teacher sits under Llama's TP rules, and the loss is
+    vocab_parallel."""
     from tests import test_chunked_kd  # noqa: F401  (registers the "toy_lm" data)
 
     c = C.base_config()
@@ -201,6 +202,8 @@ def _stage_config(model: int, teacher_path: str):
     teacher = C.model("llama", **TEACHER)
     teacher.init = teacher_path
     teacher.placement = "sharded"
+    if model > 1:
+        teacher.sharding_rules = (*llama.tensor_parallel_rules(""), (".*", "fsdp"))
     kd_term = C.term(
         "chunked_kd",
         student="hidden,lm_head",
