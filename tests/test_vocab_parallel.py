@@ -243,3 +243,24 @@ def test_kd_stage_under_tp_rules_equals_data_only(tmp_path):
         _max_rel(a, b) for a, b in zip(jax.tree.leaves(p_tp), jax.tree.leaves(p_dp), strict=True)
     )
     print(f"kd stage data2 x model4 vs data2: loss {loss_tp} vs {loss_dp}; params rel {dev:.2e}")
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [dict(tail="renormalize", temperature=2.0), dict(divergence="reverse_kl", tail="bucket")],
+    ids=["forward_renorm", "reverse_bucket"],
+)
+def test_dense_teacher_topk_equals_its_cache(kw):
+    """teacher_topk=k on the dense teacher == the cache path fed that teacher's top-k log-probs."""
+    x = _inputs()
+    with jax.default_matmul_precision("float32"):
+        lt = jax.nn.log_softmax(np.einsum("btd,dv->btv", x["ht"], x["wt"]), -1)
+        lp, idx = jax.lax.top_k(lt, K)
+        common = dict(student_hidden=x["hs"], student_kernel=x["ws"], mask=x["mask"], **kw)
+        dense = fused_kd_loss(
+            teacher_hidden=x["ht"], teacher_kernel=x["wt"], teacher_topk=K, chunk_size=8, **common
+        )
+        cache = fused_kd_loss(teacher_topk_idx=idx, teacher_topk_logprob=lp, **common)
+    # The same formula on log-probs that differ by the rounding of the teacher's logits (a
+    # D-term dot) and log-softmax (V terms).
+    np.testing.assert_allclose(dense, cache, rtol=f32_tol(V + D))
