@@ -7,13 +7,14 @@ committed); the torch side-environment runs it:
 
   git --git-dir=<mirror>/megvii-research+mdistiller/repo archive HEAD | tar -x -C /tmp/md_export
   /tmp/kdtorch/bin/python scripts/make_cifar_trajectory_fixture.py /tmp/md_export \\
-      [--methods kd,dkd] [--out tests/fixtures]
+      [--methods kd,dkd,at,pkt] [--out tests/fixtures]
 
 What runs: mdistiller's own `models/cifar/resnet.py` (teacher resnet32x4, student resnet8x4)
-and its distillers (`distillers/KD.py`, `DKD.py`, with `_base.Distiller.train()`: teacher in
-eval mode), mdistiller's trainer step (engine/trainer.py:153-169: `loss = sum(l.mean())`,
-backward, `optim.SGD(lr 0.05, momentum 0.9, weight_decay 5e-4)` over the student's parameters,
-epoch 1, so DKD's warm-up factor is 1/20), on fixed batches without augmentation.
+and its distillers (`distillers/KD.py`, `DKD.py`, `AT.py`, `PKT.py`, with
+`_base.Distiller.train()`: teacher in eval mode), mdistiller's trainer step
+(engine/trainer.py:153-169: `loss = sum(l.mean())`, backward, `optim.SGD(lr 0.05, momentum
+0.9, weight_decay 5e-4)` over the student's parameters, epoch 1, so DKD's warm-up factor is
+1/20), on fixed batches without augmentation.
 
 Initial weights: drawn by numpy from a seed with the official initialisers' distributions
 (`init_variables`: kaiming-normal fan_out convs as resnet.py:126-131, BN weight 1 / bias 0,
@@ -48,6 +49,10 @@ STEPS, BATCH, LR, MOMENTUM, WD = 20, 4, 0.05, 0.9, 5e-4
 # keeps beta 8).
 KD_CFG = {"TEMPERATURE": 4, "CE_WEIGHT": 0.1, "KD_WEIGHT": 0.9}
 DKD_CFG = {"CE_WEIGHT": 1.0, "ALPHA": 1.0, "BETA": 8.0, "T": 4.0, "WARMUP": 20}
+# engine/cfg.py:67-71 (AT: p 2, CE 1, feat 1000 over feats[1:]) and :114-117 (PKT: CE 1, 30000).
+AT_CFG = {"P": 2, "CE_WEIGHT": 1.0, "FEAT_WEIGHT": 1000.0}
+PKT_CFG = {"CE_WEIGHT": 1.0, "FEAT_WEIGHT": 30000.0}
+METHODS = ("kd", "dkd", "at", "pkt")
 
 
 def _template(name: str):
@@ -169,13 +174,12 @@ def _load_official(root: str):
     sys.path.insert(0, root)
     resnet = importlib.import_module("mdistiller.models.cifar.resnet")
     # The distillers' package __init__ imports every distiller (scipy, ...): load the two files
-    # as modules of a bare package so only `_base`, KD and DKD run.
+    # as modules of a bare package so only `_base` and the methods' files run.
     pkg = types.ModuleType("md_distillers")
     pkg.__path__ = [os.path.join(root, "mdistiller", "distillers")]
     sys.modules["md_distillers"] = pkg
-    kd = importlib.import_module("md_distillers.KD")
-    dkd = importlib.import_module("md_distillers.DKD")
-    return resnet, kd, dkd
+    distillers = {m: importlib.import_module(f"md_distillers.{m.upper()}") for m in METHODS}
+    return resnet, distillers
 
 
 def run(root: str, method: str) -> dict:
@@ -183,7 +187,7 @@ def run(root: str, method: str) -> dict:
 
     torch.manual_seed(0)
     torch.set_num_threads(2)
-    resnet, kd_mod, dkd_mod = _load_official(root)
+    resnet, official = _load_official(root)
     t_vars = init_variables(TEACHER, SEEDS["teacher"])
     s_vars = init_variables(STUDENT, SEEDS["student"])
     teacher, student = resnet.resnet32x4(num_classes=100), resnet.resnet8x4(num_classes=100)
@@ -199,12 +203,16 @@ def run(root: str, method: str) -> dict:
     with torch.no_grad():
         for x in calib.astype(np.float32):
             teacher(torch.from_numpy(x))
-    if method == "kd":
-        cfg = _ns({"KD": _ns({"TEMPERATURE": KD_CFG["TEMPERATURE"], "LOSS": _ns(
-            {"CE_WEIGHT": KD_CFG["CE_WEIGHT"], "KD_WEIGHT": KD_CFG["KD_WEIGHT"]})})})  # fmt: skip
-        distiller = kd_mod.KD(student, teacher, cfg)
-    else:
-        distiller = dkd_mod.DKD(student, teacher, _ns({"DKD": _ns(DKD_CFG)}))
+    loss_cfg = {
+        "kd": _ns({"KD": _ns({"TEMPERATURE": KD_CFG["TEMPERATURE"], "LOSS": _ns(
+            {"CE_WEIGHT": KD_CFG["CE_WEIGHT"], "KD_WEIGHT": KD_CFG["KD_WEIGHT"]})})}),
+        "dkd": _ns({"DKD": _ns(DKD_CFG)}),
+        "at": _ns({"AT": _ns({"P": AT_CFG["P"], "LOSS": _ns(
+            {"CE_WEIGHT": AT_CFG["CE_WEIGHT"], "FEAT_WEIGHT": AT_CFG["FEAT_WEIGHT"]})})}),
+        "pkt": _ns({"PKT": _ns({"LOSS": _ns(PKT_CFG)})}),
+    }[method]  # fmt: skip
+    cls = {"kd": "KD", "dkd": "DKD", "at": "AT", "pkt": "PKT"}[method]
+    distiller = getattr(official[method], cls)(student, teacher, loss_cfg)
     distiller.train()  # student train mode, teacher eval (_base.py:12-20)
     opt = torch.optim.SGD(
         distiller.get_learnable_parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WD
@@ -238,7 +246,7 @@ def main():
     ap.add_argument(
         "mdistiller", help="an export of megvii-research/mdistiller (outside this repo)"
     )
-    ap.add_argument("--methods", default="kd,dkd")
+    ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--out", default=OUT)
     args = ap.parse_args()
     for method in args.methods.split(","):

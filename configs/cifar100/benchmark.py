@@ -71,8 +71,13 @@ def _terms(specs, method, pair, t_model, s_model, epoch, tiny):
             out[name] = C.term(fn, weight, student="input_grad", teacher="input_grad", **kw)
         elif tap == "pooled":
             out[name] = C.term(fn, weight, student="pooled", teacher="pooled", **kw)
-        elif tap in ("hint", "last"):
-            tn, sn = ("conv1", "conv1") if tiny else getattr(S, tap)(t_model, s_model)
+        elif tap in ("hint", "last", "last_same_size"):
+            if tiny:
+                tn, sn = "conv1", "conv1"
+            elif tap == "hint":
+                tn, sn = S.hint(t_model, s_model)
+            else:
+                tn, sn = S.last(t_model, s_model, same_size=tap == "last_same_size")
             out[name] = C.term(fn, weight, student=sn, teacher=tn, **kw)
         elif tap in ("maps", "pre_maps"):
             pairs = (

@@ -99,7 +99,7 @@ PAIRS = {
 
 # Method -> settings shared by every pair. `terms`: (name, loss fn, weight, tap, options);
 # taps: "logits", "self" (the student's logits alone), "pooled", "hint" (f[hint_layer = 2]),
-# "last" (f[-2]: the last map), "maps"
+# "last" (f[-2]: the last map; "last_same_size" matched by size), "maps"
 # (f[1:-1]: every stage, one term per matched pair), "pre_maps" (the same, pre-ReLU),
 # "review" (ReviewKD's stages), "fsp" (consecutive pairs of f[:-1]). `src` names the lines.
 METHODS = {
@@ -163,7 +163,7 @@ METHODS = {
     },
     "ft": {
         "ce": 1.0,
-        "terms": (("ft", "ft", 200.0, "last", {"adapter": "ft"}),),
+        "terms": (("ft", "ft", 200.0, "last_same_size", {"adapter": "ft"}),),
         "src": "RD run_cifar_distill.sh:23 (-b 200), train_student.py:239-253 (paraphraser "
         "pre-trained 30 epochs at lr 0.01 for ResNet/WRN students, pretrain.py:22-27), "
         "loops.py:177-180",
@@ -317,12 +317,19 @@ def hint(t_model: str, s_model: str):
     return tn, sn
 
 
-def last(t_model: str, s_model: str):
-    """f[-2]: the last map (RD loops.py:145-146, 178-179); matched by size as `matched`."""
+def last(t_model: str, s_model: str, *, same_size: bool = False):
+    """f[-2]: the last map of each (RD loops.py:145-146, 178-179). `same_size` (FT's factors
+    need it): the teacher's map at the student's size, else the student's map at the teacher's
+    last size (RD's translator/paraphraser pool instead)."""
     t_all, s_all = feats(t_model), feats(s_model)
+    if not same_size:
+        return t_all[-1][0], s_all[-1][0]
     sn, _, ss = s_all[-1]
     cands = [n for n, _, size in t_all if size == ss]
-    return (cands[-1] if cands else t_all[-1][0]), sn
+    if cands:
+        return cands[-1], sn
+    tn, _, ts = t_all[-1]
+    return tn, [n for n, _, size in s_all if size == ts][-1]
 
 
 def fsp_pairs(t_model: str, s_model: str):
@@ -387,7 +394,7 @@ def markdown() -> str:
             f"| {name} | {_fmt(m['ce'])} | {terms or '–'} | {taps or '–'} | {init} | {m['src']} |"
         )
     lines += ["", "| pair | teacher → student | lr (teacher) | hint | maps (AT/NST/VID/OFD) | "
-              "last map | FSP | per-pair overrides | published row |"]  # fmt: skip
+              "last map (FT) | FSP | per-pair overrides | published row |"]  # fmt: skip
     lines += ["|---|---|---|---|---|---|---|---|---|"]
     for pair, (t, s, table) in PAIRS.items():
         maps = ", ".join(
@@ -402,7 +409,7 @@ def markdown() -> str:
             if p == pair
         )
         th, sh = hint(t, s)
-        tl, sl = last(t, s)
+        tl, sl = last(t, s, same_size=True)
         lines.append(
             f"| {pair} | {t} → {s} | {_fmt(lr(s))} ({_fmt(RECIPE['teacher_lr'][0])}) | "
             f"{th}→{sh} | {maps} | {tl}→{sl} | {fsp} | {over or '–'} | {table} |"
