@@ -17,7 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def vision(**top):
     """fsdp spans the processes (data=1, fsdp=8); 2 seeds; teacher -> the same KD stage with the
-    teacher replicated, sharded (FSDP across both hosts) and as an offline cache."""
+    teacher replicated, sharded (FSDP across both hosts), as an offline cache and on a sub-mesh
+    (2 devices of each host; the student's fsdp=4 then spans both hosts too)."""
     c = helpers.kd_config(steps=3, teacher_steps=3, num_seeds=2, **{"mesh.data": 1, "mesh.fsdp": 8})
     c.checkpoint_every = 2
     kd = c.stages.kd.to_dict()
@@ -26,7 +27,14 @@ def vision(**top):
         stage = dict(kd, teacher=dict(kd["teacher"], placement=placement))
         c.stages[f"kd_{placement}"] = stage
     c.stages.kd_sharded.steps = 6  # killed after step 3 by the test, resumed from step 2
-    c.stage_order = ("teacher", "kd_replicated", "kd_sharded", "kd_cache")
+    # The teacher on 2 devices of each host, the student on the other 4 (one process of 8 runs
+    # it with devices="last:4": the same split of work, other device ids).
+    c.stages.kd_submesh = dict(
+        kd,
+        teacher=dict(kd["teacher"], placement="submesh", devices="per_process:2"),
+        mesh={"data": 1, "fsdp": -1, "model": 1},
+    )
+    c.stage_order = ("teacher", "kd_replicated", "kd_sharded", "kd_cache", "kd_submesh")
     for key, value in top.items():
         C.apply_override(c, key, repr(value))
     return C.validate(c)

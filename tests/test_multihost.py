@@ -5,8 +5,9 @@ same config (params within RUN_RTOL, metrics row by row).
 Cells covered (mesh, teacher placement, stage kind), each compared with the one-process run:
   vision:  data=1 x fsdp=8 (fsdp spans the hosts), 2 seeds; kind kd with the teacher
            replicated, sharded (FSDP across both hosts: the case that crashed in
-           teacher.fingerprint) and cached; a SIGTERM to process 1 only, in kd_sharded after
-           step 3, stops both hosts at that step (exit 143); the newest step is then made
+           teacher.fingerprint), cached and on a sub-mesh (2 devices per host, the student's
+           fsdp=4 across both); a SIGTERM to process 1 only, in kd_sharded after step 3, stops
+           both hosts at that step (exit 143); the newest step is then made
            unreadable on process 1 only, and the rerun of both falls back to step 2 on both;
            `python -m kd_jax.export` reads the workdir both hosts wrote.
   llm:     model=8 (the model axis spans the hosts; Llama's tensor-parallel rules; the batch
@@ -100,7 +101,7 @@ def test_vision_matrix_kill_resume_and_export(tmp_path):
         assert rc == 0, out[-3000:]
     assert "hosts disagree on step 3" in runs[0][1] + runs[1][1]
     # 3. The same config in one process of 8 devices, uninterrupted.
-    helpers.run(config, single)
+    helpers.run(multihost_configs.vision(**{"stages.kd_submesh.teacher.devices": "last:4"}), single)
     assert_same_run(config, multi, single, config.stage_order)
     # 4. Export reads what both hosts wrote (one process, its own devices).
     out = tmp_path / "npz"
