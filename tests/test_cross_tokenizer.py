@@ -4,6 +4,7 @@ the vocabulary check, and the tiny config end to end."""
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import jax
@@ -201,6 +202,32 @@ def test_aligned_kl_reference_and_zero_on_mapped_support():
         student=jnp.zeros((1, 1, 4)), teacher=jnp.asarray(only_unmatched), vocab_map=initial
     )
     assert float(none) == 0.0
+
+
+@pytest.mark.parametrize("name", ["uld", "aligned_kl"])
+def test_objective_contract(name):
+    """Keyword-only; 0 at equality (same vocabulary, identity map); >= 0; a position with mask 0
+    or aligned 0 does not count, whatever its logits."""
+    fn = losses.get(name)
+    params = inspect.signature(fn).parameters.values()
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params)
+    assert losses.accepts(fn) >= {"student", "teacher", "mask", "reduction"}
+    kw = {"vocab_map": np.arange(5, dtype=np.int32)} if name == "aligned_kl" else {}
+    rng = np.random.default_rng(2)
+    s = jnp.asarray(rng.normal(size=(2, 3, 5)) * 2, jnp.float32)
+    t = jnp.asarray(rng.normal(size=(2, 3, 5)) * 2, jnp.float32)
+    assert abs(float(fn(student=s, teacher=s, **kw))) < 1e-6
+    per_pos = fn(student=s, teacher=t, reduction="none", **kw)
+    assert per_pos.shape == (2, 3) and (per_pos >= 0).all()
+    mask = jnp.asarray([[1, 0, 1], [1, 1, 0]], jnp.float32)
+    aligned = jnp.asarray([[1, 1, 0], [1, 1, 1]], jnp.float32)
+    w = np.asarray(mask * aligned)
+    got = fn(student=s, teacher=(t, aligned), mask=mask, **kw)
+    np.testing.assert_allclose(float(got), (np.asarray(per_pos) * w).sum() / w.sum(), rtol=1e-6)
+    noisy = t.at[0, 1].set(50.0).at[0, 2].set(-50.0)  # positions with mask 0 / aligned 0
+    assert float(fn(student=s, teacher=(noisy, aligned), mask=mask, **kw)) == pytest.approx(
+        float(got), rel=1e-6
+    )
 
 
 def test_vocab_error_without_cross_tokenizer_objective():
