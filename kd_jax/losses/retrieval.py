@@ -35,6 +35,7 @@ def vse_hinge(
     reduction: str = "mean",
     margin: float = 0.1,
     max_violation: bool = True,
+    as_released: bool = False,
 ):
     """VSE++ hinge with hardest negatives, both directions (the MIL ranking loss when S is the
     max over K instances):
@@ -42,13 +43,21 @@ def vse_hinge(
       l_i = max_{j != i} [m + S[i, j] - S[i, i]]_+  +  max_{j != i} [m + S[j, i] - S[i, i]]_+
 
     (figure i against every other text; text i against every other figure). Without
-    `max_violation`, the max becomes a sum over j. The released loss averages each direction
-    over the batch and adds them: 'mean' here gives exactly that.
+    `max_violation`, the max becomes a sum over j (VSE++'s sum of hinges). The released loss
+    averages each direction over the batch and adds them: with `max_violation` (the released
+    runs), 'mean' here gives exactly that.
+
+    Deliberate departure: without `max_violation` the release (`OursLoss.triplet_ranking_loss`)
+    takes the mean over all B x B hinge entries, i.e. B times smaller than the per-anchor sum
+    here, so its weight would depend on the batch size; `as_released=True` divides each l_i by
+    B, which makes 'mean' equal to the released value (tests/test_polyvilt_parity.py).
 
     Args:
       student: S [B, B].
       mask: optional 0/1 [B]; a masked example is neither an anchor nor a negative.
       margin: m (0.1 in the released runs).
+      as_released: with max_violation=False, the release's reduction (see above); no effect
+        with max_violation=True, where the two agree.
     Returns: float32 scalar ('mean'/'sum') or [B] ('none').
     """
     s = _square(student, "vse_hinge")
@@ -62,6 +71,8 @@ def vse_hinge(
         per = jnp.max(i2t, axis=1) + jnp.max(t2i, axis=0)
     else:
         per = jnp.sum(i2t, axis=1) + jnp.sum(t2i, axis=0)
+        if as_released:
+            per = per / b  # the release's mean over the B x B entries
     return reduce_loss(per, mask=mask, reduction=reduction)
 
 
