@@ -97,7 +97,7 @@ def test_specs_as_declared(tied):
     assert t_got["params/embed_tokens/embedding"] == P(m, None)
 
 
-def _train(mesh, rules, params, ids, steps=3):
+def _train(mesh, rules, params, ids, steps=2):
     """`steps` Adam steps of next-token CE, params laid out by `rules`, the batch over 'data'."""
     model, tx = Llama(TINY), optax.adam(1e-2)
     p_sh = sharding.tree_shardings(params, mesh, rules)
@@ -142,9 +142,9 @@ def test_data_x_model_train_equals_data():
     print(f"max relative deviation data x model vs data: {dev:.2e} (tol {TOL:.2e})")
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_generation_under_model_axis(tied):
-    config = dataclasses.replace(TINY, tie_embeddings=tied)
+def test_generation_under_model_axis():
+    # Tied: the head is the vocab-parallel embedding (the untied head trains in the test above).
+    config = dataclasses.replace(TINY, tie_embeddings=True)
     model, params = Llama(config), _params(config, seed=2)
     prompt = np.random.default_rng(3).integers(1, config.vocab_size, (2, 5)).astype(np.int32)
     mask = np.array([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]], np.int32)

@@ -146,11 +146,12 @@ class VocabReduce:
             return vals, idx
         idx = idx + self.offset(x.shape[-1])
         # The all-gather as a psum of one-hot slots: its result is the same on every shard
-        # (invariant), which shard_map's replication check can see.
-        slots = jax.nn.one_hot(jax.lax.axis_index(self.axis), jax.lax.axis_size(self.axis))
+        # (invariant), which shard_map's replication check can see; `where`, not a product, so
+        # a -inf log-prob stays -inf.
+        mine = jnp.arange(jax.lax.axis_size(self.axis)) == jax.lax.axis_index(self.axis)
 
         def gather(a):
-            every = jax.lax.psum(a[..., None, :] * slots[:, None].astype(a.dtype), self.axis)
+            every = jax.lax.psum(jnp.where(mine[:, None], a[..., None, :], 0), self.axis)
             return every.reshape(*a.shape[:-1], -1)  # [..., m * k], shard by shard
 
         vals, idx = gather(vals), gather(idx)
