@@ -164,7 +164,8 @@ def _rows(
         encode_pair(t_tok, s_tok, t, **lengths)
         for t in _sharegpt_triples(eval_pairs, "empty", seed)
     ]
-    ev = pack_pair(enc, seq_len, teacher_seq_len, alignment=alignment, seed=None, packed=False)
+    # The eval measures agreement on character-aligned positions whatever the training pairing.
+    ev = pack_pair(enc, seq_len, teacher_seq_len, alignment="char_end", seed=None, packed=False)
     return tr, ev
 
 
@@ -187,7 +188,8 @@ def orca_cross_chat(
     truncation), tokenized by both tokenizers and packed in lockstep (module docstring).
 
     teacher_tokenizer: "smollm2" or "gguf:<path>"; student_tokenizer: "minilm" or
-    "wordpiece:<tokenizer.json>"; alignment: "char_end" (default) or "index" (ULD's pairing).
+    "wordpiece:<tokenizer.json>"; alignment: "char_end" (default) or "index" (ULD's pairing) for
+    the training rows; the eval rows are always "char_end".
     `source.stats` holds the packing and alignment statistics of each split.
     """
     args = (limit, num_eval, split_seed, seq_len, teacher_seq_len, max_user_tokens)
