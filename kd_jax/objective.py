@@ -29,7 +29,6 @@ from kd_jax import losses
 from kd_jax.adapters import make_adapter
 from kd_jax.errors import ConfigKeyError, ConfigValueError
 
-
 # Appended to the vocabulary-mismatch errors: the objectives that do not need one vocabulary.
 CROSS_HINT = (
     "To distil across tokenizers, use a cross-tokenizer objective instead ('uld' or "
