@@ -129,16 +129,40 @@ def monotakd_response(
     score_threshold: float = 0.1,
     cls_weight: float = 2.0,
     box_weight: float = 2.0,
+    heading_channel: int | None = None,
+    as_released: bool = False,
     mask=None,
     reduction="mean",
 ):
     """L_logit per frame = cls_weight QFL + box_weight smooth-L1 (module docstring).
 
     Args:
-      student, teacher: (heatmap logits [B, X, Y, 1], regression [B, X, Y, 8]) each.
+      student, teacher: (heatmap logits [B, X, Y, 1], regression [B, X, Y, R]) each (R = 8 on
+        kd_jax's centre head; the released anchor head has 7 box codes, heading last).
+      heading_channel: a regression channel holding a heading angle: its smooth-L1 is taken of
+        sin(s) cos(t) - cos(s) sin(t) = sin(s - t), as the released `add_sin_difference`
+        (dim 6 there). None (default): every channel plainly; kd_jax's head regresses
+        (sin, cos) of the heading, which has no angle channel to apply it to.
+      as_released: the released reduction over the batch (`AnchorHeadSingleCMKD_V2`): the cls
+        term is summed over the frames (`cls_loss.sum()`) while the box term is averaged
+        (`loc_loss_src.sum() / batch_size`); with 'mean' the value then equals the release's.
+        The default averages both, so the cls weight does not grow with the batch size (a
+        deliberate departure, experiments/monotakd/README.md).
+      The release's direction-classifier term (dir_weight 0.4) is not here: the centre head has
+      no direction bins.
     """
     s_hm, s_reg = (v.astype(jnp.float32) for v in student)
     t_hm, t_reg = (v.astype(jnp.float32) for v in teacher)
+    if heading_channel is not None:
+        h = heading_channel
+        if not -s_reg.shape[-1] <= h < s_reg.shape[-1]:
+            raise ConfigValueError(
+                f"heading_channel {h} is not a channel of the {s_reg.shape[-1]}-channel "
+                "regression; name the channel that holds the heading angle, or None."
+            )
+        a, b = s_reg[..., h], t_reg[..., h]  # the release's add_sin_difference, as it rounds
+        s_reg = s_reg.at[..., h].set(jnp.sin(a) * jnp.cos(b))
+        t_reg = t_reg.at[..., h].set(jnp.cos(a) * jnp.sin(b))
     t = jax.nn.sigmoid(t_hm)
     p = jax.nn.sigmoid(s_hm)
     bce = jnp.maximum(s_hm, 0) - s_hm * t + jnp.log1p(jnp.exp(-jnp.abs(s_hm)))
@@ -148,6 +172,8 @@ def monotakd_response(
     cls = jnp.sum(qfl.reshape(qfl.shape[0], -1), -1) / npos
     w = pos * t
     box = jnp.sum((w * _smooth_l1(s_reg - t_reg)).reshape(w.shape[0], -1), -1) / npos
+    if as_released:
+        cls = cls * s_hm.shape[0]  # summed over the frames: B x the per-frame mean
     return reduce_loss(cls_weight * cls + box_weight * box, mask=mask, reduction=reduction)
 
 
