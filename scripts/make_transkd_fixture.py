@@ -5,11 +5,13 @@ The official code is the user's fetched checkout, exported outside this reposito
 committed); the torch side-environment runs it:
 
   G=<mirror>/RuipingL+TransKD/repo
-  mkdir -p /tmp/transkd && git --git-dir=$G archive HEAD train | tar -x -C /tmp/transkd
+  mkdir -p /tmp/transkd && git --git-dir=$G archive HEAD train/CSF.py train/CSF_GLMixer.py \\
+      train/train_TransKDBase.py | tar -x -C /tmp/transkd
   /tmp/kdtorch/bin/python scripts/make_transkd_fixture.py /tmp/transkd \\
       --commit $(git --git-dir=$G rev-parse HEAD)
 
-What runs, all official code: `train/CSF.py`'s `SK`, `SKF` and `hcl` (cut out with `ast`: the
+What runs, all official code (plus, for TransKD-GL, `train/CSF_GLMixer.py`'s SKF and
+Attention, see `gl_mixer`): `train/CSF.py`'s `SK`, `SKF` and `hcl` (cut out with `ast`: the
 module imports the SegFormer models, which need timm / mmcv / mmseg), around a stub student that
 returns fixed stage maps and patch embeddings (SKF's `student(x, is_feat=True)` contract),
 with `embed=5` (PEA on all four stages); the training loss of `train/train_TransKDBase.py`
@@ -72,6 +74,40 @@ def inputs(seed=0):
         np.float32
     )
     return x
+
+
+def gl_mixer(checkout, x, tembeds, out):
+    """TransKD-GL: `train/CSF_GLMixer.py`'s SKF (GL-Mixer on the stage-4 tokens before PEA-4,
+    `add=False`), stage-4 heads 2 (10 channels), its two mixing scalars set to 0.7 / 1.3 (the
+    release leaves them uninitialised); the PEA loss of its four projections, the gradient of
+    every GL-Mixer / PEA weight and of the stage-4 tokens."""
+    import torch
+
+    ns = _defs_from(os.path.join(checkout, "train", "CSF_GLMixer.py"), ["SK", "SKF", "Attention"])
+    feats = [torch.from_numpy(x[f"feat{i}"].transpose(0, 3, 1, 2).copy()) for i in range(4)]
+    embeds = [torch.from_numpy(x[f"embed{i}"]).requires_grad_(True) for i in range(4)]
+
+    class Student(torch.nn.Module):
+        def forward(self, image, is_feat=True):
+            return feats, None, embeds
+
+    torch.manual_seed(1)
+    model = ns["SKF"](Student(), list(S_CH), list(T_CH), MID, 5, False, num_heads=[1, 2, 2, 2])
+    with torch.no_grad():
+        model.atten_weight.fill_(0.7)
+        model.conv_weight.fill_(1.3)
+    names = ("attn4.", "conv1.", "conv2.", "atten_weight", "conv_weight", "embed")
+    params = {k: p for k, p in model.named_parameters() if k.startswith(names)}
+    out.update({f"gl/w/{k}": p.detach().numpy().copy() for k, p in params.items()})
+    model.train()
+    _, _, embedproj = model(None)
+    mse = torch.nn.MSELoss()
+    loss = sum(w * mse(e, t) for w, e, t in zip(EMBED_WEIGHTS, embedproj, tembeds))
+    grads = torch.autograd.grad(loss, [*params.values(), embeds[3]])
+    out["gl/pea"] = np.float64(loss.item())
+    out["gl/pea4_out"] = embedproj[3].detach().numpy().copy()
+    for k, g in zip([*params, "embed3"], grads):
+        out[f"gl/grad/{k}"] = g.numpy().copy()
 
 
 def main():
@@ -150,6 +186,7 @@ def main():
         results, _, _ = model(None)
     for i in range(4):
         out[f"csf_eval/{i}"] = nhwc(results[i])
+    gl_mixer(args.checkout, x, tembeds, out)
     np.savez_compressed(args.out, **out)
     print(f"wrote {args.out} (commit {commit}); loss {loss.item():.6f}")
 

@@ -180,3 +180,67 @@ def test_eval_mode_after_the_step(run):
     _, (_, _, _, _, _, _, eval_outs) = run
     for i in range(4):
         assert _rel(eval_outs[i], REF[f"csf_eval/{i}"]) <= TOL, i
+
+
+def _gl_flax(w):
+    """CSF_GLMixer.py's SKF weights -> (GLMixer params, PEA params)."""
+    conv = lambda k: w[k].transpose(2, 1, 0)  # noqa: E731  torch Conv1d [O, I, k] -> [k, I, O]
+    gl = {
+        "qkv": {"kernel": w["attn4.qkv.weight"].T},
+        "proj": {"kernel": w["attn4.proj.weight"].T, "bias": w["attn4.proj.bias"]},
+        "conv1": {"kernel": conv("conv1.weight"), "bias": w["conv1.bias"]},
+        "conv2": {"kernel": conv("conv2.weight"), "bias": w["conv2.bias"]},
+        "atten_weight": w["atten_weight"].reshape(()),
+        "conv_weight": w["conv_weight"].reshape(()),
+    }
+    pea_p = {
+        f"proj{i + 1}": {
+            "kernel": w[f"embed{i + 1}_linearproject.weight"].T,
+            "bias": w[f"embed{i + 1}_linearproject.bias"],
+        }
+        for i in range(4)
+    }
+    return gl, pea_p
+
+
+def test_gl_mixer_and_its_pea_loss():
+    """TransKD-GL: GL-Mixer on the stage-4 tokens, then PEA; value, every weight's gradient."""
+    from kd_jax.models.transkd import GLMixer
+
+    w = {k[5:]: v for k, v in REF.items() if k.startswith("gl/w/")}
+    gl, pea_p = _gl_flax(w)
+    embeds = [jnp.asarray(IN[f"embed{i}"]) for i in range(4)]
+    te = [jnp.asarray(IN[f"tembed{i}"]) for i in range(4)]
+    mixer = GLMixer(heads=2, add=False)
+
+    def loss(gl, pea_p, e4):
+        mixed = mixer.apply({"params": gl}, e4)
+        proj = PEA_MOD.apply({"params": pea_p}, [*embeds[:3], mixed])
+        return pea(student=proj, teacher=te), proj[3]
+
+    with jax.default_matmul_precision("float32"):
+        (value, pea4), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(
+            gl, pea_p, embeds[3]
+        )
+    assert _rel(value, REF["gl/pea"]) <= TOL
+    assert _rel(pea4, REF["gl/pea4_out"]) <= TOL
+    g_gl, g_pea, g_e4 = jax.device_get(grads)
+    theirs = {k[8:]: v for k, v in REF.items() if k.startswith("gl/grad/")}
+    ours = {
+        "attn4.qkv.weight": g_gl["qkv"]["kernel"].T,
+        "attn4.proj.weight": g_gl["proj"]["kernel"].T,
+        "attn4.proj.bias": g_gl["proj"]["bias"],
+        "conv1.weight": g_gl["conv1"]["kernel"].transpose(2, 1, 0),
+        "conv1.bias": g_gl["conv1"]["bias"],
+        "conv2.weight": g_gl["conv2"]["kernel"].transpose(2, 1, 0),
+        "conv2.bias": g_gl["conv2"]["bias"],
+        "atten_weight": g_gl["atten_weight"].reshape(1),
+        "conv_weight": g_gl["conv_weight"].reshape(1),
+        "embed3": g_e4,
+    }
+    for i in range(4):
+        ours[f"embed{i + 1}_linearproject.weight"] = g_pea[f"proj{i + 1}"]["kernel"].T
+        ours[f"embed{i + 1}_linearproject.bias"] = g_pea[f"proj{i + 1}"]["bias"]
+    assert set(ours) == set(theirs)
+    for k in ours:
+        assert _rel(ours[k], theirs[k]) <= TOL, (k, _rel(ours[k], theirs[k]))
