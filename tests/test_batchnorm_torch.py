@@ -150,6 +150,33 @@ def test_one_value_per_channel_in_train_mode():
     np.testing.assert_allclose(y, np.full((1, 4), want), rtol=f32_tol())
 
 
+def test_sharded_batch_equals_the_whole_batch():
+    """Under jit the statistics of a batch sharded over 4 devices are the global ones; inside
+    shard_map `axis_name` averages them (and counts n) over the axis."""
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    x = jnp.asarray(_batches((8, 3, 5, 4))[0])
+    mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    whole_bn, named_bn = BatchNorm(), BatchNorm(axis_name="data")
+    v = whole_bn.init(jax.random.key(0), x, use_running_average=False)
+
+    def step(bn, x):
+        return bn.apply(v, x, use_running_average=False, mutable=["batch_stats"])
+
+    whole = jax.jit(lambda x: step(whole_bn, x))(x)
+    xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+    jitted = jax.jit(lambda x: step(whole_bn, x))(xs)
+    mapped = jax.jit(
+        jax.shard_map(
+            lambda x: step(named_bn, x), mesh=mesh, in_specs=P("data"), out_specs=(P("data"), P())
+        )
+    )(x)
+    for got in (jitted, mapped):
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(whole), strict=True):
+            np.testing.assert_allclose(a, b, rtol=f32_tol(120, 20.0), atol=f32_tol(120))
+
+
 # ---------------------------------------------------------------- torch.nn.BatchNorm itself
 
 
