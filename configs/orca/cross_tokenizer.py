@@ -20,7 +20,9 @@ top-1 agreement with the teacher on aligned positions whose teacher top-1 maps i
 student vocabulary.
 
   python -m kd_jax.main --config=configs/orca/cross_tokenizer.py --workdir=runs/orca_cross
-Measured numbers (2 shared CPU cores): experiments/orca/README.md.
+Measured (20 steps of 4 rows, 3 seeds, 2 shared CPU cores, 13.6 min wall; experiments/orca/
+README.md): held-out perplexity CE 2377 +- 16, ULD 2846 +- 77 (a miss: the paper has ULD above
+its CE baseline), aligned KL 1812 +- 11; aligned teacher top-1 agreement 4.2-4.5% in every arm.
 """
 
 from kd_jax import config as C
@@ -30,7 +32,7 @@ ALIGNED = "logits,aligned,continuation"
 
 
 def get_config(arg=None):
-    arg = C.parse_arg(arg, tiny=False, seeds=3, steps=40, rows=40)
+    arg = C.parse_arg(arg, tiny=False, seeds=3, steps=20, rows=40)
     c = C.base_config()
     c.num_seeds = arg.seeds
     c.evaluator = "cross_lm"
@@ -41,7 +43,7 @@ def get_config(arg=None):
     c.data.eval_batch_size = 16
     c.data.kwargs = dict(
         limit=400,
-        num_eval=64,
+        num_eval=32,
         seq_len=128,
         teacher_seq_len=128,
         max_user_tokens=32,

@@ -7,7 +7,8 @@ It runs on the teacher's packed rows [B, T_t], gathers its final hidden states a
 (the teacher position aligned to each student position) and applies its LM head there, so its
 features are on the student's positions [B, T_s]:
   "logits"        float32 [B, T_s, V_t]: the teacher's next-token logits after the same text the
-                  student has read (zeros' row at unaligned positions: masked by "aligned");
+                  student has read (at unaligned positions those of teacher position 0: the
+                  objectives drop them by "aligned");
   "aligned"       float32 [B, T_s]: 1 where the student position has a teacher position;
   "continuation"  float32 [B, T_s]: 1 where the student's next token continues a word
                   (which teacher -> student vocabulary map applies, `kd_jax.cross_tokenizer`).
