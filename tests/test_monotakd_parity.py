@@ -53,7 +53,7 @@ def test_bev_losses_as_released():
 
 def test_bev_default_departs_as_documented():
     """Per-frame, differentiable min-max (and F_T normalised): IMD now has a gradient."""
-    (total, _), g = jax.value_and_grad(lambda x: _bev(x, False), has_aux=True)(
+    (total, _), g = jax.jit(jax.value_and_grad(lambda x: _bev(x, False), has_aux=True))(
         {k: IN[k] for k in ("bev_s", "bev_res", "bev_ta", "bev_t")}
     )
     assert np.abs(g["bev_s"]).max() > 0
@@ -72,8 +72,8 @@ def _response(s_cls, s_box, as_released, heading_channel):
 def test_response_loss_as_released():
     """cls summed over the frames, box averaged, sin-difference on the heading (code 6)."""
     with jax.default_matmul_precision("float32"):
-        total, (g_cls, g_box) = jax.value_and_grad(
-            lambda c, b: _response(c, b, True, 6), argnums=(0, 1)
+        total, (g_cls, g_box) = jax.jit(
+            jax.value_and_grad(lambda c, b: _response(c, b, True, 6), argnums=(0, 1))
         )(IN["s_cls"], IN["s_box"])
     assert _rel(total, REF["response/total"]) <= TOL
     assert _rel(g_cls, REF["response/grad_s_cls"]) <= TOL
@@ -84,7 +84,7 @@ def test_response_default_departs_as_documented():
     """The default averages the cls term over the frames: cls / B + box, the release's sum
     being B x cls; without heading_channel the heading is a plain smooth-L1."""
     args = (IN["s_cls"], IN["s_box"])
-    mean_cls = _response(*args, False, 6)
+    mean_cls = jax.jit(lambda c, b: _response(c, b, False, 6))(*args)
     np.testing.assert_allclose(mean_cls, REF["response/cls"] / B + REF["response/box"], rtol=TOL)
-    plain = _response(*args, True, None)
+    plain = jax.jit(lambda c, b: _response(c, b, True, None))(*args)
     assert abs(float(plain) - REF["response/total"]) > 1e-3
