@@ -22,7 +22,7 @@ Stages:
 MiniLLM (`minillm_pg`, the `gkd` kind) is not an arm: `gkd` needs unpacked rows with a
 prompt_mask, which orca_chat does not give (see the README).
 
-  python -m kd_jax.main --config=configs/orca/divergences.py:steps=40,rows=40 \
+  python -m kd_jax.main --config=configs/orca/divergences.py:steps=24,rows=24 \
       --workdir=runs/orca_div
 """
 
@@ -41,7 +41,7 @@ def _live(divergence: str, **kwargs):
 
 
 def get_config(arg=None):
-    arg = C.parse_arg(arg, tiny=False, seeds=2, steps=40, rows=40, chunk=1024)
+    arg = C.parse_arg(arg, tiny=False, seeds=2, steps=24, rows=24, chunk=1024)
     c = C.base_config()
     c.num_seeds = arg.seeds
     c.evaluator = "lm"
