@@ -248,13 +248,15 @@ def test_vocab_error_without_cross_tokenizer_objective():
 
 
 def test_tiny_config_runs_end_to_end(tmp_path):
-    """The tiny config's aligned-KL arm (the one that reads every cross-tokenizer input: the
-    teacher's rows, the alignment, the continuation flags and the vocabulary maps) trains and
-    evaluates; tests/test_config.py runs all three arms of it for one step."""
+    """The tiny config's uld and aligned-KL arms (aligned KL reads every cross-tokenizer input:
+    the teacher's rows, the alignment, the continuation flags and the vocabulary maps) train and
+    evaluate (the ce arm is the standard loop)."""
     c = C.load(os.path.join(ROOT, "configs/orca/cross_tokenizer.py:tiny"))
-    c.stage_order = ("aligned_kl",)
+    c.stage_order = ("uld", "aligned_kl")
     with jax.default_prng_impl("unsafe_rbg"):
-        res = runner.run(c, str(tmp_path))["aligned_kl"]
+        out = runner.run(c, str(tmp_path))
+    assert out["uld"]["step"] == 2 and np.isfinite(out["uld"]["eval/perplexity"]).all()
+    res = out["aligned_kl"]
     assert res["step"] == 2 and np.isfinite(res["eval/perplexity"]).all()
     agree = np.asarray(res["eval/aligned_teacher_agreement"])
     assert ((agree >= 0) & (agree <= 1)).all()
