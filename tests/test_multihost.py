@@ -93,7 +93,7 @@ def test_vision_matrix_kill_resume_and_export(tmp_path):
         assert "stopped by SIGTERM in stage kd_sharded at step 3" in out, out[-3000:]
     # 2. The rerun resumes. With KD_JAX_SLOW=1, step 3 is first made unreadable on process 1
     # only (its own data files truncated) and both hosts must fall back to step 2. Known issue:
-    # that resume hung in 2 of 5 pytest runs here (0 of 6 outside pytest), after both hosts
+    # that resume hung in 2 of 5 pytest runs here (0 of 10 outside pytest), after both hosts
     # had agreed on step 2 (see README).
     if ONE_HOST_CORRUPT:
         step3 = multi / "kd_sharded" / "checkpoints" / "3" / "state"
