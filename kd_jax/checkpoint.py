@@ -134,12 +134,6 @@ def _in_host_memory(x) -> bool:
     )
 
 
-def replicated_to_host(x) -> np.ndarray:
-    """An array as NumPy on every process (`multihost.to_host`: a replicated result is read
-    from this process's replica; one whose shards span processes is gathered first)."""
-    return multihost.to_host(x)
-
-
 def integrity(state) -> tuple[dict[str, str], bool]:
     """({leaf path: "dtype[shape]:checksum"}, every float leaf finite) of a state pytree."""
     flat = jax.tree_util.tree_flatten_with_path(state)[0]
@@ -147,9 +141,10 @@ def integrity(state) -> tuple[dict[str, str], bool]:
     # Device leaves: all dispatched before the first read. Host leaves: nothing to compile
     # (one program per leaf shape was most of a tiny run's checkpoint cost on XLA:CPU).
     results = [None if _in_host_memory(x) else _leaf_integrity(x) for x in leaves]
+    read = iter(multihost.to_host([r for r in results if r is not None]))  # one read for all
     out, finite = {}, True
     for (path, _), x, r in zip(flat, leaves, results):
-        a, b, ok = _host_leaf_integrity(x) if r is None else (int(v) for v in replicated_to_host(r))
+        a, b, ok = _host_leaf_integrity(x) if r is None else (int(v) for v in next(read))
         dt = "key" if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x.dtype.name
         out[jax.tree_util.keystr(path)] = f"{dt}{list(x.shape)}:{a:08x}{b:08x}"
         finite = finite and bool(ok)

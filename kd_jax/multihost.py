@@ -36,20 +36,19 @@ def to_host(tree):
     """NumPy copies of a pytree of arrays, the same on every process (a collective when a leaf's
     shards span processes: one jitted all-gather for all such leaves together)."""
     leaves, treedef = jax.tree.flatten(tree)
-    gather = [i for i, x in enumerate(leaves) if _spans_processes(x) and not x.is_fully_replicated]
-    out = list(leaves)
+    spans = [_spans_processes(x) for x in leaves]
+    # One transfer for the addressable leaves; a replicated leaf that spans processes is read
+    # from this process's replica; the rest are gathered together.
+    out = jax.device_get([None if s else x for s, x in zip(spans, leaves)])
+    gather = [i for i, x in enumerate(leaves) if spans[i] and not x.is_fully_replicated]
+    for i, x in enumerate(leaves):
+        if spans[i] and x.is_fully_replicated:
+            out[i] = x.addressable_data(0)
     if gather:
         got = multihost_utils.process_allgather([leaves[i] for i in gather], tiled=True)
         for i, v in zip(gather, got):
-            out[i] = np.asarray(v)
-    for i, x in enumerate(leaves):
-        if i in gather:
-            continue
-        if _spans_processes(x):  # replicated: this process's replica is the whole value
-            out[i] = np.asarray(x.addressable_data(0))
-        else:
-            out[i] = np.asarray(jax.device_get(x))
-    return jax.tree.unflatten(treedef, out)
+            out[i] = v
+    return jax.tree.unflatten(treedef, [np.asarray(v) for v in out])
 
 
 def gather_ints(values: Sequence[int] | np.ndarray) -> np.ndarray:

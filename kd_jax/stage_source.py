@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from kd_jax import checkpoint as ckpt_lib
-from kd_jax import models
+from kd_jax import models, multihost
 from kd_jax.errors import ConfigKeyError, ConfigValueError
 
 STAGE, STAGES, PRETRAINED = "stage:", "stages:", "pretrained:"
@@ -71,7 +71,7 @@ def restore_student(stage_dir: str, mesh, rules, step: int | None = None):
     finally:
         ckptr.close()
     variables = {"params": state["params"]["student"], **state["model_state"].get("student", {})}
-    return variables, int(ckpt_lib.replicated_to_host(state["step"]).reshape(-1)[0])
+    return variables, int(multihost.to_host(state["step"]).reshape(-1)[0])
 
 
 def read(

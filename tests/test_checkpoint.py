@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kd_jax import checkpoint as ckpt_lib
+from kd_jax import multihost
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
@@ -132,12 +133,12 @@ def test_host_and_device_checksums_agree():
     ]
     for x in leaves:
         assert ckpt_lib._in_host_memory(x)
-        device = tuple(int(v) for v in ckpt_lib.replicated_to_host(ckpt_lib._leaf_integrity(x)))
+        device = tuple(int(v) for v in multihost.to_host(ckpt_lib._leaf_integrity(x)))
         a, b, finite = ckpt_lib._host_leaf_integrity(x)
         assert (a, b, int(finite)) == device, (x.dtype, x.shape)
     with jax.enable_x64(True):
         x = jnp.asarray(rng.standard_normal(9), jnp.float64)
-        device = tuple(int(v) for v in ckpt_lib.replicated_to_host(ckpt_lib._leaf_integrity(x)))
+        device = tuple(int(v) for v in multihost.to_host(ckpt_lib._leaf_integrity(x)))
         assert ckpt_lib._host_leaf_integrity(x)[:2] == device[:2]
 
 
