@@ -26,31 +26,16 @@ with -1 for ignore.
 
 from __future__ import annotations
 
-import argparse
-import ast
 import importlib.util
 import os
-import subprocess
 
 import numpy as np
+import release_code  # scripts/release_code.py (the script's own directory is on sys.path)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "tests", "fixtures", "lad_parity.npz")
 B, C, h, w, H, W = 2, 5, 6, 7, 11, 13  # H, W not multiples of h, w: a real bilinear resize.
 VOC = 21
-
-
-def _classes_from(path, names):
-    """Executes only the named top-level classes of a module file (plus torch imports)."""
-    src = open(path).read()
-    tree = ast.parse(src)
-    keep = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name in names]
-    assert {n.name for n in keep} == set(names), f"{names} not all in {path}"
-    code = "import torch\nimport torch.nn as nn\nimport torch.nn.functional as F\n"
-    code += "\n\n".join(ast.get_source_segment(src, n) for n in keep)
-    ns: dict = {}
-    exec(compile(code, path, "exec"), ns)
-    return ns
 
 
 def _module(path, name):
@@ -74,18 +59,11 @@ def inputs(seed=0):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("checkout")
-    ap.add_argument("--commit", default=None, help="the checkout's commit (recorded)")
-    ap.add_argument("--out", default=OUT)
-    args = ap.parse_args()
+    args = release_code.checkout_args(OUT)
     import torch
 
     commit = args.commit
-    if commit is None:
-        r = subprocess.run(["git", "-C", args.checkout, "rev-parse", "HEAD"], capture_output=True)
-        commit = r.stdout.decode().strip() or "unknown"
-    ns = _classes_from(
+    ns = release_code.top_level_defs(
         os.path.join(args.checkout, "train_baseline.py"), ["ChannelNorm", "CriterionCWD"]
     )
     cwd = ns["CriterionCWD"]()  # norm 'channel', KL, T = 4: as train_baseline.py builds it

@@ -32,13 +32,12 @@ Maps are stored channels-last [B, X, Y, C] (kd_jax's layout); the head's predict
 
 from __future__ import annotations
 
-import argparse
 import ast
 import os
-import subprocess
 import types
 
 import numpy as np
+import release_code  # scripts/release_code.py (the script's own directory is on sys.path)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "tests", "fixtures", "monotakd_parity.npz")
@@ -49,19 +48,6 @@ CODES = 7
 def _source(path):
     src = open(path).read()
     return src, ast.parse(src)
-
-
-def _classes(path, names, prelude=""):
-    src, tree = _source(path)
-    keep = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name in names]
-    assert {n.name for n in keep} == set(names), f"{names} not all in {path}"
-    code = (
-        "import numpy as np\nimport torch\nimport torch.nn as nn\nimport torch.nn.functional as F\n"
-    )
-    code += prelude + "\n\n".join(ast.get_source_segment(src, n) for n in keep)
-    ns: dict = {}
-    exec(compile(code, path, "exec"), ns)
-    return ns
 
 
 def _method(path, cls, name):
@@ -117,23 +103,16 @@ def inputs(seed=0):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("checkout")
-    ap.add_argument("--commit", default=None, help="the checkout's commit (recorded)")
-    ap.add_argument("--out", default=OUT)
-    args = ap.parse_args()
+    args = release_code.checkout_args(OUT)
     import torch
 
     torch.Tensor.cuda = lambda self, *a, **k: self  # WeightedSmoothL1Loss moves its weights
     commit = args.commit
-    if commit is None:
-        r = subprocess.run(["git", "-C", args.checkout, "rev-parse", "HEAD"], capture_output=True)
-        commit = r.stdout.decode().strip() or "unknown"
     pcdet = os.path.join(args.checkout, "pcdet")
     normalize_ = _method(
         os.path.join(pcdet, "models", "detectors", "cmkd_TAKD.py"), "CMKD_TAKD", "normalize_"
     )
-    lu = _classes(
+    lu = release_code.top_level_defs(
         os.path.join(pcdet, "utils", "loss_utils.py"),
         ["QualityFocalLoss_no_reduction", "WeightedSmoothL1Loss"],
     )

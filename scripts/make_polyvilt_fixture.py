@@ -21,13 +21,12 @@ K of img . txt, as OursLoss.forward computes it).
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import os
-import subprocess
 import types
 
 import numpy as np
+import release_code  # scripts/release_code.py (the script's own directory is on sys.path)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "tests", "fixtures", "polyvilt_parity.npz")
@@ -44,17 +43,10 @@ def inputs(seed=0):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("checkout")
-    ap.add_argument("--commit", default=None, help="the checkout's commit (recorded)")
-    ap.add_argument("--out", default=OUT)
-    args = ap.parse_args()
+    args = release_code.checkout_args(OUT)
     import torch
 
     commit = args.commit
-    if commit is None:
-        r = subprocess.run(["git", "-C", args.checkout, "rev-parse", "HEAD"], capture_output=True)
-        commit = r.stdout.decode().strip() or "unknown"
     path = os.path.join(args.checkout, "src", "loss_lp.py")
     spec = importlib.util.spec_from_file_location("loss_lp", path)
     loss_lp = importlib.util.module_from_spec(spec)

@@ -29,12 +29,10 @@ Maps are stored channels-last (kd_jax's layout), weights in torch's layout.
 
 from __future__ import annotations
 
-import argparse
-import ast
 import os
-import subprocess
 
 import numpy as np
+import release_code  # scripts/release_code.py (the script's own directory is on sys.path)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "tests", "fixtures", "transkd_parity.npz")
@@ -43,18 +41,6 @@ S_CH, T_CH, MID = (4, 6, 8, 10), (6, 8, 10, 12), 8
 SIZES = (16, 8, 4, 2)
 EMBED_WEIGHTS = (0.1, 0.1, 0.5, 1.0)
 NUM_CLASSES = 20  # 19 + void, whose CE weight is 0
-
-
-def _defs_from(path, names):
-    """Executes only the named top-level classes / functions of a module file."""
-    src = open(path).read()
-    keep = [n for n in ast.parse(src).body if getattr(n, "name", None) in names]
-    assert {n.name for n in keep} == set(names), f"{names} not all in {path}"
-    code = "import torch\nfrom torch import nn\nimport torch.nn.functional as F\n"
-    code += "\n\n".join(ast.get_source_segment(src, n) for n in keep)
-    ns: dict = {}
-    exec(compile(code, path, "exec"), ns)
-    return ns
 
 
 def inputs(seed=0):
@@ -83,7 +69,9 @@ def gl_mixer(checkout, x, tembeds, out):
     every GL-Mixer / PEA weight and of the stage-4 tokens."""
     import torch
 
-    ns = _defs_from(os.path.join(checkout, "train", "CSF_GLMixer.py"), ["SK", "SKF", "Attention"])
+    ns = release_code.top_level_defs(
+        os.path.join(checkout, "train", "CSF_GLMixer.py"), ["SK", "SKF", "Attention"]
+    )
     feats = [torch.from_numpy(x[f"feat{i}"].transpose(0, 3, 1, 2).copy()) for i in range(4)]
     embeds = [torch.from_numpy(x[f"embed{i}"]).requires_grad_(True) for i in range(4)]
 
@@ -111,19 +99,14 @@ def gl_mixer(checkout, x, tembeds, out):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("checkout")
-    ap.add_argument("--commit", default=None, help="the checkout's commit (recorded)")
-    ap.add_argument("--out", default=OUT)
-    args = ap.parse_args()
+    args = release_code.checkout_args(OUT)
     import torch
 
     commit = args.commit
-    if commit is None:
-        r = subprocess.run(["git", "-C", args.checkout, "rev-parse", "HEAD"], capture_output=True)
-        commit = r.stdout.decode().strip() or "unknown"
-    csf = _defs_from(os.path.join(args.checkout, "train", "CSF.py"), ["SK", "SKF", "hcl"])
-    base = _defs_from(
+    csf = release_code.top_level_defs(
+        os.path.join(args.checkout, "train", "CSF.py"), ["SK", "SKF", "hcl"]
+    )
+    base = release_code.top_level_defs(
         os.path.join(args.checkout, "train", "train_TransKDBase.py"), ["CrossEntropyLoss2d"]
     )
     x = inputs()
