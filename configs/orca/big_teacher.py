@@ -20,6 +20,9 @@ The run's mesh (8 devices: data 2 x fsdp 2 x model 2) is the topk and kd_cache s
   python -m kd_jax.main --config=configs/orca/big_teacher.py --workdir=runs/orca_big
 """
 
+import importlib.util
+import os
+
 from kd_jax import config as C
 from kd_jax.models import llama
 
@@ -28,45 +31,23 @@ TOPK = "batch:teacher_topk_idx,batch:teacher_topk_logprob"
 HEAD = "hidden,lm_head"
 
 
+def _real():
+    """configs/orca/real.py, for the setup every Orca config shares (`orca_setup`)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "real.py")
+    spec = importlib.util.spec_from_file_location("orca_real", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+REAL = _real()
+
+
 def get_config(arg=None):
     arg = C.parse_arg(arg, tiny=False, seeds=2, steps=40, rows=40, chunk=256)
-    c = C.base_config()
-    c.num_seeds = arg.seeds
-    c.evaluator = "lm"
-    c.log_every = 5
+    c, data = REAL.orca_setup(arg, log_every=5)
     c.mesh.data, c.mesh.fsdp, c.mesh.model = 2, 2, 2
     c.sharding_rules = (*llama.TENSOR_PARALLEL_RULES, ("student/.*", "fsdp"), (".*", "replicate"))
-    c.data.name = "orca_chat"
-    c.data.batch_size = 4
-    c.data.eval_batch_size = 32
-    data = dict(
-        train="sharegpt",
-        limit=600,
-        num_eval=128,
-        seq_len=256,
-        max_user_tokens=48,
-        max_response_tokens=64,
-        max_rows=arg.rows,
-    )
-    c.data.kwargs = data
-    c.student = C.model(
-        "llama_packed",
-        vocab_size=49152,
-        hidden_size=128,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        intermediate_size=384,
-        max_position=256,
-        tie_embeddings=True,
-    )
-    c.optimizer.learning_rate = 3e-3
-    c.optimizer.weight_decay = 0.01
-    c.optimizer.grad_clip_norm = 1.0
-    c.schedule.name = "warmup_cosine"
-    c.schedule.warmup_steps = 10
-    c.schedule.end_factor = 0.1
-    c.objective = {"ce": C.term("ce")}
 
     topk_teacher = C.model("llama", preset=SMOLLM2)
     topk_teacher.init = f"pretrained:{SMOLLM2}"
@@ -101,17 +82,12 @@ def get_config(arg=None):
     }
     c.stage_order = ("topk", "kd_cache", "kd_live")
     if arg.tiny:
-        # A random 1 x 16 SmolLM2-vocabulary decoder stands in for SmolLM2 (seconds, not minutes).
-        tiny = dict(vocab_size=49152, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1)
+        tiny = REAL.TINY_TEACHER
         c.stages.topk.teacher = C.model("llama", **tiny)
         c.stages.topk.teacher.init = "random:0"
-        small = dict(limit=40, num_eval=8, seq_len=64, max_user_tokens=16, max_response_tokens=16)
-        c.data.kwargs = dict(data, **small, max_rows=8)
-        c.data.batch_size = c.data.eval_batch_size = 8
+        REAL.shrink_to_tiny(c, data)
+        c.num_seeds = 1
         c.stages.kd_cache.data.kwargs = dict(c.data.kwargs, topk_cache="{workdir}/topk")
-        c.student.kwargs.update(hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1)
-        c.student.kwargs.update(intermediate_size=32, max_position=64)
-        c.num_seeds, c.progress_bar, c.log_every = 1, False, 1
         c.stages.topk.generate.k = 4
         teacher = C.model("llama_packed", skip_logits=True, **tiny)
         teacher.init, teacher.placement, teacher.devices = "random:0", "submesh", "last:4"

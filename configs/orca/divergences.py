@@ -26,12 +26,27 @@ prompt_mask, which orca_chat does not give (see the README).
       --workdir=runs/orca_div
 """
 
+import importlib.util
+import os
+
 from kd_jax import config as C
 
 SMOLLM2 = "smollm2-135m-instruct"
 TOPK = "batch:teacher_topk_idx,batch:teacher_topk_logprob"
 HEAD = "hidden,lm_head"
 CACHED = ("fkl", "rkl", "jsd")
+
+
+def _real():
+    """configs/orca/real.py, for the setup every Orca config shares (`orca_setup`)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "real.py")
+    spec = importlib.util.spec_from_file_location("orca_real", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+REAL = _real()
 
 
 def _live(divergence: str, **kwargs):
@@ -42,41 +57,7 @@ def _live(divergence: str, **kwargs):
 
 def get_config(arg=None):
     arg = C.parse_arg(arg, tiny=False, seeds=2, steps=24, rows=24, chunk=1024)
-    c = C.base_config()
-    c.num_seeds = arg.seeds
-    c.evaluator = "lm"
-    c.log_every = 5
-    c.data.name = "orca_chat"
-    c.data.batch_size = 4
-    c.data.eval_batch_size = 32
-    data = dict(
-        train="sharegpt",
-        limit=600,
-        num_eval=128,
-        seq_len=256,
-        max_user_tokens=48,
-        max_response_tokens=64,
-        max_rows=arg.rows,
-    )
-    c.data.kwargs = data
-    c.student = C.model(
-        "llama_packed",
-        vocab_size=49152,
-        hidden_size=128,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        intermediate_size=384,
-        max_position=256,
-        tie_embeddings=True,
-    )
-    c.optimizer.learning_rate = 3e-3
-    c.optimizer.weight_decay = 0.01
-    c.optimizer.grad_clip_norm = 1.0
-    c.schedule.name = "warmup_cosine"
-    c.schedule.warmup_steps = 10
-    c.schedule.end_factor = 0.1
-    c.objective = {"ce": C.term("ce")}
+    c, data = REAL.orca_setup(arg, log_every=5)
 
     smollm2 = C.model("llama", preset=SMOLLM2)
     smollm2.init = f"pretrained:{SMOLLM2}"
@@ -112,16 +93,11 @@ def get_config(arg=None):
         c.stages[name] = stage
     c.stage_order = ("topk", "tvd", "ce", *(k for k in kd if k != "tvd"))
     if arg.tiny:
-        # A random 1 x 16 SmolLM2-vocabulary decoder stands in for SmolLM2 (seconds, not minutes).
-        tiny = dict(vocab_size=49152, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1)
+        tiny = REAL.TINY_TEACHER
         c.stages.topk.teacher = C.model("llama", **tiny)
         c.stages.topk.teacher.init = "random:0"
-        small = dict(limit=40, num_eval=8, seq_len=64, max_user_tokens=16, max_response_tokens=16)
-        c.data.kwargs = dict(data, **small, max_rows=8)
-        c.data.batch_size = c.data.eval_batch_size = 8
-        c.student.kwargs.update(hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1)
-        c.student.kwargs.update(intermediate_size=32, max_position=64)
-        c.num_seeds, c.progress_bar, c.log_every = 2, False, 1
+        REAL.shrink_to_tiny(c, data)
+        c.num_seeds = 2
         c.stages.topk.generate = {"k": 4}
         for name in kd:
             stage = c.stages[name]

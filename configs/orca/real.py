@@ -29,12 +29,14 @@ SMOLLM2 = "smollm2-135m-instruct"
 TOPK = "batch:teacher_topk_idx,batch:teacher_topk_logprob"
 
 
-def get_config(arg=None):
-    arg = C.parse_arg(arg, tiny=False, seeds=2, steps=80, assistant_steps=24, rows=80)
+def orca_setup(arg, log_every: int = 20):
+    """What every Orca config shares (also configs/orca/divergences.py, big_teacher.py): the
+    orca_chat data of ShareGPT replies, the 2 x 128 Llama student on SmolLM2's vocabulary, its
+    optimizer and schedule, CE. `arg`: seeds, rows. -> (config without stages, data kwargs)."""
     c = C.base_config()
     c.num_seeds = arg.seeds
     c.evaluator = "lm"
-    c.log_every = 20
+    c.log_every = log_every
     c.data.name = "orca_chat"
     c.data.batch_size = 4
     c.data.eval_batch_size = 32
@@ -66,6 +68,26 @@ def get_config(arg=None):
     c.schedule.warmup_steps = 10
     c.schedule.end_factor = 0.1
     c.objective = {"ce": C.term("ce")}
+    return c, teacher_data
+
+
+# A random 1 x 16 SmolLM2-vocabulary decoder stands in for SmolLM2 in `tiny` (seconds, not minutes).
+TINY_TEACHER = dict(vocab_size=49152, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1)
+
+
+def shrink_to_tiny(c, teacher_data: dict) -> None:
+    """`tiny`: the shared setup at CPU-seconds size (8 rows of 64 tokens, a 1 x 16 student)."""
+    small = dict(limit=40, num_eval=8, seq_len=64, max_user_tokens=16, max_response_tokens=16)
+    c.data.kwargs = dict(teacher_data, **small, max_rows=8)
+    c.data.batch_size = c.data.eval_batch_size = 8
+    c.student.kwargs.update(hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1)
+    c.student.kwargs.update(intermediate_size=32, max_position=64)
+    c.progress_bar, c.log_every = False, 1
+
+
+def get_config(arg=None):
+    arg = C.parse_arg(arg, tiny=False, seeds=2, steps=80, assistant_steps=24, rows=80)
+    c, teacher_data = orca_setup(arg)
 
     smollm2 = C.model("llama", preset=SMOLLM2)
     smollm2.init = f"pretrained:{SMOLLM2}"
@@ -113,17 +135,10 @@ def get_config(arg=None):
         "kd_jsd",
     )
     if arg.tiny:
-        # A random 1 x 16 SmolLM2-vocabulary decoder stands in for SmolLM2 (seconds, not minutes).
-        tiny_teacher = C.model(
-            "llama", vocab_size=49152, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1
-        )
+        tiny_teacher = C.model("llama", **TINY_TEACHER)
         tiny_teacher.init = "random:0"
-        small = dict(limit=40, num_eval=8, seq_len=64, max_user_tokens=16, max_response_tokens=16)
-        c.data.kwargs = dict(teacher_data, **small, max_rows=8)
-        c.data.batch_size = c.data.eval_batch_size = 8
-        c.student.kwargs.update(hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1)
-        c.student.kwargs.update(intermediate_size=32, max_position=64)
-        c.num_seeds, c.progress_bar, c.log_every = 2, False, 1
+        shrink_to_tiny(c, teacher_data)
+        c.num_seeds = 2
         gen.update(limit=40, num_eval=8, num_queries=8, max_new_tokens=8, batch_size=8)
         for name in ("generate", "topk"):
             c.stages[name]["teacher"] = tiny_teacher
